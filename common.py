@@ -1,0 +1,777 @@
+"""common.py — the shared core of the length-generalization reproductions.
+
+One file, read top to bottom:
+
+  1. the model    GPTConfig, CausalSelfAttention, MLP, Block, GPT (NoPE / learned / RoPE positions,
+                  explicit position_ids, an optional norm on the attention output, a fast SDPA path
+                  and a manual path that exposes the attention weights, probes of the attention output)
+  2. training     train(): AdamW, warmup + cosine, grad clipping, bf16 autocast on CUDA only,
+                  opt-in torch.compile, divergence detection
+  3. evaluation   eval_batches(), evaluate_by_length(), probe_by_length(): tidy rows, fixed eval seed
+  4. sweeps       run_sweep(): cells in parallel processes, shards, atomic per-cell results, resume
+  5. results      write_results(), load_cells(), summarize()
+  6. plots        plot_vs_length(), plot_attention_maps()
+  7. the CLI      make_parser(), parse_config(), pick_device(), cli_main()
+
+A task is a pure function `sample_batch(rng, batch_size, length) -> dict` of CPU tensors, driven by an
+explicit `np.random.Generator` (never global RNG). The dict holds
+  idx          (B, T) int64 token ids
+  targets      (B, P) int64 labels at the positions in `at` (-1 = ignored), or (B, T) if `at` is absent
+  at           (B, P) int64 positions whose prediction is scored (optional; the last column is probed)
+  position_ids (B, T) int64 (optional; default 0..T-1)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+POS_ENCODINGS = ("none", "learned", "rope")
+ATTN_OUT_NORMS = ("none", "layernorm", "standardize")
+EVAL_SEED = 12345  # every variant and every training seed is tested on the same examples
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the CLI prints it as one line and exits with status 2."""
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UsageError(msg)
+
+
+# =============================================================================================
+# 1. The model
+# =============================================================================================
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 64
+    block_size: int = 1024        # size of the learned position table: position ids must be < this
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    mlp: bool = True              # False: attention-only blocks
+    bias: bool = True
+    pos: str = "none"             # none (NoPE) | learned (absolute table) | rope
+    rope_base: float = 10000.0
+    attn_out_norm: str = "none"   # none | layernorm (affine) | standardize (no affine), after W_O
+
+
+def apply_rope(x, pos, base):
+    """Rotate pairs of channels of x (B, nh, T, hs) by angles pos * base^(-2i/hs); pos is (B, T)."""
+    hs = x.size(-1)
+    inv_freq = base ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
+    ang = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)      # W_O
+
+    def forward(self, x, pos, manual=False, probe_at=None):
+        """x (B, T, C), pos (B, T). Returns y (B, T, C), and attention weights:
+        manual=True -> the full maps (B, nh, T, T); probe_at (B, P) -> the rows of the queries at
+        those positions (B, nh, P, T), computed in memory linear in T; otherwise None."""
+        B, T, C = x.shape
+        nh, hs = self.cfg.n_head, C // self.cfg.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.cfg.pos == "rope":
+            q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
+        att = None
+        if manual:  # explicit softmax(QK^T / sqrt(hs)) V, O(T^2) memory
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            att = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
+            y = att.to(v.dtype) @ v  # (B, nh, T, hs)
+        else:       # fused kernel (flash / memory-efficient), O(T) memory
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            if probe_at is not None:
+                P = probe_at.size(1)
+                qa = q.gather(2, probe_at[:, None, :, None].expand(B, nh, P, hs))  # (B, nh, P, hs)
+                scores = (qa @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, P, T)
+                future = torch.arange(T, device=x.device) > probe_at[:, None, :, None]  # (B, 1, P, T)
+                att = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.c_proj(y), att
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN block: x + norm_out(attn(ln_1(x))), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.attn_out_norm = {"none": nn.Identity(),
+                              "layernorm": nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+                              "standardize": nn.LayerNorm(cfg.n_embd, elementwise_affine=False)}[cfg.attn_out_norm]
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.mlp else None
+        self.mlp = MLP(cfg) if cfg.mlp else None
+
+    def forward(self, x, pos, manual=False, probe_at=None):
+        a, att = self.attn(self.ln_1(x), pos, manual, probe_at)  # a: attention output after W_O
+        n = self.attn_out_norm(a)
+        x = x + n
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln_2(x))
+        rec = None
+        if probe_at is not None:
+            idx = probe_at[:, :, None].expand(-1, -1, a.size(-1))  # (B, P, C)
+            rec = {"pre": a.gather(1, idx).float(), "post": n.gather(1, idx).float(), "attn": att}
+        elif manual:
+            rec = {"attn": att}
+        return x, rec
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        check(cfg.pos in POS_ENCODINGS, f"unknown positional encoding {cfg.pos!r}; choose from {POS_ENCODINGS}")
+        check(cfg.attn_out_norm in ATTN_OUT_NORMS,
+              f"unknown attn_out_norm {cfg.attn_out_norm!r}; choose from {ATTN_OUT_NORMS}")
+        check(cfg.n_embd % cfg.n_head == 0, f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
+        check(cfg.pos != "rope" or (cfg.n_embd // cfg.n_head) % 2 == 0, "rope needs an even head size")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def _trunk(self, idx, position_ids, manual=False, probe_at=None):
+        B, T = idx.shape
+        if self.wpe is not None:  # an id past the table would index out of range: say so plainly
+            top = T - 1 if position_ids is None or torch.compiler.is_compiling() else int(position_ids.max())
+            check(top < self.cfg.block_size, f"position id {top} is beyond the learned position table "
+                  f"(block_size={self.cfg.block_size}); raise block_size or test shorter lengths")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        recs = []
+        for block in self.blocks:
+            x, rec = block(x, position_ids, manual, probe_at)
+            recs.append(rec)
+        return self.ln_f(x), recs
+
+    def forward(self, idx, targets=None, position_ids=None, at=None, manual=False):
+        """idx (B, T) -> (logits, loss). With at (B, P), logits only at those positions: (B, P, V)
+        and targets (B, P); otherwise logits (B, T, V) and targets (B, T). Targets < 0 are ignored."""
+        x, _ = self._trunk(idx, position_ids, manual)
+        if at is not None:
+            x = x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, P, C)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def probe(self, idx, at, position_ids=None):
+        """Logits at `at` (B, P, V) and, per layer, a dict with the attention output at `at` before
+        ('pre') and after ('post') the extra norm, (B, P, C), and the attention rows of those
+        queries ('attn', (B, nh, P, T)). Runs the fast path: memory stays linear in T."""
+        x, recs = self._trunk(idx, position_ids, probe_at=at)
+        x = x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, P, C)
+        return self.lm_head(x), recs
+
+    @torch.no_grad()
+    def attention_maps(self, idx, position_ids=None):
+        """Full attention maps per layer, (B, nh, T, T) each, from the manual path (short inputs)."""
+        _, recs = self._trunk(idx, position_ids, manual=True)
+        return [r["attn"] for r in recs]
+
+
+# =============================================================================================
+# 2. Training
+# =============================================================================================
+
+def arg(default, help, **meta):
+    """A dataclass field whose help text (and optional min / choices) becomes a CLI flag."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters. Experiment configs subclass this and add their own fields."""
+    seeds: int = arg(3, "number of training seeds (0..seeds-1); each seed sets init and data", min=1)
+    steps: int = arg(2000, "optimizer steps per run", min=1)
+    batch_size: int = arg(64, "training batch size", min=1)
+    lr: float = arg(1e-3, "peak learning rate (AdamW)", min=0)
+    warmup: int = arg(100, "linear warmup steps", min=0)
+    min_lr_frac: float = arg(0.1, "cosine decays to lr * min_lr_frac", min=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices", min=0)
+    grad_clip: float = arg(1.0, "clip the global grad norm (0 = off)", min=0)
+    eval_every: int = arg(0, "print a one-line eval every N steps (0 = off)", min=0)
+    eval_examples: int = arg(1000, "test examples per length", min=1)
+
+
+def lr_at(step, cfg: TrainConfig):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def autocast(device):
+    """bf16 autocast on CUDA only; float32 elsewhere (CPU bf16 is slow, MPS bf16 support varies)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None,
+          compile=False, progress=True, desc="train"):
+    """Train `model` on batches from `sample_batch(rng, batch_size)`.
+
+    Returns {'diverged', 'steps', 'final_loss', 'seconds', 'loss_curve'}. A non-finite loss or gradient
+    stops the run and marks it diverged; the caller records it and goes on with the other runs."""
+    model.to(device).train()
+    rng = np.random.default_rng(data_seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    step_model = torch.compile(model) if compile else model  # eval always uses the eager model
+    t0, curve, loss_val, diverged = time.time(), [], float("nan"), False
+    pbar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
+    for step in pbar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        b = to_device(sample_batch(rng, cfg.batch_size), device)
+        with autocast(device):
+            _, loss = step_model(b["idx"], b["targets"], b.get("position_ids"), b.get("at"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
+        last = step == cfg.steps - 1
+        if step % 10 == 0 or last:  # sync with the device only every 10 steps
+            loss_val = loss.item()
+            if not (math.isfinite(loss_val) and math.isfinite(gnorm.item())):
+                diverged = True
+                tqdm.write(f"{desc}: diverged at step {step} (loss {loss_val}); run stopped")
+                break
+            if step % max(1, cfg.steps // 50) == 0 or last:
+                curve.append((step, round(loss_val, 5)))
+            pbar.set_postfix(loss=f"{loss_val:.4f}")
+        opt.step()
+        if eval_fn is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and progress:
+            msg = ", ".join(f"{k} {v:.3f}" for k, v in eval_fn(model).items())
+            tqdm.write(f"{desc} step {step + 1}: loss {loss_val:.4f}, {msg}")
+            model.train()
+    return {"diverged": diverged, "steps": step + 1, "final_loss": loss_val,
+            "seconds": round(time.time() - t0, 2), "loss_curve": curve}
+
+
+# =============================================================================================
+# 3. Evaluation by length
+# =============================================================================================
+
+def eval_batches(sample_batch, length, n, seed=EVAL_SEED, tokens_per_batch=2**16):
+    """Yield batches totalling n examples of one length, from a generator seeded by (seed, length)
+    only: every variant and training seed sees the same test set. Batches shrink as length grows."""
+    rng = np.random.default_rng([seed, length])
+    bs = max(1, min(512, tokens_per_batch // length))
+    for start in range(0, n, bs):
+        yield sample_batch(rng, min(bs, n - start), length)
+
+
+def accuracy_at(model, batch):
+    """Per-example score for tasks that read answers at batch['at']: all answers right -> 1."""
+    logits, _ = model(batch["idx"], position_ids=batch.get("position_ids"), at=batch["at"])
+    hit = (logits.argmax(-1) == batch["targets"]) | (batch["targets"] < 0)  # (B, P)
+    return {"accuracy": hit.all(-1).float()}
+
+
+@torch.no_grad()
+def evaluate_by_length(model, sample_batch, lengths, n, device, score=accuracy_at, seed=EVAL_SEED,
+                       tokens_per_batch=2**16):
+    """Tidy rows [{length, <metric>: mean over n examples, ..., n}] with score(model, batch) giving
+    per-example values (B,). Runs the eager fast path (never compiled: lengths vary)."""
+    model.eval()
+    rows = []
+    for length in lengths:
+        sums = defaultdict(float)
+        for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch):
+            with autocast(device):
+                out = score(model, to_device(b, device))
+            for k, v in out.items():
+                sums[k] += float(v.float().sum())
+        rows.append({"length": length, **{k: s / n for k, s in sums.items()}, "n": n})
+    model.train()
+    return rows
+
+
+def probe_stats(v):
+    """v: (n, C) attention outputs of n samples at one position. The paper's quantities:
+    per-component std across samples (mean over components, and component 0 alone), and the
+    per-vector ('global') mean and variance over components, averaged over samples."""
+    v = v.double()
+    return {"comp_std": float(v.std(0).mean()), "comp_std0": float(v[:, 0].std()),
+            "vec_mean": float(v.mean(1).mean()), "vec_var": float(v.var(1, unbiased=False).mean())}
+
+
+@torch.no_grad()
+def probe_by_length(model, sample_batch, lengths, n, device, seed=EVAL_SEED, tokens_per_batch=2**16):
+    """Attention-output statistics at the last `at` position (the query), per length and layer,
+    before ('pre') and after ('post') the extra norm, plus attention entropy and the effective
+    number of attended tokens exp(H). Rows: {length, layer, where, comp_std, ..., entropy, eff_n, n}."""
+    model.eval()
+    rows = []
+    for length in lengths:
+        vecs, ent = defaultdict(list), defaultdict(list)
+        for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch):
+            b = to_device(b, device)
+            with autocast(device):
+                _, recs = model.probe(b["idx"], b["at"][:, -1:], b.get("position_ids"))
+            for layer, r in enumerate(recs):
+                for where in ("pre", "post"):
+                    vecs[layer, where].append(r[where][:, 0].cpu())
+                p = r["attn"][:, :, 0]  # (B, nh, T)
+                ent[layer].append((-(p * p.clamp_min(1e-30).log()).sum(-1)).cpu())  # (B, nh)
+        for (layer, where), vs in vecs.items():
+            h = torch.cat(ent[layer])
+            rows.append({"length": length, "layer": layer, "where": where, **probe_stats(torch.cat(vs)),
+                         "entropy": float(h.mean()), "eff_n": float(h.exp().mean()), "n": n})
+    model.train()
+    return rows
+
+
+# =============================================================================================
+# 4. Sweeps: cells in parallel processes, shards, atomic results, resume
+# =============================================================================================
+
+def make_cells(cfg, device, sweep_fields=("seeds", "variants"), **axes):
+    """One cell per combination of the axes, e.g. make_cells(cfg, dev, variant=cfg.variants,
+    seed=range(cfg.seeds)). A cell's config leaves out the fields that only list the axes, so adding a
+    seed or a variant later reuses every cell already done."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sweep_fields}
+    return [{**dict(zip(axes, combo)), "device": device.type, "config": config}
+            for combo in itertools.product(*axes.values())]
+
+
+def cell_key(cell):
+    return hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
+
+
+def _run_and_save(run_cell, cell_dir, cell):
+    t0 = time.time()
+    out = run_cell(cell)
+    ids = {k: v for k, v in cell.items() if k != "config"}
+    rows = [{**ids, **r} for r in out.pop("rows", [])]
+    record = {"cell": cell, "status": out.pop("status", "ok"), "rows": rows,
+              "seconds": round(time.time() - t0, 2), **out}
+    atomic_write(Path(cell_dir) / f"{cell_key(cell)}.json", json.dumps(record))
+    return record
+
+
+def _worker_init(threads):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(threads)
+
+
+def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
+    """Run `run_cell(cell) -> {'rows': [...], 'status': 'ok'|'diverged', ...}` for every cell of
+    this shard (cells i with i % N == I), `jobs` at a time in separate processes. Each finished cell
+    is written at once to out_dir/cells/<key>.json; cells already there are skipped unless fresh.
+    A cell is a JSON-able dict: ids (variant, seed, ...) are copied into its rows; 'config' is not."""
+    cell_dir = Path(out_dir) / "cells"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    i, n = shard
+    mine = [c for j, c in enumerate(cells) if j % n == i]
+    todo = [c for c in mine if fresh or not (cell_dir / f"{cell_key(c)}.json").exists()]
+    print(f"sweep: {len(cells)} cells, {len(mine)} in shard {i}/{n}, {len(mine) - len(todo)} already "
+          f"done, running {len(todo)} with {jobs} job(s)")
+    bar = tqdm(total=len(todo), desc="cells", disable=len(todo) < 2)
+    if jobs == 1 or len(todo) < 2:
+        for c in todo:
+            _run_and_save(run_cell, cell_dir, c)
+            bar.update()
+    else:  # spawn: safe with CUDA and with threads; each worker runs cells single-threaded on CPU
+        with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(1,)) as pool:
+            for _ in pool.imap_unordered(_Runner(run_cell, cell_dir), todo):
+                bar.update()
+    bar.close()
+    return load_cells(out_dir, keys=[cell_key(c) for c in cells])
+
+
+class _Runner:  # a picklable partial(_run_and_save, run_cell, cell_dir)
+    def __init__(self, run_cell, cell_dir):
+        self.run_cell, self.cell_dir = run_cell, cell_dir
+
+    def __call__(self, cell):
+        return _run_and_save(self.run_cell, self.cell_dir, cell)
+
+
+# =============================================================================================
+# 5. Results
+# =============================================================================================
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read results file {path}: {e}; delete it and re-run") from None
+
+
+def load_cells(out_dir, keys=None):
+    """Finished cell records under out_dir/cells (only `keys` if given), in a stable order.
+    Without keys (--plot-only), cells from several configs are not mixed: the newest config wins."""
+    cell_dir = Path(out_dir) / "cells"
+    paths = sorted(cell_dir.glob("*.json")) if keys is None else \
+        [cell_dir / f"{k}.json" for k in keys if (cell_dir / f"{k}.json").exists()]
+    recs = [(p.stat().st_mtime, _read_json(p)) for p in paths]
+    for _, r in recs:
+        check(isinstance(r, dict) and {"cell", "rows", "status"} <= r.keys(),
+              f"corrupt results file under {cell_dir}: missing fields; delete it and re-run")
+    if keys is None and recs:
+        cfg = lambda r: json.dumps(r["cell"].get("config"), sort_keys=True)
+        newest = cfg(max(recs, key=lambda t: t[0])[1])
+        kept = [t for t in recs if cfg(t[1]) == newest]
+        if len(kept) < len(recs):
+            print(f"note: {len(recs) - len(kept)} cell(s) in {cell_dir} come from another config; ignored")
+        recs = kept
+    return [r for _, r in recs]
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device, dtype):
+    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(device), "dtype": dtype, "git_commit": git_commit(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_results(out_dir, records, config, env):
+    """results.json (config, environment, per-cell status, tidy rows) and results.csv (the rows)."""
+    out_dir = Path(out_dir)
+    rows = [r for rec in records for r in rec["rows"]]
+    cells = [{**{k: v for k, v in rec["cell"].items() if k != "config"}, "status": rec["status"],
+              "seconds": rec.get("seconds"), **({"train": rec["train"]} if "train" in rec else {})}
+             for rec in records]
+    atomic_write(out_dir / "results.json", json.dumps(
+        {"config": config, "environment": env, "cells": cells, "rows": rows}, indent=1))
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = out_dir / ".results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out_dir / "results.csv")
+    return rows
+
+
+def load_results(out_dir):
+    """Rows and cell statuses for --plot-only: merged from cells/ (all shards), else results.json."""
+    out_dir = Path(out_dir)
+    check(out_dir.is_dir(), f"--plot-only: no such directory {out_dir}")
+    if (out_dir / "cells").is_dir():
+        recs = load_cells(out_dir)
+        if recs:
+            return recs
+    check((out_dir / "results.json").exists(), f"--plot-only: no results in {out_dir} (no cells/, no results.json)")
+    res = _read_json(out_dir / "results.json")
+    check(isinstance(res, dict) and "rows" in res, f"corrupt results file {out_dir / 'results.json'}")
+    return [{"cell": {}, "status": "ok", "rows": res["rows"]}]
+
+
+def select(rows, **eq):
+    return [r for r in rows if all(r.get(k) == v for k, v in eq.items())]
+
+
+def mean_std_by(rows, x, y, group):
+    """{group value: (xs, mean, std, n_seeds)} of y over seeds at each x; `group` is a key or a tuple."""
+    gkey = (lambda r: tuple(r.get(g) for g in group)) if isinstance(group, tuple) else (lambda r: r.get(group))
+    acc = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get(y) is not None and not (isinstance(r[y], float) and math.isnan(r[y])):
+            acc[gkey(r)][r[x]].append(float(r[y]))
+    out = {}
+    for g, byx in acc.items():
+        xs = sorted(byx)
+        out[g] = (np.array(xs), np.array([np.mean(byx[v]) for v in xs]),
+                  np.array([np.std(byx[v]) for v in xs]), np.array([len(byx[v]) for v in xs]))
+    return out
+
+
+def summarize(records, metric, train_len, group="variant", claim=None):
+    """Print per group: in-distribution (length <= train_len) and out-of-distribution mean ± std over
+    seeds (each seed first averaged over its lengths), and how many seeds diverged. Returns the table."""
+    table = {}
+    runs = defaultdict(lambda: {"id": [], "ood": [], "diverged": 0})
+    for rec in records:
+        if not rec["rows"] and rec["status"] != "diverged":
+            continue
+        g = rec["cell"].get(group, rec["rows"][0].get(group) if rec["rows"] else None)
+        if rec["status"] == "diverged":
+            runs[g]["diverged"] += 1
+            continue
+        vals = [(r["length"], r[metric]) for r in rec["rows"] if metric in r]
+        for part, keep in (("id", lambda L: L <= train_len), ("ood", lambda L: L > train_len)):
+            sel = [v for L, v in vals if keep(L)]
+            if sel:
+                runs[g][part].append(float(np.mean(sel)))
+    print(f"\n{metric}: in-distribution (length <= {train_len}) vs out-of-distribution, mean ± std over seeds")
+    print(f"  {group:<16} {'ID':>15} {'OOD':>15}  seeds")
+    for g, r in runs.items():
+        fmt = lambda v: f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a"
+        table[g] = {"id_mean": float(np.mean(r["id"])) if r["id"] else None,
+                    "id_std": float(np.std(r["id"])) if r["id"] else None,
+                    "ood_mean": float(np.mean(r["ood"])) if r["ood"] else None,
+                    "ood_std": float(np.std(r["ood"])) if r["ood"] else None,
+                    "seeds": len(r["id"] or r["ood"]), "diverged": r["diverged"]}
+        div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+        print(f"  {str(g):<16} {fmt(r['id']):>15} {fmt(r['ood']):>15}  {len(r['id'] or r['ood'])}{div}")
+    if claim:
+        print(f"  paper's claim: {claim}")
+    return table
+
+
+# =============================================================================================
+# 6. Plots
+# =============================================================================================
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, logy=False, title=None,
+                   ylabel=None, extra=(), ax=None):
+    """metric vs test length (log2 x), one line per group with a mean ± std band over seeds, a
+    dashed line at the largest training length, an optional chance line and extra (x, y, label)
+    curves (e.g. theory). Saves to path unless an axis is given."""
+    plt = _plt()
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6, 4))
+    for g, (xs, m, s, n) in sorted(mean_std_by(rows, "length", metric, group).items(), key=lambda t: str(t[0])):
+        label = " ".join(map(str, g)) if isinstance(g, tuple) else str(g)
+        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label} (n={n.min()})")
+        lo, hi = (np.maximum(m - s, m * 0.05), m + s) if logy else (m - s, m + s)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+    for x, y, label in extra:
+        ax.plot(x, y, "k:", lw=1.5, label=label)
+    ax.axvline(train_len, color="gray", ls="--", lw=1, label=f"max train length {train_len}")
+    if chance is not None:
+        ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("test length")
+    ax.set_ylabel(ylabel or metric)
+    ax.set_title(title or f"{metric} vs length (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if own:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def plot_attention_maps(maps, path, titles, suptitle="", train_len=None):
+    """Heatmaps of 2-D attention maps (queries x keys), one panel each; a dashed line at train_len."""
+    plt = _plt()
+    cols = min(4, len(maps))
+    rows = math.ceil(len(maps) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
+    for ax, m, t in zip(axes.flat, maps, titles):
+        ax.imshow(np.asarray(m), aspect="auto", cmap="viridis", interpolation="nearest")
+        if train_len is not None:
+            ax.axvline(train_len - 0.5, color="w", ls="--", lw=1)
+            ax.axhline(train_len - 0.5, color="w", ls="--", lw=1)
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    for ax in list(axes.flat)[len(maps):]:
+        ax.axis("off")
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# =============================================================================================
+# 7. The CLI: config dataclass -> flags, presets, device, errors as one line
+# =============================================================================================
+
+def _parse_value(kind, elem, s):
+    if kind is bool:
+        check(s.lower() in ("1", "0", "true", "false", "yes", "no"), f"expected true/false, got {s!r}")
+        return s.lower() in ("1", "true", "yes")
+    if kind is tuple:
+        return tuple(elem(x) for x in s.split(",") if x.strip())
+    return kind(s)
+
+
+def make_parser(description, config_cls, presets):
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="quick", choices=list(presets),
+                   help="smoke: seconds (tests); quick: minutes on a laptop CPU; paper: paper scale, for a GPU")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--out", default=None, help="output directory (default: out/<script>/<preset>)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="cells run in parallel processes (0 = one per CPU core on CPU, 1 on a GPU)")
+    p.add_argument("--shard", default="0/1", help="I/N: run only cells i with i %% N == I (cluster job arrays)")
+    p.add_argument("--fresh", action="store_true", help="recompute cells that already have results")
+    p.add_argument("--plot-only", metavar="DIR", default=None, help="redraw figures and summary from DIR; no training")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (never the eval)")
+    g = p.add_argument_group("experiment config (defaults come from --preset; shown: the class default)")
+    for f in fields(config_cls):
+        d = getattr(config_cls(), f.name)
+        kind = type(d) if not isinstance(d, (list, tuple)) else tuple
+        elem = type(d[0]) if kind is tuple and d else str
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=kind.__name__.upper()
+                       if kind is not tuple else "A,B,...", type=lambda s, k=kind, e=elem: _parse_value(k, e, s),
+                       help=f.metadata.get("help", "") + (f" {{{','.join(f.metadata['choices'])}}}"
+                                                         if "choices" in f.metadata else "") + f" [{d}]")
+    return p
+
+
+def parse_config(args, config_cls, presets):
+    """Class defaults <- preset <- flags given on the command line; then every field is checked."""
+    given = {f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name, None) is not None}
+    cfg = replace(replace(config_cls(), **presets[args.preset]), **given)
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        vals = v if isinstance(v, tuple) else (v,)
+        flag = "--" + f.name.replace("_", "-")
+        check(len(vals) > 0, f"{flag} needs at least one value")
+        if "min" in f.metadata:
+            check(all(x >= f.metadata["min"] for x in vals), f"{flag} must be >= {f.metadata['min']}, got {v}")
+        if "choices" in f.metadata:
+            bad = [x for x in vals if x not in f.metadata["choices"]]
+            if bad:
+                raise UsageError(f"{flag}: unknown {bad[0]!r}; choose from {', '.join(f.metadata['choices'])}")
+    return cfg
+
+
+def pick_device(name="auto"):
+    """(torch.device, dtype description), printing the choice and the reason."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+        why = "auto-detected"
+    else:
+        why = "requested"
+    check(name != "cuda" or torch.cuda.is_available(), "--device cuda requested but CUDA is not available here")
+    check(name != "mps" or has_mps, "--device mps requested but MPS is not available here")
+    device = torch.device(name)
+    if name == "cuda":
+        dtype = "bfloat16 autocast (CUDA)" if torch.cuda.is_bf16_supported() else "float32 (GPU lacks bf16)"
+        what = torch.cuda.get_device_name()
+    else:
+        dtype, what = "float32 (bf16 autocast is used on CUDA only)", platform.processor() or name
+    print(f"device: {name} ({what}, {why}); dtype: {dtype}")
+    return device, dtype
+
+
+def parse_shard(s):
+    try:
+        i, n = (int(x) for x in s.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must look like I/N (e.g. 0/4), got {s!r}") from None
+    check(n >= 1 and 0 <= i < n, f"--shard I/N needs 0 <= I < N, got {s!r}")
+    return i, n
+
+
+def setup_run(args, script):
+    """Resolve --device, --jobs, --shard, --out and the CPU thread count for a run."""
+    check(args.jobs >= 0, f"--jobs must be >= 0, got {args.jobs}")
+    device, dtype = pick_device(args.device)
+    jobs = args.jobs or (os.cpu_count() or 1 if device.type == "cpu" else 1)
+    # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (see
+    # bench.py); with several jobs each worker process is single-threaded anyway.
+    torch.set_num_threads(1)
+    out = Path(args.out or Path("out") / script / args.preset)
+    return device, dtype, jobs, parse_shard(args.shard), out
+
+
+def cli_main(fn):
+    """Run fn(); bad input -> 'error: ...' and exit 2; Ctrl-C -> exit 130, finished cells kept."""
+    try:
+        fn()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished cells are saved; re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,79 @@
+"""A minimal experiment script on top of common.py, used by the tests (and a template for new ones).
+
+Task "copy the last token": T random tokens from {2..V-1}; the model must output the last one.
+Example (T = 4): idx = [7 3 9 5], at = [3], target = [5]. Trivial for any model; the point here is
+the machinery: config flags, presets, the sweep, resume, shards, results files and plots.
+"""
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common as C  # noqa: E402
+
+
+def sample_batch(rng, batch_size, length, vocab=16):
+    idx = torch.from_numpy(rng.integers(2, vocab, size=(batch_size, length)))
+    at = torch.full((batch_size, 1), length - 1)
+    return {"idx": idx, "at": at, "targets": idx[:, -1:].clone()}
+
+
+@dataclass
+class Config(C.TrainConfig):
+    variants: tuple = C.arg(("none", "layernorm"), "attention-output norms to compare", choices=C.ATTN_OUT_NORMS)
+    pos: str = C.arg("none", "positional encoding", choices=C.POS_ENCODINGS)
+    block_size: int = C.arg(64, "learned position table size", min=1)
+    n_embd: int = C.arg(32, "model width", min=1)
+    train_len: int = C.arg(8, "training length", min=1)
+    test_lengths: tuple = C.arg((8, 16, 32), "test lengths", min=1)
+
+
+PRESETS = {"smoke": dict(seeds=2, steps=30, eval_examples=64),
+           "quick": dict(seeds=3, steps=200),
+           "paper": dict(seeds=5, steps=2000)}
+
+
+def run_cell(cell):
+    cfg = Config(**cell["config"])
+    torch.manual_seed(cell["seed"])  # init seed; the data seed is separate below
+    model = C.GPT(C.GPTConfig(vocab_size=16, block_size=cfg.block_size, n_layer=1, n_head=2, n_embd=cfg.n_embd,
+                              pos=cfg.pos, attn_out_norm=cell["variant"]))
+    device = torch.device(cell["device"])
+    train = C.train(model, lambda rng, b: sample_batch(rng, b, cfg.train_len), cfg, device,
+                    data_seed=10_000 + cell["seed"], progress=False)
+    if train["diverged"]:
+        return {"status": "diverged", "train": train, "rows": []}
+    rows = C.evaluate_by_length(model, sample_batch, cfg.test_lengths, cfg.eval_examples, device)
+    probes = C.probe_by_length(model, sample_batch, cfg.test_lengths, cfg.eval_examples, device)
+    return {"train": train, "rows": [{"table": "accuracy", **r} for r in rows] +
+                                    [{"table": "probe", **r} for r in probes]}
+
+
+def report(records, cfg, out):
+    rows = [r for rec in records for r in rec["rows"]]
+    C.plot_vs_length(C.select(rows, table="accuracy"), "accuracy", out / "accuracy.png", cfg.train_len, chance=1 / 14)
+    C.plot_vs_length(C.select(rows, table="probe", where="pre"), "comp_std", out / "variance.png", cfg.train_len,
+                     logy=True)
+    C.summarize([{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records], "accuracy",
+                cfg.train_len)
+
+
+def main():
+    parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
+    args = parser.parse_args()
+    cfg = C.parse_config(args, Config, PRESETS)
+    if args.plot_only:
+        return report(C.load_results(args.plot_only), cfg, Path(args.plot_only))
+    C.check(cfg.pos != "learned" or max(cfg.test_lengths) <= cfg.block_size,
+            f"test length {max(cfg.test_lengths)} exceeds the learned position table ({cfg.block_size})")
+    device, dtype, jobs, shard, out = C.setup_run(args, "toy")
+    cells = C.make_cells(cfg, device, variant=cfg.variants, seed=range(cfg.seeds))
+    records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
+    C.write_results(out, records, asdict(cfg), C.environment(device, dtype))
+    report(records, cfg, out)
+
+
+if __name__ == "__main__":
+    C.cli_main(main)
