@@ -1,0 +1,111 @@
+"""The experiment machinery end to end, through tests/toy_experiment.py: files written, plots,
+--plot-only, resume after a hard kill, --jobs, --shard, and one-line errors for bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common as C
+
+TOY = [sys.executable, str(Path(__file__).parent / "toy_experiment.py")]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args, check=True):
+    p = subprocess.run(TOY + list(args), capture_output=True, text=True, env=ENV, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+def rows(out):
+    return json.loads((Path(out) / "results.json").read_text())["rows"]
+
+
+def test_smoke_run_writes_results_and_plots_and_plot_only_redraws(tmp_path):
+    p = run("--preset", "smoke", "--out", str(tmp_path), "--jobs", "1")
+    assert "device: cpu" in p.stdout and "out-of-distribution" in p.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["environment"]["torch"] == torch.__version__ and res["config"]["steps"] == 30
+    acc = [r for r in res["rows"] if r["table"] == "accuracy"]
+    assert sorted((r["variant"], r["seed"], r["length"]) for r in acc) == sorted(
+        (v, s, L) for v in ("none", "layernorm") for s in (0, 1) for L in (8, 16, 32))
+    probe = [r for r in res["rows"] if r["table"] == "probe"]
+    assert len(probe) == 2 * 2 * 3 * 2 and all(r["comp_std"] > 0 and r["eff_n"] >= 1 for r in probe)
+    assert (tmp_path / "results.csv").read_text().startswith("variant,seed,device,table,length")
+    for png in ("accuracy.png", "variance.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+        (tmp_path / png).unlink()
+    run("--preset", "smoke", "--plot-only", str(tmp_path))
+    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "variance.png").exists()
+
+
+def test_resume_after_hard_kill_equals_uninterrupted_run(tmp_path):
+    args = ["--preset", "smoke", "--seeds", "4", "--jobs", "1"]
+    run(*args, "--out", str(tmp_path / "ref"))
+    out = tmp_path / "killed"
+    p = subprocess.Popen(TOY + args + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "cells").glob("*.json")) if (out / "cells").exists() else []) < 2:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(list((out / "cells").glob("*.json")))
+    assert 2 <= done < 8, "the kill should land mid-sweep"
+    again = run(*args, "--out", str(out))
+    assert f"{done} already done, running {8 - done}" in again.stdout
+    assert rows(out) == rows(tmp_path / "ref")
+    again = run(*args, "--out", str(out))  # a finished sweep re-runs nothing
+    assert "8 already done, running 0" in again.stdout
+
+
+def test_jobs_and_shards_give_the_same_rows(tmp_path):
+    run("--preset", "smoke", "--jobs", "1", "--out", str(tmp_path / "one"))
+    run("--preset", "smoke", "--jobs", "2", "--out", str(tmp_path / "two"))
+    assert rows(tmp_path / "one") == rows(tmp_path / "two")
+    for i in (0, 1):
+        p = run("--preset", "smoke", "--jobs", "1", "--shard", f"{i}/2", "--out", str(tmp_path / "sh"))
+        assert f"2 in shard {i}/2" in p.stdout
+    run("--preset", "smoke", "--plot-only", str(tmp_path / "sh"))
+    key = lambda r: (r["variant"], r["seed"], r["table"], r["length"], r.get("layer"), r.get("where"))
+    assert sorted(rows(tmp_path / "one"), key=str) != []
+    merged = C.load_results(tmp_path / "sh")
+    assert sorted((r for rec in merged for r in rec["rows"]), key=key) == sorted(rows(tmp_path / "one"), key=key)
+
+
+BAD = [
+    (["--variants", "none,bogus"], "unknown 'bogus'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--test-lengths", "8,-4"], "--test-lengths must be >= 1"),
+    (["--pos", "learned", "--block-size", "16"], "exceeds the learned position table"),
+    (["--shard", "2/2"], "--shard"),
+    (["--shard", "x"], "--shard"),
+    (["--jobs", "-1"], "--jobs"),
+    (["--plot-only", "/nonexistent/dir"], "no such directory"),
+    (["--preset", "huge"], "invalid choice"),
+    (["--steps", "many"], "invalid"),
+]
+if not torch.cuda.is_available():
+    BAD.append((["--device", "cuda"], "CUDA is not available"))
+
+
+@pytest.mark.parametrize("args,msg", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line(args, msg, tmp_path):
+    p = run("--preset", "smoke", "--out", str(tmp_path), *args, check=False)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and msg in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def test_corrupt_results_file_is_reported_not_raised(tmp_path):
+    run("--preset", "smoke", "--seeds", "1", "--variants", "none", "--out", str(tmp_path))
+    cell = next((tmp_path / "cells").glob("*.json"))
+    cell.write_text(cell.read_text()[:50])  # truncated, as by a full disk
+    p = run("--preset", "smoke", "--plot-only", str(tmp_path), check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "cannot read results file" in p.stderr

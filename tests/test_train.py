@@ -1,0 +1,63 @@
+"""Training: a tiny model learns, runs are deterministic, divergence is caught, the schedule."""
+import math
+
+import torch
+
+import common as C
+from toy_experiment import sample_batch
+
+
+def make(seed, norm="none"):
+    torch.manual_seed(seed)
+    return C.GPT(C.GPTConfig(vocab_size=16, n_layer=1, n_head=2, n_embd=32, attn_out_norm=norm))
+
+
+def fit(seed, steps=150, data_seed=None, norm="none"):
+    model = make(seed, norm)
+    cfg = C.TrainConfig(steps=steps, batch_size=32, lr=3e-3, warmup=10)
+    out = C.train(model, lambda rng, b: sample_batch(rng, b, 8), cfg, torch.device("cpu"),
+                  data_seed=10_000 + seed if data_seed is None else data_seed, progress=False)
+    return model, out
+
+
+def test_tiny_model_learns_copy_last_token():
+    model, out = fit(0)
+    assert not out["diverged"] and out["steps"] == 150
+    rows = C.evaluate_by_length(model, sample_batch, [8, 16], 500, torch.device("cpu"))
+    assert [r["length"] for r in rows] == [8, 16] and all(r["n"] == 500 for r in rows)
+    assert rows[0]["accuracy"] >= 0.99, rows
+    assert out["loss_curve"][-1][1] < out["loss_curve"][0][1] / 10
+
+
+def test_same_seed_same_model_different_seed_different_model():
+    (a, ra), (b, rb), (c, rc) = fit(1, 40), fit(1, 40), fit(2, 40)
+    assert ra["loss_curve"] == rb["loss_curve"]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    _, rd = fit(1, 40, data_seed=999)  # same init, other data: another run
+    assert rd["loss_curve"] != ra["loss_curve"]
+
+
+def test_divergence_is_detected_and_stops_the_run():
+    model = make(0)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    out = C.train(model, lambda rng, b: sample_batch(rng, b, 8), C.TrainConfig(steps=50), torch.device("cpu"),
+                  data_seed=0, progress=False)
+    assert out["diverged"] and out["steps"] == 1
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = C.TrainConfig(steps=1000, lr=1.0, warmup=100, min_lr_frac=0.1)
+    assert math.isclose(C.lr_at(0, cfg), 0.01) and math.isclose(C.lr_at(99, cfg), 1.0)
+    assert math.isclose(C.lr_at(100, cfg), 1.0) and math.isclose(C.lr_at(1000, cfg), 0.1)
+    assert all(C.lr_at(s, cfg) >= C.lr_at(s + 1, cfg) for s in range(100, 999))
+
+
+def test_eval_sets_depend_on_length_and_eval_seed_only():
+    a = next(C.eval_batches(sample_batch, 12, 10))
+    b = next(C.eval_batches(sample_batch, 12, 10))
+    c = next(C.eval_batches(sample_batch, 12, 10, seed=1))
+    assert torch.equal(a["idx"], b["idx"]) and not torch.equal(a["idx"], c["idx"])
+    sizes = [len(x["idx"]) for x in C.eval_batches(sample_batch, 2**14, 10)]  # long: small batches
+    assert sum(sizes) == 10 and max(sizes) == 4
