@@ -1,0 +1,190 @@
+"""bench.py — speed and memory of common.py, side by side with a plain reference.
+
+For the default model size of each experiment it prints
+  * training: tokens/s and ms/step of common.train() — ours (SDPA attention, 1 thread on CPU) vs the
+    plain reference (the manual attention path with PyTorch's default thread count), and the ratio;
+  * evaluation at T = 1k, 4k, 16k: tokens/s and peak memory of one forward — ours (the probe on the
+    fast path, what probe_by_length runs) vs the reference (manual path, which builds T x T maps);
+  * sweeps: wall time of a 2-cell sweep with --jobs 1 vs --jobs 2 (CPU only).
+On CUDA it measures the same with bf16 autocast (memory: torch.cuda.max_memory_allocated).
+
+    python bench.py                 # everything, ~5 minutes on 2 CPU cores
+    python bench.py --quick         # fewer steps and T <= 4k
+    python bench.py --device cuda
+
+CPU memory: each evaluation figure comes from a fresh subprocess: its peak resident set (ru_maxrss)
+after the forwards minus its resident set just before them (an upper bound on what the forward adds).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import common as C
+
+# Default sizes, from SPEC.md's pilot runs (vocabulary and lengths as each task encodes them).
+MODELS = {
+    "vanishing_variance": dict(cfg=dict(vocab_size=8320, n_layer=1, n_head=4, n_embd=64), T=33, batch=64, loss="last"),
+    "parity_random_access": dict(cfg=dict(vocab_size=72, n_layer=3, n_head=4, n_embd=64, pos="rope"), T=82, batch=64,
+                                 loss="all"),
+    "sparse_planted": dict(cfg=dict(vocab_size=8, n_layer=2, n_head=4, n_embd=64), T=22, batch=64, loss="last"),
+}
+
+
+class Manual(torch.nn.Module):
+    """The plain reference: the same model, always through the manual (explicit T x T) attention."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets=None, position_ids=None, at=None):
+        return self.model(idx, targets, position_ids, at, manual=True)
+
+
+def sampler(spec):
+    V, T = spec["cfg"]["vocab_size"], spec["T"]
+
+    def sample(rng, b):
+        idx = torch.from_numpy(rng.integers(0, V, size=(b, T)))
+        if spec["loss"] == "last":
+            return {"idx": idx, "at": torch.full((b, 1), T - 1), "targets": idx[:, :1].clone()}
+        return {"idx": idx, "targets": idx.roll(1, dims=1)}
+    return sample
+
+
+def bench_train(spec, device, manual, threads, steps):
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = C.GPT(C.GPTConfig(block_size=spec["T"], **spec["cfg"]))
+    model = Manual(model) if manual else model
+    cfg = C.TrainConfig(steps=steps, batch_size=spec["batch"])
+    C.train(model, sampler(spec), C.TrainConfig(steps=5, batch_size=spec["batch"]), device, 0, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    C.train(model, sampler(spec), cfg, device, 1, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"tok_s": steps * spec["batch"] * spec["T"] / dt, "ms_step": 1000 * dt / steps}
+
+
+def eval_once(name, T, manual, threads, device_name):
+    """One evaluation forward at length T in this process: tokens/s and peak memory (MiB)."""
+    spec, device = MODELS[name], torch.device(device_name)
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = C.GPT(C.GPTConfig(block_size=T, **spec["cfg"])).to(device).eval()
+    B = max(1, 16384 // T)
+    idx = torch.randint(0, spec["cfg"]["vocab_size"], (B, T), device=device)
+    at = torch.full((B, 1), T - 1, device=device)
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20 \
+        if device.type == "cpu" else 0.0  # resident MiB now; the peak below is an upper bound on the rise
+
+    def fwd():
+        with torch.no_grad(), C.autocast(device):
+            return model(idx, at=at, manual=True) if manual else model.probe(idx, at)
+    fwd()  # warm-up (also sets the peak)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    reps, t0 = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - t0 < 1.0:
+        fwd()
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {"tok_s": reps * B * T / (time.perf_counter() - t0), "peak_mib": peak}
+
+
+def bench_eval(name, T, manual, threads, device):
+    if device.type == "cuda":
+        return eval_once(name, T, manual, threads, "cuda")
+    p = subprocess.run([sys.executable, __file__, "--_eval", json.dumps([name, T, manual, threads, "cpu"])],
+                       capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        return {"tok_s": float("nan"), "peak_mib": float("nan"), "error": p.stderr.strip().splitlines()[-1:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def sweep_cell(cell):
+    """A sweep cell for the --jobs comparison: train the parity-size model for cell['steps'] steps."""
+    spec = MODELS["parity_random_access"]
+    torch.manual_seed(cell["seed"])
+    model = C.GPT(C.GPTConfig(block_size=spec["T"], **spec["cfg"]))
+    out = C.train(model, sampler(spec), C.TrainConfig(steps=cell["steps"], batch_size=spec["batch"]),
+                  torch.device("cpu"), cell["seed"], progress=False)
+    return {"rows": [{"loss": out["final_loss"]}]}
+
+
+def bench_sweep(steps):
+    times = {}
+    for jobs in (1, 2):
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            C.run_sweep([{"seed": s, "steps": steps} for s in range(2)], sweep_cell, d, jobs=jobs)
+            times[jobs] = time.perf_counter() - t0
+    return times
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device to measure")
+    p.add_argument("--quick", action="store_true", help="fewer steps, T <= 4k: a one-minute look")
+    p.add_argument("--steps", type=int, default=0, help="training steps timed per figure (0: 200, quick 60)")
+    p.add_argument("--_eval", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._eval:
+        print(json.dumps(eval_once(*json.loads(args._eval))))
+        return
+    device, dtype = C.pick_device(args.device)
+    steps = args.steps or (60 if args.quick else 200)
+    lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)
+    default_threads = os.cpu_count() if device.type == "cpu" else None
+    ours_threads = 1
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; ours: SDPA, {ours_threads} thread; "
+          f"reference: manual attention, {default_threads} threads (PyTorch's default)\n")
+    results = {}
+    print(f"{'model':<22} {'what':<14} {'ours':>22} {'reference':>22} {'ratio':>7}")
+    for name, spec in MODELS.items():
+        a = bench_train(spec, device, False, ours_threads, steps)
+        b = bench_train(spec, device, True, default_threads, steps)
+        results[name] = {"train": {"ours": a, "reference": b}}
+        print(f"{name:<22} {'train tok/s':<14} {a['tok_s']:>12,.0f} ({a['ms_step']:5.1f} ms) "
+              f"{b['tok_s']:>12,.0f} ({b['ms_step']:5.1f} ms) {a['tok_s'] / b['tok_s']:>6.2f}x")
+        for T in lengths:
+            a = bench_eval(name, T, False, ours_threads, device)
+            b = bench_eval(name, T, True, default_threads, device)
+            results[name][f"eval_{T}"] = {"ours": a, "reference": b}
+            print(f"{'':<22} {f'eval T={T}':<14} {a['tok_s']:>10,.0f} (+{a['peak_mib']:5.0f} MiB)"
+                  f" {b['tok_s']:>10,.0f} (+{b['peak_mib']:5.0f} MiB) {a['tok_s'] / b['tok_s']:>6.2f}x")
+    if device.type == "cpu":
+        spec, sweep_steps = MODELS["parity_random_access"], steps * 5
+        t = bench_sweep(sweep_steps)
+        tok_s = 2 * sweep_steps * spec["batch"] * spec["T"] / t[2]
+        ref = results["parity_random_access"]["train"]["reference"]["tok_s"]
+        results["sweep"] = {"jobs1_s": t[1], "jobs2_s": t[2], "jobs2_tok_s": tok_s}
+        print(f"\n2-cell sweep, parity-size model, {sweep_steps} steps a cell (process start included):")
+        print(f"  --jobs 1: {t[1]:.1f} s   --jobs 2: {t[2]:.1f} s   speed-up {t[1] / t[2]:.2f}x")
+        print(f"  machine training throughput, --jobs 2: {tok_s:,.0f} tok/s vs the reference process "
+              f"{ref:,.0f} tok/s: {tok_s / ref:.2f}x")
+    print("\n" + json.dumps({"device": str(device), "dtype": dtype, "torch": torch.__version__, **results},
+                            default=float))
+
+
+if __name__ == "__main__":
+    main()
