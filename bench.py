@@ -4,7 +4,7 @@ For the default model size of each experiment it prints
   * training: tokens/s and ms/step of common.train() — ours (SDPA attention, 1 thread on CPU) vs the
     plain reference (the manual attention path with PyTorch's default thread count), and the ratio;
   * evaluation at T = 1k, 4k, 16k: tokens/s and peak memory of one forward — ours (the probe on the
-    fast path, what probe_by_length runs) vs the reference (manual path, which builds T x T maps);
+    fast path, what evaluate_with_probes runs) vs the reference (manual path, which builds T x T maps);
   * sweeps: wall time of a 2-cell sweep with --jobs 1 vs --jobs 2 (CPU only).
 On CUDA it measures the same with bf16 autocast (memory: torch.cuda.max_memory_allocated).
 
@@ -121,8 +121,8 @@ def bench_eval(name, T, manual, threads, device):
 
 
 def sweep_cell(cell):
-    """A sweep cell for the --jobs comparison: train the parity-size model for cell['steps'] steps."""
-    spec = MODELS["parity_random_access"]
+    """A sweep cell for the --jobs comparison: train the vanishing_variance-size model."""
+    spec = MODELS["vanishing_variance"]
     torch.manual_seed(cell["seed"])
     model = C.GPT(C.GPTConfig(block_size=spec["T"], **spec["cfg"]))
     out = C.train(model, sampler(spec), C.TrainConfig(steps=cell["steps"], batch_size=spec["batch"]),
@@ -173,12 +173,12 @@ def main():
             print(f"{'':<22} {f'eval T={T}':<14} {a['tok_s']:>10,.0f} (+{a['peak_mib']:5.0f} MiB)"
                   f" {b['tok_s']:>10,.0f} (+{b['peak_mib']:5.0f} MiB) {a['tok_s'] / b['tok_s']:>6.2f}x")
     if device.type == "cpu":
-        spec, sweep_steps = MODELS["parity_random_access"], steps * 5
+        spec, sweep_steps = MODELS["vanishing_variance"], steps * 5
         t = bench_sweep(sweep_steps)
         tok_s = 2 * sweep_steps * spec["batch"] * spec["T"] / t[2]
-        ref = results["parity_random_access"]["train"]["reference"]["tok_s"]
+        ref = results["vanishing_variance"]["train"]["reference"]["tok_s"]
         results["sweep"] = {"jobs1_s": t[1], "jobs2_s": t[2], "jobs2_tok_s": tok_s}
-        print(f"\n2-cell sweep, parity-size model, {sweep_steps} steps a cell (process start included):")
+        print(f"\n2-cell sweep, vanishing_variance-size model, {sweep_steps} steps a cell (process start included):")
         print(f"  --jobs 1: {t[1]:.1f} s   --jobs 2: {t[2]:.1f} s   speed-up {t[1] / t[2]:.2f}x")
         print(f"  machine training throughput, --jobs 2: {tok_s:,.0f} tok/s vs the reference process "
               f"{ref:,.0f} tok/s: {tok_s / ref:.2f}x")

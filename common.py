@@ -7,7 +7,7 @@ One file, read top to bottom:
                   and a manual path that exposes the attention weights, probes of the attention output)
   2. training     train(): AdamW, warmup + cosine, grad clipping, bf16 autocast on CUDA only,
                   opt-in torch.compile, divergence detection
-  3. evaluation   eval_batches(), evaluate_by_length(), probe_by_length(): tidy rows, fixed eval seed
+  3. evaluation   eval_batches(), evaluate_by_length(), evaluate_with_probes(): tidy rows, fixed eval seed
   4. sweeps       run_sweep(): cells in parallel processes, shards, atomic per-cell results, resume
   5. results      write_results(), load_cells(), summarize()
   6. plots        plot_vs_length(), plot_attention_maps()
@@ -374,29 +374,44 @@ def probe_stats(v):
 
 
 @torch.no_grad()
-def probe_by_length(model, sample_batch, lengths, n, device, seed=EVAL_SEED, tokens_per_batch=2**16):
-    """Attention-output statistics at the last `at` position (the query), per length and layer,
-    before ('pre') and after ('post') the extra norm, plus attention entropy and the effective
-    number of attended tokens exp(H). Rows: {length, layer, where, comp_std, ..., entropy, eff_n, n}."""
+def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, keep=(), seed=EVAL_SEED,
+                         tokens_per_batch=2**16):
+    """One fast-path pass per length that scores the answer at the last `at` position and probes the
+    attention output there (the query), per layer, before ('pre') and after ('post') the extra norm.
+
+    Returns (rows, probe_rows, kept):
+      rows        [{length, accuracy, <extra metrics>, n}]; extra(batch, logits, recs) gives more
+                  per-example metrics, e.g. the attention mass on the right item;
+      probe_rows  [{length, layer, where, comp_std, comp_std0, vec_mean, vec_var, entropy, eff_n, n}],
+                  entropy H of the query's attention (mean over heads and samples), eff_n = exp(H);
+      kept        {(length, layer, where): (n, C) array} of the raw vectors for lengths in `keep`.
+    Memory is linear in the length: nothing T x T is built."""
     model.eval()
-    rows = []
+    rows, probe_rows, kept = [], [], {}
     for length in lengths:
-        vecs, ent = defaultdict(list), defaultdict(list)
+        sums, vecs, ent = defaultdict(float), defaultdict(list), defaultdict(list)
         for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch):
             b = to_device(b, device)
             with autocast(device):
-                _, recs = model.probe(b["idx"], b["at"][:, -1:], b.get("position_ids"))
+                logits, recs = model.probe(b["idx"], b["at"][:, -1:], b.get("position_ids"))
+            metrics = {"accuracy": (logits[:, 0].argmax(-1) == b["targets"][:, -1]).float()}
+            metrics.update(extra(b, logits, recs) if extra else {})
+            for k, v in metrics.items():
+                sums[k] += float(v.float().sum())
             for layer, r in enumerate(recs):
                 for where in ("pre", "post"):
                     vecs[layer, where].append(r[where][:, 0].cpu())
-                p = r["attn"][:, :, 0]  # (B, nh, T)
+                p = r["attn"][:, :, 0]  # (B, nh, T): the query's attention weights
                 ent[layer].append((-(p * p.clamp_min(1e-30).log()).sum(-1)).cpu())  # (B, nh)
+        rows.append({"length": length, **{k: s / n for k, s in sums.items()}, "n": n})
         for (layer, where), vs in vecs.items():
-            h = torch.cat(ent[layer])
-            rows.append({"length": length, "layer": layer, "where": where, **probe_stats(torch.cat(vs)),
-                         "entropy": float(h.mean()), "eff_n": float(h.exp().mean()), "n": n})
+            v, h = torch.cat(vs), torch.cat(ent[layer])
+            probe_rows.append({"length": length, "layer": layer, "where": where, **probe_stats(v),
+                               "entropy": float(h.mean()), "eff_n": float(h.exp().mean()), "n": n})
+            if length in keep:
+                kept[length, layer, where] = v.numpy()
     model.train()
-    return rows
+    return rows, probe_rows, kept
 
 
 # =============================================================================================
@@ -431,6 +446,11 @@ def _run_and_save(run_cell, cell_dir, cell):
               "seconds": round(time.time() - t0, 2), **out}
     atomic_write(Path(cell_dir) / f"{cell_key(cell)}.json", json.dumps(record))
     return record
+
+
+def is_main_process():
+    """True in the process the user started (show progress bars), False in --jobs worker processes."""
+    return mp.current_process().name == "MainProcess"
 
 
 def _worker_init(threads):
@@ -599,6 +619,26 @@ def summarize(records, metric, train_len, group="variant", claim=None):
     if claim:
         print(f"  paper's claim: {claim}")
     return table
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}  # Student t, two-sided 95%
+
+
+def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
+    """Per x: mean over seeds of metric(a) - metric(b), paired by seed on identical test sets, with a
+    95% t-interval over seeds. Returns [{x, diff, lo, hi, n}] (lo = hi = nan with one seed)."""
+    val = {(r[by], r["seed"], r[x]): r[metric] for r in rows if metric in r}
+    out = []
+    for xv in sorted({k[2] for k in val}):
+        d = np.array([val[a, s, xv] - val[b, s, xv] for (v, s, xx) in val if v == a and xx == xv and (b, s, xv) in val])
+        if len(d) == 0:
+            continue
+        half = T975[max(k for k in T975 if k <= max(1, len(d) - 1))] * d.std(ddof=1) / math.sqrt(len(d)) \
+            if len(d) > 1 else float("nan")
+        out.append({x: xv, "diff": float(d.mean()), "lo": float(d.mean() - half), "hi": float(d.mean() + half),
+                    "n": len(d)})
+    return out
 
 
 # =============================================================================================

@@ -61,3 +61,23 @@ def test_eval_sets_depend_on_length_and_eval_seed_only():
     assert torch.equal(a["idx"], b["idx"]) and not torch.equal(a["idx"], c["idx"])
     sizes = [len(x["idx"]) for x in C.eval_batches(sample_batch, 2**14, 10)]  # long: small batches
     assert sum(sizes) == 10 and max(sizes) == 4
+
+
+def test_probe_pass_scores_like_the_plain_evaluation():
+    model, _ = fit(3, 60)
+    plain = C.evaluate_by_length(model, sample_batch, [8, 24], 200, torch.device("cpu"))
+    rows, probes, kept = C.evaluate_with_probes(model, sample_batch, [8, 24], 200, torch.device("cpu"), keep=(24,))
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in plain]
+    assert {(r["length"], r["layer"], r["where"]) for r in probes} == {(L, 0, w) for L in (8, 24) for w in ("pre", "post")}
+    assert kept[24, 0, "pre"].shape == (200, 32) and set(kept) == {(24, 0, "pre"), (24, 0, "post")}
+
+
+def test_paired_diff_ci_pairs_by_seed():
+    rows = [{"variant": v, "seed": s, "length": 8, "acc": base + s * 0.1 + (0.05 if v == "ln" else 0)}
+            for v, base in (("ln", 0.5), ("none", 0.5)) for s in range(3)]
+    (r,) = C.paired_diff_ci(rows, "acc", "ln", "none")
+    # the seed effect cancels in the paired difference: every seed gains exactly 0.05, so the CI is a point
+    assert abs(r["diff"] - 0.05) < 1e-12 and abs(r["hi"] - r["lo"]) < 1e-9 and r["n"] == 3
+    rows[0]["acc"] += 0.3  # one seed differs: the interval widens (t with 2 degrees of freedom)
+    (r,) = C.paired_diff_ci(rows, "acc", "ln", "none")
+    assert r["lo"] < r["diff"] < r["hi"] and abs((r["hi"] - r["diff"]) - 4.303 * 0.1) < 1e-9  # sd 0.1732 / sqrt 3 = 0.1

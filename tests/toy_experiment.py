@@ -45,8 +45,7 @@ def run_cell(cell):
                     data_seed=10_000 + cell["seed"], progress=False)
     if train["diverged"]:
         return {"status": "diverged", "train": train, "rows": []}
-    rows = C.evaluate_by_length(model, sample_batch, cfg.test_lengths, cfg.eval_examples, device)
-    probes = C.probe_by_length(model, sample_batch, cfg.test_lengths, cfg.eval_examples, device)
+    rows, probes, _ = C.evaluate_with_probes(model, sample_batch, cfg.test_lengths, cfg.eval_examples, device)
     return {"train": train, "rows": [{"table": "accuracy", **r} for r in rows] +
                                     [{"table": "probe", **r} for r in probes]}
 

@@ -1,0 +1,404 @@
+"""vanishing_variance.py — attention-output variance and LayerNorm after attention.
+
+Reproduces Li, Boduljak & Zhou, "On Vanishing Variance in Transformer Length Generalization",
+ICLR 2025 SCOPE workshop, arXiv 2504.02827. Their claims:
+  (1) for a fixed query, the variance of the attention output shrinks as the number of attended
+      tokens N grows (uniform attention over i.i.d. values: Var = sigma^2 / N);
+  (2) so the layers after attention see a distribution shift at lengths beyond training;
+  (3) LayerNorm on the attention output gives significantly better length generalization on argmax
+      retrieval and dictionary lookup; it reduces, but does not remove, the shift.
+
+What this script does (`python vanishing_variance.py`, the `quick` preset):
+  * theory: the closed form sigma^2/N and a simulation of softmax attention with a fixed query, with
+    their log-log slopes (numpy, seconds);
+  * trains NoPE transformers at N = 16 on both tasks, with attn_out_norm = none | layernorm |
+    standardize (common.GPTConfig), several seeds, and tests every model on the same examples at
+    N = 16 ... 2048 (quick) or ... 16384 (paper);
+  * measures per length, at the query: accuracy, the per-component std of the attention output across
+    samples (the paper's Fig. 1) before and after the norm, the per-vector mean and variance (its
+    Fig. 3), per-feature distributions (its Fig. 2), attention entropy / effective number of attended
+    tokens and the attention mass on the item that holds the answer;
+  * compares layernorm and standardize against none per seed, paired on identical test sets, with a
+    95% confidence interval, and prints the paper's claim next to what was measured.
+
+Tasks (order-invariant; the model has no positional encoding). Every input token is one item
+(a, b) embedded as A(a) + B(b); b = n_classes marks the query token. The answer is read at the query.
+  argmax retrieval  N items (priority a, payload b): distinct priorities from a grid of 2^30 values,
+                    embedded with sin/cos features of a / 2^30 (continuous and ordered, as in
+                    Velickovic et al. 2024); target = payload of the largest priority.
+                    Example, N = 4, 8 classes: (51, 2) (902, 5) (7, 1) (424, 0) query -> 5
+  dictionary lookup N (key a, value b) pairs with distinct keys from a key set of 4 x the largest test
+                    N (learned key table); then the query (key, marker); target = that key's value.
+                    Example, N = 3: (17, 4) (3, 0) (250, 6) query(3) -> 0
+Token id = a * (n_classes + 1) + b.
+
+Commands and measured run times (2-core CPU, this repository's machine):
+  python vanishing_variance.py                          # quick: RUNTIME_QUICK
+  python vanishing_variance.py --preset smoke           # seconds: what the tests run
+  python vanishing_variance.py --device cuda --preset paper   # N to 16384, 5 seeds (not yet run on a GPU)
+  python vanishing_variance.py --n-layer 1 --mlp false  # another architecture (see README)
+
+Deviations from the paper: the paper's body gives few architecture details, so we train small
+NoPE models from scratch (1 pre-LN block, d = 64, 4 heads by default); the argmax encoding follows
+Velickovic et al.'s max-retrieval setup with our own priority embedding; the Llama-3.2-1B measurement
+of Fig. 1 is out of scope (no model downloads here), our Fig. 1 quantity comes from the trained
+models and the theory curves.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common as C
+
+TASKS = ("argmax", "lookup")
+GRID = 2**30  # argmax priorities: distinct integers below GRID
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+def sample_argmax(rng, batch_size, length, n_classes=8):
+    """Argmax retrieval: `length` items (priority, payload) and a query; target = payload of the
+    item with the largest priority. Returns idx (B, N+1), at (B, 1), targets (B, 1), item (B,)
+    (the position of the answering item)."""
+    q = _distinct(rng, batch_size, length, GRID)  # distinct priorities within an example
+    c = rng.integers(0, n_classes, size=(batch_size, length))
+    item = q.argmax(1)
+    return _pack(q, c, np.zeros(batch_size, dtype=np.int64), c[np.arange(batch_size), item], item, n_classes)
+
+
+def sample_lookup(rng, batch_size, length, n_classes=8, n_keys=8192):
+    """Dictionary lookup: `length` (key, value) pairs with distinct keys from range(n_keys), then a
+    query key; target = its value. Same returns as sample_argmax."""
+    if n_keys < length:
+        raise C.UsageError(f"dictionary lookup needs n_keys >= length ({n_keys} < {length})")
+    if length * length < n_keys:  # duplicates are rare: draw and redraw the odd row
+        keys = _distinct(rng, batch_size, length, n_keys)
+    else:                          # a random subset per row
+        keys = np.argsort(rng.random((batch_size, n_keys)), axis=1)[:, :length]
+    vals = rng.integers(0, n_classes, size=(batch_size, length))
+    item = rng.integers(0, length, size=batch_size)
+    rows = np.arange(batch_size)
+    return _pack(keys, vals, keys[rows, item], vals[rows, item], item, n_classes)
+
+
+def _distinct(rng, b, n, high):
+    """(b, n) integers below high, distinct within each row (rows with a repeat are redrawn)."""
+    x = rng.integers(0, high, size=(b, n))
+    while True:
+        s = np.sort(x, axis=1)
+        tied = (s[:, 1:] == s[:, :-1]).any(axis=1)
+        if not tied.any():
+            return x
+        x[tied] = rng.integers(0, high, size=(int(tied.sum()), n))
+
+
+def _pack(a, b, query_a, target, item, n_classes):
+    """Items (a, b) then the query (query_a, n_classes) as token ids a * (n_classes + 1) + b."""
+    B, N = a.shape
+    ids = np.concatenate([a * (n_classes + 1) + b, (query_a * (n_classes + 1) + n_classes)[:, None]], axis=1)
+    return {"idx": torch.from_numpy(ids), "at": torch.full((B, 1), N), "targets": torch.from_numpy(target)[:, None],
+            "item": torch.from_numpy(item)}
+
+
+def decode(batch, i, n_classes=8):
+    """Human-readable example i of a batch: '(a,b) (a,b) ... ? -> target'."""
+    ids = batch["idx"][i].tolist()
+    items = " ".join(f"({t // (n_classes + 1)},{t % (n_classes + 1)})" for t in ids[:-1][:6])
+    more = " ..." if len(ids) > 7 else ""
+    return f"{items}{more} query({ids[-1] // (n_classes + 1)}) -> {int(batch['targets'][i, 0])}"
+
+
+class ItemEmbedding(nn.Module):
+    """Embeds token id = a * (n_classes + 1) + b as A(a) + B(b). A: for argmax, a learned linear map
+    of sin/cos features of the priority a / GRID (continuous, ordered); for lookup, a key table."""
+
+    def __init__(self, task, n_embd, n_classes, n_keys, n_freq=16):
+        super().__init__()
+        self.task, self.nb = task, n_classes + 1
+        self.B = nn.Embedding(self.nb, n_embd)
+        if task == "argmax":
+            self.register_buffer("freq", math.pi * torch.arange(1, n_freq + 1, dtype=torch.float32))
+            self.A = nn.Linear(2 * n_freq + 1, n_embd)
+        else:
+            self.A = nn.Embedding(n_keys, n_embd)
+        nn.init.normal_(self.B.weight, std=0.02)
+        nn.init.normal_(self.A.weight, std=0.02)
+
+    def forward(self, idx):
+        a, b = idx // self.nb, idx % self.nb
+        if self.task == "argmax":
+            p = (a.double() / GRID).float()[..., None]  # (B, T, 1) in [0, 1)
+            a_emb = self.A(torch.cat([p, (p * self.freq).sin(), (p * self.freq).cos()], dim=-1))
+        else:
+            a_emb = self.A(a)
+        return a_emb + self.B(b)  # (B, T, C)
+
+
+# ---------------------------------------------------------------------------------------- config
+
+@dataclass
+class Config(C.TrainConfig):
+    tasks: tuple = C.arg(TASKS, "tasks to run", choices=TASKS)
+    variants: tuple = C.arg(C.ATTN_OUT_NORMS, "norms on the attention output to compare", choices=C.ATTN_OUT_NORMS)
+    n_layer: int = C.arg(1, "transformer blocks", min=1)
+    mlp: bool = C.arg(True, "an MLP in each block (false: attention-only blocks)")
+    n_head: int = C.arg(4, "attention heads", min=1)
+    n_embd: int = C.arg(64, "model width", min=1)
+    n_classes: int = C.arg(8, "payload / value classes (chance = 1 / n_classes)", min=2)
+    train_len: int = C.arg(16, "number of items N during training", min=1)
+    test_lengths: tuple = C.arg((16, 32, 64, 128, 256, 512, 1024, 2048), "test N", min=1)
+    keep_lengths: tuple = C.arg((16, 256, 2048), "N whose raw attention outputs are kept for the distribution plot",
+                                min=1)
+
+
+PRESETS = {
+    "smoke": dict(seeds=2, steps=40, eval_examples=64, test_lengths=(16, 64, 256), keep_lengths=(16, 256)),
+    "quick": dict(seeds=3, steps=2000, lr=3e-3),
+    "paper": dict(seeds=5, steps=10000, lr=3e-3, batch_size=128,
+                  test_lengths=tuple(2**k for k in range(4, 15)), keep_lengths=(16, 256, 2048, 16384)),
+}
+
+
+def n_keys(cfg):
+    return 4 * max(cfg.test_lengths)  # SPEC: the key set is >= 4x the largest test N
+
+
+def sampler(task, cfg):
+    if task == "argmax":
+        return lambda rng, b, n: sample_argmax(rng, b, n, cfg.n_classes)
+    return lambda rng, b, n: sample_lookup(rng, b, n, cfg.n_classes, n_keys(cfg))
+
+
+def build_model(task, variant, cfg):
+    model = C.GPT(C.GPTConfig(vocab_size=cfg.n_classes, block_size=1, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_embd=cfg.n_embd, mlp=cfg.mlp, pos="none", attn_out_norm=variant))
+    model.wte = ItemEmbedding(task, cfg.n_embd, cfg.n_classes, n_keys(cfg))  # items, not a token table
+    return model
+
+
+# ---------------------------------------------------------------------------------------- one cell
+
+def target_mass(batch, logits, recs):
+    """Attention of the query on the item that holds the answer (max over heads; mean over layers)."""
+    m = torch.stack([r["attn"][:, :, 0].gather(2, batch["item"][:, None, None].expand(-1, r["attn"].size(1), 1))[..., 0]
+                     .max(1).values for r in recs])  # (L, B)
+    return {"target_mass": m.mean(0)}
+
+
+def run_cell(cell):
+    cfg, task, variant, seed = Config(**cell["config"]), cell["task"], cell["variant"], cell["seed"]
+    device = torch.device(cell["device"])
+    torch.manual_seed(seed)  # init seed; data seed below; the test set has its own fixed seed
+    model = build_model(task, variant, cfg)
+    sample = sampler(task, cfg)
+    result = C.train(model, lambda rng, b: sample(rng, b, cfg.train_len), cfg, device, data_seed=10_000 + seed,
+                     compile=cell.get("compile", False), progress=C.is_main_process(),
+                     desc=f"{task}/{variant}/seed{seed}")
+    if result["diverged"]:
+        return {"status": "diverged", "train": result, "rows": []}
+    rows, probes, kept = C.evaluate_with_probes(model, sample, cfg.test_lengths, cfg.eval_examples, device,
+                                                extra=target_mass, keep=cfg.keep_lengths)
+    out = {"train": result, "rows": [{"table": "accuracy", **r} for r in rows] +
+                                    [{"table": "probe", **r} for r in probes]}
+    if seed == 0:  # component 0 of the raw outputs, for the distribution figure (kept small)
+        out["kept"] = {f"{L}/{layer}/{w}": np.round(v[:, 0], 6).tolist() for (L, layer, w), v in kept.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- theory
+
+def theory(lengths, sigma=1.0, betas=(1.0, 3.0), samples=2000, seed=0):
+    """Closed form and simulation of the attention output's std for a fixed query.
+    Uniform attention over N i.i.d. values of variance sigma^2: Var = sigma^2 / N (slope -0.5 for std).
+    Softmax attention with scores beta * z_i (z_i ~ N(0, 1), independent of the values):
+    Var = sigma^2 E[sum_i p_i^2] = sigma^2 / N_eff, simulated. Returns {label: (lengths, std)}."""
+    rng = np.random.default_rng(seed)
+    Ns = np.array(lengths, dtype=float)
+    out = {"uniform: sigma/sqrt(N)": (Ns, sigma / np.sqrt(Ns))}
+    for beta in betas:
+        std = []
+        for N in lengths:
+            reps = max(50, min(samples, 2**22 // N))
+            s = beta * rng.standard_normal((reps, N))
+            p = np.exp(s - s.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            y = (p * rng.standard_normal((reps, N)) * sigma).sum(1)
+            std.append(y.std())
+        out[f"softmax, beta={beta:g} (simulated)"] = (Ns, np.array(std))
+    return out
+
+
+def slope(xs, ys):
+    """Least-squares slope of log y against log x."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    ok = (xs > 0) & (ys > 0)
+    return float(np.polyfit(np.log(xs[ok]), np.log(ys[ok]), 1)[0]) if ok.sum() >= 2 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------- report
+
+CLAIM = "LayerNorm after attention gives significantly better length generalization (Li et al. 2025)"
+
+
+def report(records, cfg, out):
+    """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
+    plt = C._plt()
+    out = Path(out)
+    rows = [r for rec in records for r in rec["rows"]]
+    acc, probe = C.select(rows, table="accuracy"), C.select(rows, table="probe")
+    tasks = [t for t in TASKS if C.select(acc, task=t)]
+    lengths = sorted({r["length"] for r in acc}) or list(cfg.test_lengths)
+    lines = []
+
+    def say(s=""):
+        print(s)
+        lines.append(s)
+
+    # accuracy and paired differences
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    for j, task in enumerate(tasks):
+        C.plot_vs_length(C.select(acc, task=task), "accuracy", None, cfg.train_len, chance=1 / cfg.n_classes,
+                         ax=axes[0, j], title=f"{task}: accuracy (mean ± std over seeds)")
+        ax = axes[1, j]
+        for v in [v for v in C.ATTN_OUT_NORMS if v != "none" and C.select(acc, task=task, variant=v)]:
+            d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
+            if d:
+                xs = [r["length"] for r in d]
+                line, = ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − none")
+                ax.fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=line.get_color(), alpha=0.2)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(cfg.train_len, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_len}")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="test length N", ylabel="accuracy difference",
+               title=f"{task}: paired difference per seed, 95% CI")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+    # Fig. 1: per-component std vs N, with theory
+    th = theory(lengths)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    slopes = {}
+    for j, task in enumerate(tasks):
+        p = [r for r in C.select(probe, task=task) if r["where"] == "pre" or r["variant"] != "none"]
+        base = C.mean_std_by(C.select(p, variant="none", where="pre", layer=0), "length", "comp_std", "variant")
+        scale = base["none"][1][0] if base else 1.0
+        extra = [(x, y / y[0] * scale, f"theory: {k} (scaled to none at N={lengths[0]})") for k, (x, y) in th.items()]
+        C.plot_vs_length(p, "comp_std", None, cfg.train_len, group=("variant", "where", "layer"), logy=True,
+                         ax=axes[0, j], extra=extra, ylabel="std of an attention-output component across samples",
+                         title=f"{task}: attention-output std vs N (log-log)")
+        for key, (xs, m, _, _) in C.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
+            slopes[(task,) + key] = (slope(xs, m), m[-1] / m[0])
+    fig.tight_layout()
+    fig.savefig(out / "variance.png", dpi=110)
+    plt.close(fig)
+
+    # Fig. 3: per-vector mean and variance, none vs layernorm
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    for j, task in enumerate(tasks):
+        p = [r for r in C.select(probe, task=task, layer=0) if r["variant"] in ("none", "layernorm")]
+        C.plot_vs_length(p, "vec_mean", None, cfg.train_len, group=("variant", "where"), ax=axes[0, j],
+                         title=f"{task}: per-vector mean of the attention output (layer 0)")
+        C.plot_vs_length(p, "vec_var", None, cfg.train_len, group=("variant", "where"), ax=axes[1, j], logy=True,
+                         title=f"{task}: per-vector variance (layer 0)")
+    fig.tight_layout()
+    fig.savefig(out / "shift.png", dpi=110)
+    plt.close(fig)
+
+    # Fig. 2: distribution of one component at a few N (seed 0)
+    kept = {(rec["cell"].get("task"), rec["cell"].get("variant")): rec["kept"] for rec in records if rec.get("kept")}
+    panels = [(t, v, w) for t in tasks for v, w in (("none", "pre"), ("layernorm", "post")) if (t, v) in kept]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+        for ax, (t, v, w) in zip(axes[0], panels):
+            for L in sorted({int(k.split("/")[0]) for k in kept[t, v]}):
+                vals = kept[t, v].get(f"{L}/0/{w}")
+                if vals:
+                    ax.hist(vals, bins=40, density=True, histtype="step", label=f"N={L}")
+            ax.set(title=f"{t}, {v} ({w} norm): component 0", xlabel="value")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "distributions.png", dpi=110)
+        plt.close(fig)
+
+    # why: dispersion of attention and mass on the answer
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    for j, task in enumerate(tasks):
+        C.plot_vs_length(C.select(probe, task=task, layer=0, where="pre"), "eff_n", None, cfg.train_len,
+                         logy=True, ax=axes[0, j], extra=[(np.array(lengths), np.array(lengths) + 1.0, "all N+1 tokens")],
+                         title=f"{task}: effective number of attended tokens exp(H) (layer 0)")
+        C.plot_vs_length(C.select(acc, task=task), "target_mass", None, cfg.train_len, ax=axes[1, j],
+                         title=f"{task}: attention mass on the answering item (max over heads)")
+    fig.tight_layout()
+    fig.savefig(out / "why.png", dpi=110)
+    plt.close(fig)
+
+    # printed summary
+    say(f"\n=== vanishing_variance: {sum(r['status'] == 'ok' for r in records)} runs ok, "
+        f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
+    for k, (x, y) in th.items():
+        say(f"theory  {k:<34} log-log slope of std vs N: {slope(x, y):+.3f}")
+    say("\ntrained models: per-component std of the attention output, slope and std(N_max)/std(N_min)")
+    for (task, variant, where, layer), (sl, ratio) in sorted(slopes.items()):
+        say(f"  {task:<7} {variant:<12} {where:<4} layer {layer}: slope {sl:+.3f}, ratio {ratio:.3f}")
+    verdicts = {}
+    for task in tasks:
+        recs = [{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records
+                if rec["cell"].get("task") == task]
+        say(f"\n--- {task} ---")
+        table = C.summarize(recs, "accuracy", cfg.train_len)
+        lines.extend(f"  {g:<12} ID {t['id_mean']:.3f} ± {t['id_std']:.3f}   OOD {t['ood_mean']:.3f} ± {t['ood_std']:.3f}"
+                     f"   ({t['seeds']} seeds)" for g, t in table.items() if t["id_mean"] is not None)
+        for v in [v for v in C.ATTN_OUT_NORMS if v != "none" and v in table]:
+            d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
+            better = [r["length"] for r in d if r["length"] > cfg.train_len and r["lo"] > 0]
+            worse = [r["length"] for r in d if r["length"] > cfg.train_len and r["hi"] < 0]
+            say(f"  {v} − none, paired over seeds (95% CI): " +
+                ", ".join(f"N={r['length']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for r in d))
+            ood = [r for r in d if r["length"] > cfg.train_len]
+            verdict = ("yes" if ood and len(better) == len(ood) else "only at some lengths" if better else
+                       "no (worse)" if worse and not better else "no")
+            verdicts[task, v] = (verdict, better, worse)
+            say(f"  significantly better than none at N = {better or 'none'}; worse at N = {worse or 'none'}")
+    say(f"\npaper's claim: {CLAIM}")
+    say(f"{'task':<8} {'variant':<12} reproduced?")
+    for (task, v), (verdict, better, worse) in verdicts.items():
+        say(f"{task:<8} {v:<12} {verdict}")
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    print(f"\nfigures and summary.txt in {out}")
+
+
+def main():
+    parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
+    args = parser.parse_args()
+    cfg = C.parse_config(args, Config, PRESETS)
+    if args.plot_only:
+        recs = C.load_results(args.plot_only)
+        if recs and recs[0]["cell"].get("config"):
+            cfg = Config(**recs[0]["cell"]["config"])  # plot with the config the results came from
+        return report(recs, cfg, Path(args.plot_only))
+    device, dtype, jobs, shard, out = C.setup_run(args, "vanishing_variance")
+    th = theory(cfg.test_lengths)
+    print("theory: log-log slope of the attention-output std vs N: " +
+          ", ".join(f"{k} {slope(x, y):+.3f}" for k, (x, y) in th.items()))
+    ex = sample_argmax(np.random.default_rng(0), 1, 4, cfg.n_classes)
+    print(f"argmax example (N=4): {decode(ex, 0, cfg.n_classes)}")
+    ex = sample_lookup(np.random.default_rng(0), 1, 4, cfg.n_classes, n_keys(cfg))
+    print(f"lookup example (N=4): {decode(ex, 0, cfg.n_classes)}")
+    cells = C.make_cells(cfg, device, sweep_fields=("seeds", "variants", "tasks"), task=cfg.tasks,
+                         variant=cfg.variants, seed=range(cfg.seeds))
+    for c in cells:
+        c["compile"] = args.compile
+    records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
+    C.write_results(out, records, C.dataclasses.asdict(cfg), C.environment(device, dtype))
+    report(records, cfg, out)
+
+
+if __name__ == "__main__":
+    C.cli_main(main)
