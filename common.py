@@ -666,8 +666,8 @@ def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, 
         line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label} (n={n.min()})")
         lo, hi = (np.maximum(m - s, m * 0.05), m + s) if logy else (m - s, m + s)
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
-    for x, y, label in extra:
-        ax.plot(x, y, "k:", lw=1.5, label=label)
+    for (x, y, label), ls in zip(extra, [":", "-.", (0, (1, 4)), (0, (3, 1, 1, 1))]):
+        ax.plot(x, y, color="k", ls=ls, lw=1.2, label=label)
     ax.axvline(train_len, color="gray", ls="--", lw=1, label=f"max train length {train_len}")
     if chance is not None:
         ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")

@@ -195,8 +195,10 @@ def run_cell(cell):
     torch.manual_seed(seed)  # init seed; data seed below; the test set has its own fixed seed
     model = build_model(task, variant, cfg)
     sample = sampler(task, cfg)
+    in_dist = lambda m: {f"accuracy@{cfg.train_len}": C.evaluate_by_length(m, sample, [cfg.train_len], 256,
+                                                                          device)[0]["accuracy"]}
     result = C.train(model, lambda rng, b: sample(rng, b, cfg.train_len), cfg, device, data_seed=10_000 + seed,
-                     compile=cell.get("compile", False), progress=C.is_main_process(),
+                     eval_fn=in_dist, compile=cell.get("compile", False), progress=C.is_main_process(),
                      desc=f"{task}/{variant}/seed{seed}")
     if result["diverged"]:
         return {"status": "diverged", "train": result, "rows": []}
@@ -204,9 +206,20 @@ def run_cell(cell):
                                                 extra=target_mass, keep=cfg.keep_lengths)
     out = {"train": result, "rows": [{"table": "accuracy", **r} for r in rows] +
                                     [{"table": "probe", **r} for r in probes]}
+    out["mistakes"] = mistakes(model, sample, max(cfg.test_lengths), device, cfg.n_classes)
     if seed == 0:  # component 0 of the raw outputs, for the distribution figure (kept small)
         out["kept"] = {f"{L}/{layer}/{w}": np.round(v[:, 0], 6).tolist() for (L, layer, w), v in kept.items()}
     return out
+
+
+@torch.no_grad()
+def mistakes(model, sample, length, device, n_classes, k=3):
+    """A few decoded test examples the model gets wrong at `length` (shown in the summary)."""
+    b = C.to_device(next(C.eval_batches(sample, length, 32)), device)
+    logits, _ = model(b["idx"], at=b["at"])
+    pred = logits[:, 0].argmax(-1)
+    wrong = (pred != b["targets"][:, 0]).nonzero()[:k, 0].tolist()
+    return [f"N={length}: {decode(b, i, n_classes)}, model said {int(pred[i])}" for i in wrong]
 
 
 # ---------------------------------------------------------------------------------------- theory
@@ -366,6 +379,9 @@ def report(records, cfg, out):
                        "no (worse)" if worse and not better else "no")
             verdicts[task, v] = (verdict, better, worse)
             say(f"  significantly better than none at N = {better or 'none'}; worse at N = {worse or 'none'}")
+    for rec in records[:1] + [r for r in records if r["cell"].get("task") != records[0]["cell"].get("task")][:1]:
+        for m in rec.get("mistakes", []):
+            say(f"mistake ({rec['cell'].get('task')}/{rec['cell'].get('variant')}/seed {rec['cell'].get('seed')}): {m}")
     say(f"\npaper's claim: {CLAIM}")
     say(f"{'task':<8} {'variant':<12} reproduced?")
     for (task, v), (verdict, better, worse) in verdicts.items():

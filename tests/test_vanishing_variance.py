@@ -1,0 +1,96 @@
+"""vanishing_variance.py: task oracles, distinctness up to the largest test length, the theory,
+and the smoke preset end to end (files, figures, --plot-only)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vanishing_variance as VV
+
+NC = VV.Config().n_classes
+
+
+def split(batch):
+    ids = batch["idx"].numpy()
+    return ids // (NC + 1), ids % (NC + 1)  # (a, b) per token
+
+
+@pytest.mark.parametrize("length", [1, 16, 2048])
+def test_argmax_oracle(length):
+    batch = VV.sample_argmax(np.random.default_rng(length), 64, length, NC)
+    a, b = split(batch)
+    assert batch["idx"].shape == (64, length + 1) and (batch["at"][:, 0] == length).all()
+    assert (b[:, -1] == NC).all() and (b[:, :-1] < NC).all()  # the query is last, items are items
+    best = a[:, :-1].argmax(1)
+    assert (batch["targets"][:, 0].numpy() == b[np.arange(64), best]).all()
+    assert (batch["item"].numpy() == best).all()
+    assert all(len(set(row)) == length for row in a[:, :-1])  # distinct priorities
+
+
+@pytest.mark.parametrize("length", [1, 16, 2048])
+def test_lookup_oracle(length):
+    batch = VV.sample_lookup(np.random.default_rng(length), 64, length, NC, n_keys=4 * 2048)
+    a, b = split(batch)
+    for i in range(64):
+        keys, query = list(a[i, :-1]), a[i, -1]
+        assert len(set(keys)) == length and keys.count(query) == 1  # distinct keys, query among them
+        j = keys.index(query)
+        assert batch["targets"][i, 0] == b[i, j] and batch["item"][i] == j
+    assert (b[:, -1] == NC).all()
+
+
+def test_keys_and_priorities_stay_distinct_at_paper_lengths():
+    cfg = VV.Config(test_lengths=(16, 16384))
+    assert VV.n_keys(cfg) >= 4 * 16384
+    look = VV.sample_lookup(np.random.default_rng(0), 4, 16384, NC, VV.n_keys(cfg))
+    arg = VV.sample_argmax(np.random.default_rng(0), 4, 16384, NC)
+    for batch in (look, arg):
+        a, _ = split(batch)
+        assert all(len(np.unique(row)) == 16384 for row in a[:, :-1])
+
+
+def test_item_embedding_is_a_sum_of_parts():
+    emb = VV.ItemEmbedding("lookup", 16, NC, 100)
+    ids = torch.tensor([[3 * (NC + 1) + 5, 3 * (NC + 1) + NC]])
+    out = emb(ids)
+    assert torch.allclose(out[0, 0] - out[0, 1], emb.B.weight[5] - emb.B.weight[NC])
+
+
+def test_theory_slopes():
+    th = VV.theory([16, 64, 256, 1024])
+    uniform = th["uniform: sigma/sqrt(N)"]
+    assert abs(VV.slope(*uniform) + 0.5) < 1e-9
+    soft = [VV.slope(x, y) for label, (x, y) in th.items() if label.startswith("softmax")]
+    assert all(-0.55 < s < -0.05 for s in soft), soft  # a fixed query: the std still vanishes,
+    assert soft[0] < soft[1]                           # more slowly for sharper attention (beta 1 vs 3)
+
+
+def test_smoke_preset_end_to_end(tmp_path):
+    cmd = [sys.executable, str(Path(VV.__file__)), "--preset", "smoke", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "paper's claim" in p.stdout and "reproduced?" in p.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    acc = [r for r in res["rows"] if r["table"] == "accuracy"]
+    assert len(acc) == 2 * 3 * 2 * 3  # tasks x variants x seeds x lengths
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["target_mass"] <= 1 for r in acc)
+    probes = [r for r in res["rows"] if r["table"] == "probe"]
+    assert {r["where"] for r in probes} == {"pre", "post"} and all(r["comp_std"] > 0 for r in probes)
+    std = [r for r in probes if r["task"] == "lookup" and r["variant"] == "none" and r["where"] == "pre"]
+    by_len = {}
+    for r in std:
+        by_len.setdefault(r["length"], []).append(r["comp_std"])
+    assert np.mean(by_len[256]) < np.mean(by_len[16])  # the variance vanishes with N
+    figs = ["accuracy.png", "variance.png", "shift.png", "distributions.png", "why.png"]
+    for f in figs:
+        assert (tmp_path / f).stat().st_size > 10_000, f
+        (tmp_path / f).unlink()
+    assert "reproduced?" in (tmp_path / "summary.txt").read_text()
+    p = subprocess.run([sys.executable, str(Path(VV.__file__)), "--plot-only", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert all((tmp_path / f).exists() for f in figs)
