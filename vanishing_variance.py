@@ -33,7 +33,7 @@ Tasks (order-invariant; the model has no positional encoding). Every input token
 Token id = a * (n_classes + 1) + b.
 
 Commands and measured run times (2-core CPU, this repository's machine):
-  python vanishing_variance.py                          # quick: RUNTIME_QUICK
+  python vanishing_variance.py                          # quick: ~10 min on 2 CPU cores (sweep measured: 590 s)
   python vanishing_variance.py --preset smoke           # seconds: what the tests run
   python vanishing_variance.py --device cuda --preset paper   # N to 16384, 5 seeds (not yet run on a GPU)
   python vanishing_variance.py --n-layer 1 --mlp false  # another architecture (see README)
@@ -299,11 +299,12 @@ def report(records, cfg, out):
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     slopes = {}
     for j, task in enumerate(tasks):
-        p = [r for r in C.select(probe, task=task) if r["where"] == "pre" or r["variant"] != "none"]
+        p = [{**r, "series": f"{r['variant']}, {'before' if r['where'] == 'pre' else 'after'} norm, layer {r['layer']}"}
+             for r in C.select(probe, task=task) if r["where"] == "pre" or r["variant"] != "none"]
         base = C.mean_std_by(C.select(p, variant="none", where="pre", layer=0), "length", "comp_std", "variant")
         scale = base["none"][1][0] if base else 1.0
         extra = [(x, y / y[0] * scale, f"theory: {k} (scaled to none at N={lengths[0]})") for k, (x, y) in th.items()]
-        C.plot_vs_length(p, "comp_std", None, cfg.train_len, group=("variant", "where", "layer"), logy=True,
+        C.plot_vs_length(p, "comp_std", None, cfg.train_len, group="series", logy=True,
                          ax=axes[0, j], extra=extra, ylabel="std of an attention-output component across samples",
                          title=f"{task}: attention-output std vs N (log-log)")
         for key, (xs, m, _, _) in C.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
