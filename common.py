@@ -261,7 +261,7 @@ class TrainConfig:
     min_lr_frac: float = arg(0.1, "cosine decays to lr * min_lr_frac", min=0)
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices", min=0)
     grad_clip: float = arg(1.0, "clip the global grad norm (0 = off)", min=0)
-    eval_every: int = arg(0, "print a one-line eval every N steps (0 = off)", min=0)
+    eval_every: int = arg(0, "print a one-line eval every N steps (0 = off; shown with --jobs 1)", min=0)
     eval_examples: int = arg(1000, "test examples per length", min=1)
 
 

@@ -316,7 +316,8 @@ def report(records, cfg, out):
     # Fig. 3: per-vector mean and variance, none vs layernorm
     fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
-        p = [r for r in C.select(probe, task=task, layer=0) if r["variant"] in ("none", "layernorm")]
+        p = [r for r in C.select(probe, task=task, layer=0)  # for none, 'post' is 'pre' again
+             if (r["variant"], r["where"]) in (("none", "pre"), ("layernorm", "pre"), ("layernorm", "post"))]
         C.plot_vs_length(p, "vec_mean", None, cfg.train_len, group=("variant", "where"), ax=axes[0, j],
                          title=f"{task}: per-vector mean of the attention output (layer 0)")
         C.plot_vs_length(p, "vec_var", None, cfg.train_len, group=("variant", "where"), ax=axes[1, j], logy=True,
@@ -376,8 +377,9 @@ def report(records, cfg, out):
             say(f"  {v} − none, paired over seeds (95% CI): " +
                 ", ".join(f"N={r['length']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for r in d))
             ood = [r for r in d if r["length"] > cfg.train_len]
-            verdict = ("yes" if ood and len(better) == len(ood) else "only at some lengths" if better else
-                       "no (worse)" if worse and not better else "no")
+            verdict = ("yes" if ood and len(better) == len(ood) else
+                       f"only at N = {better}" + (f", worse at N = {worse}" if worse else "") if better else
+                       f"no (worse at N = {worse})" if worse else "no (no significant difference)")
             verdicts[task, v] = (verdict, better, worse)
             say(f"  significantly better than none at N = {better or 'none'}; worse at N = {worse or 'none'}")
     for rec in records[:1] + [r for r in records if r["cell"].get("task") != records[0]["cell"].get("task")][:1]:
