@@ -479,6 +479,8 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
         with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(1,)) as pool:
             for _ in pool.imap_unordered(_Runner(run_cell, cell_dir), todo):
                 bar.update()
+            pool.close()
+            pool.join()
     bar.close()
     return load_cells(out_dir, keys=[cell_key(c) for c in cells])
 
