@@ -647,7 +647,8 @@ def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
 # 6. Plots
 # =============================================================================================
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -659,7 +660,7 @@ def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, 
     """metric vs test length (log2 x), one line per group with a mean ± std band over seeds, a
     dashed line at the largest training length, an optional chance line and extra (x, y, label)
     curves (e.g. theory). Saves to path unless an axis is given."""
-    plt = _plt()
+    plt = pyplot()
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -689,7 +690,7 @@ def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, 
 
 def plot_attention_maps(maps, path, titles, suptitle="", train_len=None):
     """Heatmaps of 2-D attention maps (queries x keys), one panel each; a dashed line at train_len."""
-    plt = _plt()
+    plt = pyplot()
     cols = min(4, len(maps))
     rows = math.ceil(len(maps) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)

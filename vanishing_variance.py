@@ -45,7 +45,7 @@ of Fig. 1 is out of scope (no model downloads here), our Fig. 1 quantity comes f
 models and the theory curves.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +259,7 @@ CLAIM = "LayerNorm after attention gives significantly better length generalizat
 
 def report(records, cfg, out):
     """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
-    plt = C._plt()
+    plt = C.pyplot()
     out = Path(out)
     rows = [r for rec in records for r in rec["rows"]]
     acc, probe = C.select(rows, table="accuracy"), C.select(rows, table="probe")
@@ -415,7 +415,7 @@ def main():
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, C.dataclasses.asdict(cfg), C.environment(device, dtype))
+    C.write_results(out, records, asdict(cfg), C.environment(device, dtype))
     report(records, cfg, out)
 
 

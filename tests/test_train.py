@@ -30,7 +30,7 @@ def test_tiny_model_learns_copy_last_token():
 
 
 def test_same_seed_same_model_different_seed_different_model():
-    (a, ra), (b, rb), (c, rc) = fit(1, 40), fit(1, 40), fit(2, 40)
+    (a, ra), (b, rb), (c, _) = fit(1, 40), fit(1, 40), fit(2, 40)
     assert ra["loss_curve"] == rb["loss_curve"]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
