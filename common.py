@@ -96,10 +96,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)      # W_O
 
-    def forward(self, x, pos, manual=False, probe_at=None):
-        """x (B, T, C), pos (B, T). Returns y (B, T, C), and attention weights:
-        manual=True -> the full maps (B, nh, T, T); probe_at (B, P) -> the rows of the queries at
-        those positions (B, nh, P, T), computed in memory linear in T; otherwise None."""
+    def forward(self, x, pos, manual=False, at=None, only_at=False):
+        """x (B, T, C), pos (B, T). Returns y and attention weights:
+          manual=True   y (B, T, C) and the full maps (B, nh, T, T) (O(T^2) memory);
+          only_at=True  y (B, P, C) for the queries at positions `at` (B, P) only, and their rows
+                        (B, nh, P, T): what the last block needs when only the answers are read;
+          otherwise     y (B, T, C) from the fused kernel, and the rows of the queries at `at`
+                        (B, nh, P, T) if `at` is given (probes), else None. Memory linear in T."""
         B, T, C = x.shape
         nh, hs = self.cfg.n_head, C // self.cfg.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -109,20 +112,22 @@ class CausalSelfAttention(nn.Module):
         if self.cfg.pos == "rope":
             q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
         att = None
-        if manual:  # explicit softmax(QK^T / sqrt(hs)) V, O(T^2) memory
+        if manual:  # explicit softmax(QK^T / sqrt(hs)) V
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
             future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
             att = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
             y = att.to(v.dtype) @ v  # (B, nh, T, hs)
-        else:       # fused kernel (flash / memory-efficient), O(T) memory
+        elif not only_at:  # fused kernel (flash / memory-efficient)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-            if probe_at is not None:
-                P = probe_at.size(1)
-                qa = q.gather(2, probe_at[:, None, :, None].expand(B, nh, P, hs))  # (B, nh, P, hs)
-                scores = (qa @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, P, T)
-                future = torch.arange(T, device=x.device) > probe_at[:, None, :, None]  # (B, 1, P, T)
-                att = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        if at is not None and not manual:  # the rows of the queries at `at` only: O(P T)
+            P = at.size(1)
+            qa = q.gather(2, at[:, None, :, None].expand(B, nh, P, hs))  # (B, nh, P, hs)
+            scores = (qa @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, P, T)
+            future = torch.arange(T, device=x.device) > at[:, None, :, None]  # (B, 1, P, T)
+            att = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
+            if only_at:
+                y = att.to(v.dtype) @ v  # (B, nh, P, hs)
+        y = y.transpose(1, 2).contiguous().view(B, y.size(2), C)  # (B, T or P, C): heads side by side
         return self.c_proj(y), att
 
 
@@ -149,18 +154,19 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.mlp else None
         self.mlp = MLP(cfg) if cfg.mlp else None
 
-    def forward(self, x, pos, manual=False, probe_at=None):
-        a, att = self.attn(self.ln_1(x), pos, manual, probe_at)  # a: attention output after W_O
+    def forward(self, x, pos, manual=False, at=None, only_at=False):
+        """See CausalSelfAttention. With only_at the block's output is (B, P, C), at `at` only.
+        The record holds the attention output at `at` before ('pre') and after ('post') the extra
+        norm, and the attention weights."""
+        a, att = self.attn(self.ln_1(x), pos, manual, at, only_at)  # a: attention output after W_O
         n = self.attn_out_norm(a)
-        x = x + n
+        gather = lambda t: t.gather(1, at[:, :, None].expand(-1, -1, t.size(-1)))  # (B, T, C) -> (B, P, C)
+        x = (gather(x) if only_at else x) + n
         if self.mlp is not None:
             x = x + self.mlp(self.ln_2(x))
-        rec = None
-        if probe_at is not None:
-            idx = probe_at[:, :, None].expand(-1, -1, a.size(-1))  # (B, P, C)
-            rec = {"pre": a.gather(1, idx).float(), "post": n.gather(1, idx).float(), "attn": att}
-        elif manual:
-            rec = {"attn": att}
+        rec = {"attn": att}
+        if at is not None and not manual:
+            rec.update(pre=(a if only_at else gather(a)).float(), post=(n if only_at else gather(n)).float())
         return x, rec
 
 
@@ -193,7 +199,11 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def _trunk(self, idx, position_ids, manual=False, probe_at=None):
+    def _trunk(self, idx, position_ids, manual=False, at=None, probe=False):
+        """Final hidden states, (B, T, C), or (B, P, C) at `at` if given, and a record per layer.
+        When only the positions `at` are read, the last block runs for those queries alone (its
+        keys and values still come from every position): O(P T) attention there, and its MLP on
+        P positions. With probe=True every layer records the attention output and rows at `at`."""
         B, T = idx.shape
         if self.wpe is not None:  # an id past the table would index out of range: say so plainly
             top = T - 1 if position_ids is None or torch.compiler.is_compiling() else int(position_ids.max())
@@ -205,17 +215,18 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
         recs = []
-        for block in self.blocks:
-            x, rec = block(x, position_ids, manual, probe_at)
+        for i, block in enumerate(self.blocks):
+            only_at = at is not None and not manual and i == len(self.blocks) - 1
+            x, rec = block(x, position_ids, manual, at if (probe or only_at) else None, only_at)
             recs.append(rec)
+        if at is not None and manual:
+            x = x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, P, C)
         return self.ln_f(x), recs
 
     def forward(self, idx, targets=None, position_ids=None, at=None, manual=False):
         """idx (B, T) -> (logits, loss). With at (B, P), logits only at those positions: (B, P, V)
         and targets (B, P); otherwise logits (B, T, V) and targets (B, T). Targets < 0 are ignored."""
-        x, _ = self._trunk(idx, position_ids, manual)
-        if at is not None:
-            x = x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, P, C)
+        x, _ = self._trunk(idx, position_ids, manual, at)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -228,8 +239,7 @@ class GPT(nn.Module):
         """Logits at `at` (B, P, V) and, per layer, a dict with the attention output at `at` before
         ('pre') and after ('post') the extra norm, (B, P, C), and the attention rows of those
         queries ('attn', (B, nh, P, T)). Runs the fast path: memory stays linear in T."""
-        x, recs = self._trunk(idx, position_ids, probe_at=at)
-        x = x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, P, C)
+        x, recs = self._trunk(idx, position_ids, at=at, probe=True)
         return self.lm_head(x), recs
 
     @torch.no_grad()

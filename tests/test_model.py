@@ -44,6 +44,32 @@ def test_fast_path_equals_manual_path(pos, norm):
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
+@pytest.mark.parametrize("pos,norm", ALL)
+def test_answer_positions_only_path_equals_full_forward_and_does_not_leak(pos, norm):
+    """With `at`, the last block runs for the answer queries alone; it must agree with the full
+    forward, in the logits and in the gradients, and never see tokens after `at`."""
+    m = tiny(pos, norm)
+    idx = torch.randint(0, 20, (3, 14), generator=torch.Generator().manual_seed(2))
+    at = torch.tensor([[4, 13], [0, 7], [9, 9]])
+    rows = torch.arange(3)[:, None]
+    full, _ = m(idx)
+    part, _ = m(idx, at=at)
+    assert torch.allclose(part, full[rows, at], atol=1e-5)
+    assert torch.allclose(m.probe(idx, at)[0], part, atol=1e-6)
+    targets = torch.tensor([[1, 2], [3, -1]])  # examples 0 and 1: distinct answer positions
+    dense = targets.new_full((2, 14), -1).scatter(1, at[:2], targets)  # the same labels, (B, T)
+    grads = []
+    for kw in (dict(targets=targets, at=at[:2]), dict(targets=dense)):
+        m.zero_grad()
+        m(idx[:2], **kw)[1].backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    later = idx.clone()
+    later[0, 5:] = (later[0, 5:] + 1) % 20  # tokens after position 4 change
+    assert torch.allclose(m(later, at=at)[0][0, 0], part[0, 0], atol=1e-6)
+    assert not torch.allclose(m(later, at=at)[0][0, 1], part[0, 1], atol=1e-6)
+
+
 def test_default_position_ids_equal_explicit_arange():
     idx = torch.randint(0, 20, (2, 10))
     ids = torch.arange(10).expand(2, 10)
