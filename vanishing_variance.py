@@ -33,13 +33,15 @@ Tasks (order-invariant; the model has no positional encoding). Every input token
 Token id = a * (n_classes + 1) + b.
 
 Commands and measured run times (2-core CPU, this repository's machine):
-  python vanishing_variance.py                          # quick: ~10 min on 2 CPU cores (sweep measured: 590 s)
-  python vanishing_variance.py --preset smoke           # seconds: what the tests run
+  python vanishing_variance.py                          # quick: ~11.5 min on 2 CPU cores (sweep: 682 s)
+  python vanishing_variance.py --preset smoke           # ~15 s: what the tests run
   python vanishing_variance.py --device cuda --preset paper   # N to 16384, 5 seeds (not yet run on a GPU)
-  python vanishing_variance.py --n-layer 1 --mlp false  # another architecture (see README)
+  python vanishing_variance.py --n-layer 1              # one block: 205 s (sweep)
+  python vanishing_variance.py --n-layer 1 --mlp false  # one attention-only block (see README)
 
 Deviations from the paper: the paper's body gives few architecture details, so we train small
-NoPE models from scratch (1 pre-LN block, d = 64, 4 heads by default); the argmax encoding follows
+NoPE models from scratch (2 pre-LN blocks, d = 64, 4 heads by default: of the architectures we
+tried, the one where the claim shows most; see README); the argmax encoding follows
 Velickovic et al.'s max-retrieval setup with our own priority embedding; the Llama-3.2-1B measurement
 of Fig. 1 is out of scope (no model downloads here), our Fig. 1 quantity comes from the trained
 models and the theory curves.
@@ -144,7 +146,7 @@ class ItemEmbedding(nn.Module):
 class Config(C.TrainConfig):
     tasks: tuple = C.arg(TASKS, "tasks to run", choices=TASKS)
     variants: tuple = C.arg(C.ATTN_OUT_NORMS, "norms on the attention output to compare", choices=C.ATTN_OUT_NORMS)
-    n_layer: int = C.arg(1, "transformer blocks", min=1)
+    n_layer: int = C.arg(2, "transformer blocks", min=1)
     mlp: bool = C.arg(True, "an MLP in each block (false: attention-only blocks)")
     n_head: int = C.arg(4, "attention heads", min=1)
     n_embd: int = C.arg(64, "model width", min=1)
@@ -294,21 +296,23 @@ def report(records, cfg, out):
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
 
-    # Fig. 1: per-component std vs N, with theory
+    # Fig. 1: per-component std vs N, with theory; one row per layer
     th = theory(lengths)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    layers = sorted({r["layer"] for r in probe}) or [0]
+    fig, axes = plt.subplots(len(layers), len(tasks), figsize=(6 * len(tasks), 4.5 * len(layers)), squeeze=False)
     slopes = {}
     for j, task in enumerate(tasks):
-        p = [{**r, "series": f"{r['variant']}, {'before' if r['where'] == 'pre' else 'after'} norm, layer {r['layer']}"}
-             for r in C.select(probe, task=task) if r["where"] == "pre" or r["variant"] != "none"]
-        base = C.mean_std_by(C.select(p, variant="none", where="pre", layer=0), "length", "comp_std", "variant")
-        scale = base["none"][1][0] if base else 1.0
-        extra = [(x, y / y[0] * scale, f"theory: {k} (scaled to none at N={lengths[0]})") for k, (x, y) in th.items()]
-        C.plot_vs_length(p, "comp_std", None, cfg.train_len, group="series", logy=True,
-                         ax=axes[0, j], extra=extra, ylabel="std of an attention-output component across samples",
-                         title=f"{task}: attention-output std vs N (log-log)")
-        for key, (xs, m, _, _) in C.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
-            slopes[(task,) + key] = (slope(xs, m), m[-1] / m[0])
+        for i, layer in enumerate(layers):
+            p = [{**r, "series": f"{r['variant']}, {'before' if r['where'] == 'pre' else 'after'} norm"}
+                 for r in C.select(probe, task=task, layer=layer) if r["where"] == "pre" or r["variant"] != "none"]
+            base = C.mean_std_by(C.select(p, variant="none", where="pre"), "length", "comp_std", "variant")
+            scale = base["none"][1][0] if base else 1.0
+            extra = [(x, y / y[0] * scale, f"theory: {k}") for k, (x, y) in th.items()]
+            C.plot_vs_length(p, "comp_std", None, cfg.train_len, group="series", logy=True, ax=axes[i, j],
+                             extra=extra, ylabel="std of a component across samples",
+                             title=f"{task}, layer {layer}: attention-output std vs N (theory scaled to none at N={lengths[0]})")
+            for key, (xs, m, _, _) in C.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
+                slopes[(task,) + key] = (slope(xs, m), m[-1] / m[0])
     fig.tight_layout()
     fig.savefig(out / "variance.png", dpi=110)
     plt.close(fig)
