@@ -740,22 +740,25 @@ def make_parser(description, config_cls, presets):
                    help="smoke: seconds (tests); quick: minutes on a laptop CPU; paper: paper scale, for a GPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--out", default=None, help="output directory (default: out/<script>/<preset>)")
+    p.add_argument("--out", default="out/<script>/<preset>", help="output directory")
     p.add_argument("--jobs", type=int, default=0,
                    help="cells run in parallel processes (0 = one per CPU core on CPU, 1 on a GPU)")
     p.add_argument("--shard", default="0/1", help="I/N: run only cells i with i %% N == I (cluster job arrays)")
     p.add_argument("--fresh", action="store_true", help="recompute cells that already have results")
     p.add_argument("--plot-only", metavar="DIR", default=None, help="redraw figures and summary from DIR; no training")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (never the eval)")
-    g = p.add_argument_group("experiment config (defaults come from --preset; shown: the class default)")
+    g = p.add_argument_group("experiment config (the default in brackets, then what each preset sets)")
     for f in fields(config_cls):
         d = getattr(config_cls(), f.name)
         kind = type(d) if not isinstance(d, (list, tuple)) else tuple
         elem = type(d[0]) if kind is tuple and d else str
-        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=kind.__name__.upper()
-                       if kind is not tuple else "A,B,...", type=lambda s, k=kind, e=elem: _parse_value(k, e, s),
-                       help=f.metadata.get("help", "") + (f" {{{','.join(f.metadata['choices'])}}}"
-                                                         if "choices" in f.metadata else "") + f" [{d}]")
+        fmt = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        shown = "; ".join([fmt(d)] + [f"{name}: {fmt(v[f.name])}" for name, v in presets.items() if f.name in v])
+        choices = f" {{{','.join(f.metadata['choices'])}}}" if "choices" in f.metadata else ""
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       metavar=kind.__name__.upper() if kind is not tuple else "A,B,...",
+                       type=lambda s, k=kind, e=elem: _parse_value(k, e, s),
+                       help=f.metadata.get("help", "") + choices + f" [{shown}]".replace("%", "%%"))
     return p
 
 
@@ -814,7 +817,7 @@ def setup_run(args, script):
     # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (see
     # bench.py); with several jobs each worker process is single-threaded anyway.
     torch.set_num_threads(1)
-    out = Path(args.out or Path("out") / script / args.preset)
+    out = Path(args.out.replace("<script>", script).replace("<preset>", args.preset))
     return device, dtype, jobs, parse_shard(args.shard), out
 
 
