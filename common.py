@@ -600,9 +600,10 @@ def mean_std_by(rows, x, y, group):
     return out
 
 
-def summarize(records, metric, train_len, group="variant", claim=None):
-    """Print per group: in-distribution (length <= train_len) and out-of-distribution mean ± std over
-    seeds (each seed first averaged over its lengths), and how many seeds diverged. Returns the table."""
+def summarize(records, metric, train_len, group="variant", say=print):
+    """Print (with `say`) per group: in-distribution (length <= train_len) and out-of-distribution
+    mean ± std over seeds (each seed first averaged over its lengths), and how many seeds diverged.
+    Returns the table."""
     table = {}
     runs = defaultdict(lambda: {"id": [], "ood": [], "diverged": 0})
     for rec in records:
@@ -617,8 +618,8 @@ def summarize(records, metric, train_len, group="variant", claim=None):
             sel = [v for L, v in vals if keep(L)]
             if sel:
                 runs[g][part].append(float(np.mean(sel)))
-    print(f"\n{metric}: in-distribution (length <= {train_len}) vs out-of-distribution, mean ± std over seeds")
-    print(f"  {group:<16} {'ID':>15} {'OOD':>15}  seeds")
+    say(f"\n{metric}: in-distribution (length <= {train_len}) vs out-of-distribution, mean ± std over seeds")
+    say(f"  {group:<16} {'ID':>15} {'OOD':>15}  seeds")
     for g, r in runs.items():
         fmt = lambda v: f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a"
         table[g] = {"id_mean": float(np.mean(r["id"])) if r["id"] else None,
@@ -627,9 +628,7 @@ def summarize(records, metric, train_len, group="variant", claim=None):
                     "ood_std": float(np.std(r["ood"])) if r["ood"] else None,
                     "seeds": len(r["id"] or r["ood"]), "diverged": r["diverged"]}
         div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
-        print(f"  {str(g):<16} {fmt(r['id']):>15} {fmt(r['ood']):>15}  {len(r['id'] or r['ood'])}{div}")
-    if claim:
-        print(f"  paper's claim: {claim}")
+        say(f"  {str(g):<16} {fmt(r['id']):>15} {fmt(r['ood']):>15}  {len(r['id'] or r['ood'])}{div}")
     return table
 
 

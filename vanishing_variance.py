@@ -186,9 +186,12 @@ def build_model(task, variant, cfg):
 
 def target_mass(batch, logits, recs):
     """Attention of the query on the item that holds the answer (max over heads; mean over layers)."""
-    m = torch.stack([r["attn"][:, :, 0].gather(2, batch["item"][:, None, None].expand(-1, r["attn"].size(1), 1))[..., 0]
-                     .max(1).values for r in recs])  # (L, B)
-    return {"target_mass": m.mean(0)}
+    per_layer = []
+    for r in recs:
+        rows = r["attn"][:, :, 0]  # (B, nh, T): the query's attention
+        on_item = rows.gather(2, batch["item"][:, None, None].expand(-1, rows.size(1), 1))[..., 0]  # (B, nh)
+        per_layer.append(on_item.max(1).values)  # (B,)
+    return {"target_mass": torch.stack(per_layer).mean(0)}
 
 
 def run_cell(cell):
@@ -371,9 +374,7 @@ def report(records, cfg, out):
         recs = [{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records
                 if rec["cell"].get("task") == task]
         say(f"\n--- {task} ---")
-        table = C.summarize(recs, "accuracy", cfg.train_len)
-        lines.extend(f"  {g:<12} ID {t['id_mean']:.3f} ± {t['id_std']:.3f}   OOD {t['ood_mean']:.3f} ± {t['ood_std']:.3f}"
-                     f"   ({t['seeds']} seeds)" for g, t in table.items() if t["id_mean"] is not None)
+        table = C.summarize(recs, "accuracy", cfg.train_len, say=say)
         for v in [v for v in C.ATTN_OUT_NORMS if v != "none" and v in table]:
             d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
             better = [r["length"] for r in d if r["length"] > cfg.train_len and r["lo"] > 0]
