@@ -96,8 +96,11 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)      # W_O
 
-    def forward(self, x, pos, manual=False, at=None, only_at=False):
+    def forward(self, x, pos, manual=False, at=None, only_at=False, cache=None):
         """x (B, T, C), pos (B, T). Returns y and attention weights:
+          cache={...}   incremental decoding: the keys and values of x are appended to the cache (a
+                        dict per layer, empty at the start); x is the whole prompt when the cache is
+                        empty and one new token after that; y (B, T, C), no weights;
           manual=True   y (B, T, C) and the full maps (B, nh, T, T) (O(T^2) memory);
           only_at=True  y (B, P, C) for the queries at positions `at` (B, P) only, and their rows
                         (B, nh, P, T): what the last block needs when only the answers are read;
@@ -112,7 +115,13 @@ class CausalSelfAttention(nn.Module):
         if self.cfg.pos == "rope":
             q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
         att = None
-        if manual:  # explicit softmax(QK^T / sqrt(hs)) V
+        if cache is not None:  # incremental decoding: attend to every cached position and itself
+            check(not cache or T == 1, "after the prompt, decode one token at a time")
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nh, T_past + 1, hs)
+            cache["k"], cache["v"] = k, v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
+        elif manual:  # explicit softmax(QK^T / sqrt(hs)) V
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
             future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
             att = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
@@ -154,11 +163,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.mlp else None
         self.mlp = MLP(cfg) if cfg.mlp else None
 
-    def forward(self, x, pos, manual=False, at=None, only_at=False):
+    def forward(self, x, pos, manual=False, at=None, only_at=False, cache=None):
         """See CausalSelfAttention. With only_at the block's output is (B, P, C), at `at` only.
         The record holds the attention output at `at` before ('pre') and after ('post') the extra
         norm, and the attention weights."""
-        a, att = self.attn(self.ln_1(x), pos, manual, at, only_at)  # a: attention output after W_O
+        a, att = self.attn(self.ln_1(x), pos, manual, at, only_at, cache)  # a: attention output after W_O
         n = self.attn_out_norm(a)
         gather = lambda t: t.gather(1, at[:, :, None].expand(-1, -1, t.size(-1)))  # (B, T, C) -> (B, P, C)
         x = (gather(x) if only_at else x) + n
@@ -199,7 +208,7 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def _trunk(self, idx, position_ids, manual=False, at=None, probe=False):
+    def _trunk(self, idx, position_ids, manual=False, at=None, probe=False, caches=None):
         """Final hidden states, (B, T, C), or (B, P, C) at `at` if given, and a record per layer.
         When only the positions `at` are read, the last block runs for those queries alone (its
         keys and values still come from every position): O(P T) attention there, and its MLP on
@@ -217,7 +226,8 @@ class GPT(nn.Module):
         recs = []
         for i, block in enumerate(self.blocks):
             only_at = at is not None and not manual and i == len(self.blocks) - 1
-            x, rec = block(x, position_ids, manual, at if (probe or only_at) else None, only_at)
+            x, rec = block(x, position_ids, manual, at if (probe or only_at) else None, only_at,
+                           caches[i] if caches is not None else None)
             recs.append(rec)
         if at is not None and manual:
             x = x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, P, C)
@@ -241,6 +251,15 @@ class GPT(nn.Module):
         queries ('attn', (B, nh, P, T)). Runs the fast path: memory stays linear in T."""
         x, recs = self._trunk(idx, position_ids, at=at, probe=True)
         return self.lm_head(x), recs
+
+    @torch.no_grad()
+    def decode(self, idx, position_ids, caches):
+        """Incremental (greedy or sampled) decoding with a key/value cache. caches: one dict per
+        block, empty at the start ([{} for _ in model.blocks]). idx (B, T) is the prompt while the
+        caches are empty, then one new token (B, 1); position_ids (B, T) are its positions.
+        Returns the logits for the token after the last one, (B, V). Costs O(T) per token."""
+        x, _ = self._trunk(idx, position_ids, caches=caches)
+        return self.lm_head(x[:, -1])
 
     @torch.no_grad()
     def attention_maps(self, idx, position_ids=None):

@@ -1,0 +1,563 @@
+"""parity_random_access.py — parity, random access into the context, and mnemonic anchors.
+
+Reproduces Ebrahimi, Panchal & Memisevic, "Your Context Is Not an Array: Unveiling Random Access
+Limitations in Transformers", COLM 2024, arXiv 2408.05506. Their claims:
+  (1) length generalization on parity fails because the model cannot *index* into its context: a
+      scratchpad step that must fetch bit i finds it at a distance that grows with n;
+  (2) a format that removes the need to index (the bits interleaved with the running parities)
+      generalizes;
+  (3) random "mnemonic" anchor tokens before every bit, repeated before every scratchpad step, let
+      the model find bit i by content and generalize from 10-20 bits to 60; a unique key is what does
+      the work;
+  (4) attention maps show the "step i reads bit i" line hold inside the training length and break
+      beyond it; mnemonics also help multi-digit addition.
+
+Token ids: 0-9 digits (bits are 0 and 1), 10 '+', 11 '=', 12 '$' (end of answer), 13.. anchors.
+Every format is a function below whose docstring shows its 4-bit example; the loss is on the tokens
+the model must produce only. Parity formats, bits 1 0 1 1 (running parities 1 1 0 1), anchors as
+letters A B C D (fresh random anchor tokens per example):
+  none         1 0 1 1 = 1 $                          produced: the answer and '$'
+  scratchpad   1 0 1 1 = 1 1 0 1 $                    produced: p_1..p_n and '$'
+  interleaved  1 1 0 1 1 0 1 1                        b_1 p_1 b_2 p_2 ...: produced p_i (no '$': the
+                                                      input's end is the end)
+  mnemonic     A 1 B 0 C 1 D 1 = A 1 B 1 C 0 D 1 $    produced: p_i and '$'; anchors are given
+  constant     Z 1 Z 0 Z 1 Z 1 = Z 1 Z 1 Z 0 Z 1 $    one anchor everywhere (no unique key)
+  cyclic       A 1 B 0 A 1 B 1 = A 1 B 1 A 0 B 1 $    anchors repeat with period `cycle` (2 here)
+  misaligned   A 1 B 0 C 1 D 1 = E 1 F 1 G 0 H 1 $    scratchpad anchors are not the input's
+Addition, least-significant digit first, operands padded to d+1 digits; 47 + 85 = 132 (d = 2):
+  add            7 4 0 + 5 8 0 = 2 3 1 $
+  add-mnemonic   A 7 B 4 C 0 + A 5 B 8 C 0 = A 2 B 3 C 1 $   one anchor per digit position, shared
+
+Evaluation is greedy and autoregressive with a key/value cache: the tokens a format gives (input
+bits, '=', anchors) are fed from the example, every produced token is the model's own argmax. The
+model gets exactly as many positions as the gold answer; generation stops at its first '$', and
+whatever it would have said after that counts as wrong. Metrics per length: final-answer accuracy
+(p_n for parity, chance 0.5; the whole sum for addition), exact match of everything produced,
+early and late stops ('$' before its place / not at its place), and accuracy per step index.
+
+Commands and measured run times (2-core CPU):
+  python parity_random_access.py                       # quick: see README for the measured time
+  python parity_random_access.py --preset smoke        # seconds: what the tests run
+  python parity_random_access.py --device cuda --preset paper   # every format, ablations, addition
+
+Deviations: our models are small transformers trained from scratch; the paper's were most likely
+pretrained language models, fine-tuned. Training positions: see `positions` below and README.
+"""
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common as C
+
+PLUS, SEP, EOS, A0 = 10, 11, 12, 13
+NAMES = {PLUS: "+", SEP: "=", EOS: "$"}
+PARITY_FORMATS = ("none", "scratchpad", "interleaved", "mnemonic", "constant", "cyclic", "misaligned")
+ADD_FORMATS = ("add", "add-mnemonic")
+FORMATS = PARITY_FORMATS + ADD_FORMATS
+
+
+# ---------------------------------------------------------------------------------------- formats
+# Each returns tokens (B, T) and the layout shared by every row: `produced` (T,) marks the tokens the
+# model must produce, `inputs` (n,) the positions of the input bits / digits, `steps` (S,) those of
+# the produced scratchpad steps p_1..p_S (the answer digits for addition).
+
+def running_parity(bits):
+    return np.cumsum(bits, axis=1) % 2  # p_i = b_1 xor ... xor b_i
+
+
+def col(v, B):
+    return np.full((B, 1), v, dtype=np.int64)
+
+
+def fmt_none(bits):
+    """1 0 1 1 = 1 $  (bits, '=', the parity, '$')."""
+    B, n = bits.shape
+    tok = np.concatenate([bits, col(SEP, B), running_parity(bits)[:, -1:], col(EOS, B)], axis=1)
+    produced = np.r_[np.zeros(n + 1, bool), True, True]
+    return tok, produced, np.arange(n), np.array([n + 1])
+
+
+def fmt_scratchpad(bits):
+    """1 0 1 1 = 1 1 0 1 $  (bits, '=', running parities p_1..p_n, '$'): the step that writes p_i
+    needs bit i, which sits n + 1 positions back: an index that depends on n."""
+    B, n = bits.shape
+    tok = np.concatenate([bits, col(SEP, B), running_parity(bits), col(EOS, B)], axis=1)
+    produced = np.r_[np.zeros(n + 1, bool), np.ones(n + 1, bool)]
+    return tok, produced, np.arange(n), n + 1 + np.arange(n)
+
+
+def fmt_interleaved(bits):
+    """1 1 0 1 1 0 1 1  (b_1 p_1 b_2 p_2 ...): bit i is always the token just before p_i."""
+    B, n = bits.shape
+    tok = np.stack([bits, running_parity(bits)], axis=2).reshape(B, 2 * n)  # (B, n, 2) -> (B, 2n)
+    produced = np.tile([False, True], n)
+    return tok, produced, 2 * np.arange(n), 2 * np.arange(n) + 1
+
+
+def fmt_anchored(bits, a_in, a_out):
+    """A 1 B 0 C 1 D 1 = A 1 B 1 C 0 D 1 $ with a_in = a_out = A B C D: anchor a_in[i] before bit i,
+    anchor a_out[i] (given, not produced) before p_i. Every mnemonic variant is this layout."""
+    B, n = bits.shape
+    inp = np.stack([a_in, bits], axis=2).reshape(B, 2 * n)  # (B, n, 2) -> (B, 2n): a_1 b_1 a_2 b_2 ...
+    out = np.stack([a_out, running_parity(bits)], axis=2).reshape(B, 2 * n)  # a_1 p_1 a_2 p_2 ...
+    tok = np.concatenate([inp, col(SEP, B), out, col(EOS, B)], axis=1)
+    produced = np.r_[np.zeros(2 * n + 1, bool), np.tile([False, True], n), True]
+    return tok, produced, 2 * np.arange(n) + 1, 2 * n + 2 + 2 * np.arange(n)
+
+
+def distinct_anchors(rng, B, k, pool):
+    """(B, k) anchor token ids, distinct within a row, from a pool of `pool` anchors."""
+    C.check(k <= pool, f"{k} distinct anchors needed but the pool has {pool}; raise --anchors")
+    return A0 + np.argsort(rng.random((B, pool)), axis=1)[:, :k]
+
+
+def fmt_mnemonic(bits, rng, pool):
+    """A 1 B 0 C 1 D 1 = A 1 B 1 C 0 D 1 $  (fresh anchors, sampled without replacement per example)."""
+    a = distinct_anchors(rng, *bits.shape, pool)
+    return fmt_anchored(bits, a, a)
+
+
+def fmt_constant(bits, rng, pool):
+    """Z 1 Z 0 Z 1 Z 1 = Z 1 Z 1 Z 0 Z 1 $  (the first anchor token everywhere)."""
+    a = np.full(bits.shape, A0)
+    return fmt_anchored(bits, a, a)
+
+
+def fmt_cyclic(bits, rng, pool, cycle):
+    """A 1 B 0 A 1 B 1 = A 1 B 1 A 0 B 1 $ for cycle = 2: `cycle` fresh anchors, repeated."""
+    a = distinct_anchors(rng, bits.shape[0], cycle, pool)[:, np.arange(bits.shape[1]) % cycle]
+    return fmt_anchored(bits, a, a)
+
+
+def fmt_misaligned(bits, rng, pool):
+    """A 1 B 0 C 1 D 1 = E 1 F 1 G 0 H 1 $  (2n fresh anchors: the scratchpad's are not the input's)."""
+    n = bits.shape[1]
+    a = distinct_anchors(rng, bits.shape[0], 2 * n, pool)
+    return fmt_anchored(bits, a[:, :n], a[:, n:])
+
+
+def add_digits(x, y):
+    """Digits of x + y, least significant first; x, y (B, m) digits LSD first (top digit 0)."""
+    B, m = x.shape
+    s, carry = np.zeros((B, m), np.int64), np.zeros(B, np.int64)
+    for j in range(m):
+        t = x[:, j] + y[:, j] + carry
+        s[:, j], carry = t % 10, t // 10
+    return s
+
+
+def fmt_add(x, y):
+    """47 + 85 = 132:  7 4 0 + 5 8 0 = 2 3 1 $  (LSD first, operands padded to d+1 digits)."""
+    B, m = x.shape
+    tok = np.concatenate([x, col(PLUS, B), y, col(SEP, B), add_digits(x, y), col(EOS, B)], axis=1)
+    produced = np.r_[np.zeros(2 * m + 2, bool), np.ones(m + 1, bool)]
+    return tok, produced, np.arange(m), 2 * m + 2 + np.arange(m)
+
+
+def fmt_add_mnemonic(x, y, rng, pool):
+    """47 + 85 = 132:  A 7 B 4 C 0 + A 5 B 8 C 0 = A 2 B 3 C 1 $  (anchor j marks digit j everywhere)."""
+    B, m = x.shape
+    a = distinct_anchors(rng, B, m, pool)
+    pair = lambda d: np.stack([a, d], axis=2).reshape(B, 2 * m)  # (B, m, 2) -> (B, 2m): a_1 d_1 a_2 d_2 ...
+    tok = np.concatenate([pair(x), col(PLUS, B), pair(y), col(SEP, B), pair(add_digits(x, y)), col(EOS, B)], 1)
+    produced = np.r_[np.zeros(4 * m + 2, bool), np.tile([False, True], m), True]
+    return tok, produced, 2 * np.arange(m) + 1, 4 * m + 3 + 2 * np.arange(m)
+
+
+def sample_batch(rng, batch_size, n, fmt, pool=128, cycle=4):
+    """One batch of `fmt` with n bits (parity) or n-digit operands (addition). Returns
+      idx (B, T), at (B, P) the positions whose next token is produced, targets (B, P) those tokens,
+      inputs (n,) positions of the input bits / digits, steps (S,) positions of the step tokens."""
+    C.check(fmt in FORMATS, f"unknown format {fmt!r}; choose from {FORMATS}")
+    if fmt in ADD_FORMATS:
+        x, y = (np.concatenate([rng.integers(0, 10, (batch_size, n)), col(0, batch_size)], 1) for _ in range(2))
+        tok, produced, inputs, steps = fmt_add(x, y) if fmt == "add" else fmt_add_mnemonic(x, y, rng, pool)
+    else:
+        bits = rng.integers(0, 2, (batch_size, n))
+        if fmt in ("none", "scratchpad", "interleaved"):
+            tok, produced, inputs, steps = globals()[f"fmt_{fmt}"](bits)
+        elif fmt == "cyclic":
+            tok, produced, inputs, steps = fmt_cyclic(bits, rng, pool, cycle)
+        else:
+            tok, produced, inputs, steps = globals()[f"fmt_{fmt}"](bits, rng, pool)
+    at = np.flatnonzero(produced) - 1  # the model predicts token t + 1 at position t
+    return {"idx": torch.from_numpy(tok), "at": torch.from_numpy(np.tile(at, (batch_size, 1))),
+            "targets": torch.from_numpy(tok[:, at + 1]), "inputs": torch.from_numpy(inputs),
+            "steps": torch.from_numpy(steps)}
+
+
+def decode(ids):
+    """Token ids -> text, anchors as A0, A1, ... (their index in the pool)."""
+    return " ".join(NAMES.get(t, str(t)) if t < A0 else f"A{t - A0}" for t in ids if t >= 0)
+
+
+def seq_len(fmt, n):
+    return sample_batch(np.random.default_rng(0), 1, n, fmt, pool=4 * n + 4)["idx"].shape[1]
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def greedy(model, batch):
+    """Greedy autoregressive decoding with a key/value cache. Given tokens come from batch['idx'];
+    at every produced position the model's argmax is written and fed back. Returns the sequence
+    (B, T) with -1 at produced positions after the model's first '$' (it stopped there)."""
+    idx = batch["idx"]
+    B, T = idx.shape
+    pos = batch.get("position_ids", torch.arange(T, device=idx.device).expand(B, T))
+    produced = torch.zeros(T, dtype=torch.bool, device=idx.device)
+    produced[batch["at"][0] + 1] = True
+    seq, start = idx.clone(), int(batch["at"][0, 0]) + 1
+    caches = [{} for _ in model.blocks]
+    logits = model.decode(seq[:, :start], pos[:, :start], caches)  # the prompt, in one pass
+    for t in range(start, T):
+        if produced[t]:
+            seq[:, t] = logits.argmax(-1)
+        if t < T - 1:
+            logits = model.decode(seq[:, t:t + 1], pos[:, t:t + 1], caches)  # (B, V)
+    stop = torch.where(((seq == EOS) & produced).any(1), ((seq == EOS) & produced).float().argmax(1), T)  # (B,)
+    seq[(torch.arange(T, device=idx.device) > stop[:, None]) & produced] = -1
+    return seq
+
+
+def score(fmt):
+    """Per-example metrics of greedy generation, for evaluate_by_length."""
+    def fn(model, batch):
+        seq = greedy(model, batch)
+        gold = batch["idx"]
+        prod = batch["at"][0] + 1
+        right = seq[:, prod] == gold[:, prod]  # (B, P)
+        steps = seq[:, batch["steps"]] == gold[:, batch["steps"]]  # (B, S)
+        out = {"accuracy": steps.all(1) if fmt in ADD_FORMATS else steps[:, -1], "exact": right.all(1)}
+        if (gold[0, prod] == EOS).any():  # formats that end with '$'
+            end = int(prod[-1])
+            said = (seq == EOS) & (seq >= 0)
+            first = torch.where(said.any(1), said.float().argmax(1), gold.size(1))
+            out.update(stop_early=first < end, stop_late=first > end)
+        out.update({f"step{i}": steps[:, i] for i in range(steps.size(1))})
+        return out
+    return fn
+
+
+@torch.no_grad()
+def attention_on_bits(model, batch):
+    """Attention from the query that writes step i (the token before p_i) to the position of input
+    bit i, per layer and head: (L, nh, S) averaged over the batch, and the maps (L, nh, S, n) of
+    example 0 (rows: steps, columns: input bits). From the manual path on a teacher-forced batch."""
+    maps = model.attention_maps(batch["idx"], batch.get("position_ids"))  # L x (B, nh, T, T)
+    q, k = batch["steps"] - 1, batch["inputs"]
+    sub = torch.stack([m[:, :, q][:, :, :, k] for m in maps])  # (L, B, nh, S, n)
+    right = sub.diagonal(dim1=-2, dim2=-1)  # (L, B, nh, S): query of step i -> bit i
+    return right.mean(1), sub[:, 0]
+
+
+# ---------------------------------------------------------------------------------------- config
+
+@dataclass
+class Config(C.TrainConfig):
+    formats: tuple = C.arg(("scratchpad", "interleaved", "mnemonic"), "formats to train and compare", choices=FORMATS)
+    pos: tuple = C.arg(("rope",), "positional encodings to compare", choices=C.POS_ENCODINGS)
+    positions: str = C.arg("plain", "training position ids: plain (0..T-1), or random (a sorted random subset of "
+                                    "0..T_test-1 per example, Ruoss et al. 2023: every distance the test uses is "
+                                    "trained); tests always use plain", choices=("plain", "random"))
+    n_layer: int = C.arg(3, "transformer blocks", min=1)
+    n_head: int = C.arg(4, "attention heads", min=1)
+    n_embd: int = C.arg(64, "model width", min=1)
+    train_min: int = C.arg(10, "fewest bits in training (parity)", min=1)
+    train_max: int = C.arg(20, "most bits in training (parity)", min=1)
+    test_lengths: tuple = C.arg((10, 15, 20, 25, 30, 40, 50, 60), "bits n at test (parity)", min=1)
+    add_train_max: int = C.arg(10, "addition: operands of 1..add_train_max digits in training", min=1)
+    add_test_lengths: tuple = C.arg((5, 10, 15, 20, 30), "addition: operand digits at test", min=1)
+    anchors: int = C.arg(128, "anchor pool size (mnemonic formats); >= the largest n (2n for misaligned)", min=1)
+    cycle: int = C.arg(4, "period of the anchors in the cyclic format", min=1)
+    map_length: int = C.arg(40, "n of the examples whose attention maps are measured and drawn", min=1)
+    probe_examples: int = C.arg(256, "examples per length for the attention-output variance probe", min=2)
+
+
+PRESETS = {
+    "smoke": dict(seeds=2, steps=30, formats=("scratchpad", "mnemonic", "add-mnemonic"), eval_examples=32,
+                  test_lengths=(10, 20, 40), add_test_lengths=(5, 10, 15), probe_examples=16),
+    "quick": dict(seeds=3, steps=2000, lr=3e-3),
+    "paper": dict(seeds=5, steps=10000, lr=1e-3, formats=FORMATS, pos=("rope", "none"), anchors=256,
+                  test_lengths=(10, 15, 20, 25, 30, 40, 50, 60, 80, 100)),
+}
+
+
+def lengths_of(fmt, cfg):
+    """(train range, test lengths) of a format: bits for parity, operand digits for addition."""
+    if fmt in ADD_FORMATS:
+        return (1, cfg.add_train_max), cfg.add_test_lengths
+    return (cfg.train_min, cfg.train_max), cfg.test_lengths
+
+
+def validate(cfg):
+    C.check(cfg.train_min <= cfg.train_max, f"train_min={cfg.train_min} > train_max={cfg.train_max}")
+    C.check(cfg.map_length >= cfg.train_max, "map_length should reach past the training length")
+    need = {"mnemonic": max(cfg.test_lengths + (cfg.map_length,)), "cyclic": cfg.cycle,
+            "misaligned": 2 * max(cfg.test_lengths + (cfg.map_length,)), "add-mnemonic": max(cfg.add_test_lengths) + 1}
+    for fmt, k in need.items():
+        C.check(fmt not in cfg.formats or cfg.anchors >= k,
+                f"format {fmt} needs at least {k} anchors at these lengths; got --anchors {cfg.anchors}")
+
+
+def build_model(fmt, pos, cfg):
+    T = seq_len(fmt, max(lengths_of(fmt, cfg)[1] + (cfg.map_length,)))
+    return C.GPT(C.GPTConfig(vocab_size=A0 + cfg.anchors, block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, pos=pos))
+
+
+def train_sampler(fmt, cfg, max_pos):
+    """Training batches: n ~ U[lo, hi] per batch; with positions=random, sorted random position ids."""
+    (lo, hi), _ = lengths_of(fmt, cfg)
+
+    def sample(rng, B):
+        b = sample_batch(rng, B, int(rng.integers(lo, hi + 1)), fmt, cfg.anchors, cfg.cycle)
+        if cfg.positions == "random":
+            T = b["idx"].shape[1]
+            b["position_ids"] = torch.from_numpy(np.sort(np.argsort(rng.random((B, max_pos)), axis=1)[:, :T], axis=1))
+        return b
+    return sample
+
+
+def answer_only(batch):
+    """The batch with one scored position: the one that writes the last step (the final answer)."""
+    q = batch["steps"][-1:] - 1
+    return {**batch, "at": q.expand(batch["idx"].shape[0], 1), "targets": batch["idx"][:, q + 1]}
+
+
+# ---------------------------------------------------------------------------------------- one cell
+
+def run_cell(cell):
+    cfg, fmt, pos, seed = Config(**cell["config"]), cell["fmt"], cell["pos"], cell["seed"]
+    device = torch.device(cell["device"])
+    (lo, hi), lengths = lengths_of(fmt, cfg)
+    torch.manual_seed(seed)  # init seed; data seed below; test sets have their own fixed seed
+    model = build_model(fmt, pos, cfg)
+    test = lambda rng, b, n: sample_batch(rng, b, n, fmt, cfg.anchors, cfg.cycle)
+    in_dist = lambda m: {f"accuracy@{hi}": C.evaluate_by_length(m, test, [hi], 128, device, score(fmt))[0]["accuracy"]}
+    result = C.train(model, train_sampler(fmt, cfg, model.cfg.block_size), cfg, device, data_seed=10_000 + seed,
+                     eval_fn=in_dist, compile=cell.get("compile", False), progress=C.is_main_process(),
+                     desc=f"{fmt}/{pos}/seed{seed}")
+    if result["diverged"]:
+        return {"status": "diverged", "train": result, "rows": []}
+    rows = []
+    for r in C.evaluate_by_length(model, test, lengths, cfg.eval_examples, device, score(fmt), tokens_per_batch=2**15):
+        steps = sorted((int(k[4:]), v) for k, v in r.items() if k.startswith("step"))
+        rows.append({"table": "accuracy", **{k: v for k, v in r.items() if not k.startswith("step")}})
+        rows += [{"table": "step", "length": r["length"], "step": i + 1, "accuracy": v} for i, v in steps]
+    _, probes, _ = C.evaluate_with_probes(model, lambda rng, b, n: answer_only(test(rng, b, n)), lengths,
+                                          cfg.probe_examples, device)
+    rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
+    out = {"train": result, "rows": rows, "examples": examples(model, test, lengths, device)}
+    if fmt not in ADD_FORMATS and fmt != "none":  # attention from step i to bit i at n = map_length
+        b = C.to_device(next(C.eval_batches(test, cfg.map_length, 64)), device)
+        mass, maps = attention_on_bits(model, b)
+        out["mass"] = np.round(mass.cpu().numpy(), 4).tolist()  # (L, nh, S)
+        if seed == 0:
+            out["maps"] = np.round(maps.cpu().numpy(), 3).tolist()  # (L, nh, S, n), example 0
+    return out
+
+
+@torch.no_grad()
+def examples(model, test, lengths, device, k=3):
+    """One decoded greedy generation at the shortest and longest test length, and a few mistakes."""
+    out = []
+    for n in (lengths[0], lengths[-1]):
+        b = C.to_device(next(C.eval_batches(test, n, 32)), device)
+        seq, gold = greedy(model, b), b["idx"]
+        wrong = (seq != gold).any(1).nonzero()[:, 0].tolist()
+        start = int(b["at"][0, 0]) + 1
+        for i in [0] + [w for w in wrong if w != 0][:k - 1]:
+            out.append(f"n={n} {'right' if i not in wrong else 'WRONG'}: {decode(gold[i, :start].tolist())} "
+                       f"-> model: {decode(seq[i, start:].tolist())}  (gold: {decode(gold[i, start:].tolist())})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- report
+
+def best_head(mass, hi):
+    """(layer, head) whose attention from step i to bit i is largest within the training length:
+    the retrieving head. mass: (L, nh, S)."""
+    m = np.asarray(mass)[:, :, :hi].mean(-1)
+    return np.unravel_index(m.argmax(), m.shape)
+
+
+def report(records, cfg, out):
+    """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
+    plt = C.pyplot()
+    out = Path(out)
+    for rec in records:  # one label per (format, position encoding)
+        for r in rec["rows"]:
+            r["variant"] = f"{r['fmt']}, {r['pos']}"
+    rows = [r for rec in records for r in rec["rows"]]
+    acc, steps, probe = (C.select(rows, table=t) for t in ("accuracy", "step", "probe"))
+    parity = [f for f in PARITY_FORMATS if C.select(acc, fmt=f)]
+    adds = [f for f in ADD_FORMATS if C.select(acc, fmt=f)]
+    lines = []
+
+    def say(s=""):
+        print(s)
+        lines.append(s)
+
+    # accuracy and exact match vs n
+    groups = [(parity, cfg.train_max, 0.5, "bits n"), (adds, cfg.add_train_max, None, "operand digits")]
+    groups = [g for g in groups if g[0]]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.5 * len(groups)), squeeze=False)
+    for i, (fmts, hi, chance, what) in enumerate(groups):
+        sel = [r for r in acc if r["fmt"] in fmts]
+        C.plot_vs_length(sel, "accuracy", None, hi, chance=chance, ax=axes[i, 0], ylabel="final-answer accuracy",
+                         title=f"final answer, greedy (mean ± std over seeds); x: {what}")
+        C.plot_vs_length(sel, "exact", None, hi, ax=axes[i, 1], ylabel="exact match",
+                         title=f"exact match of everything produced; x: {what}")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+    # per-step accuracy at the longest length
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.2), squeeze=False)
+    for ax, (fmts, hi, chance, what) in zip(axes[0], groups):
+        L = max(r["length"] for r in acc if r["fmt"] in fmts)
+        sel = [r for r in steps if r["fmt"] in fmts and r["length"] == L]
+        for g, (xs, m, s, n) in sorted(C.mean_std_by(sel, "step", "accuracy", "variant").items()):
+            line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})")
+            ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+        ax.axvline(hi, color="gray", ls="--", lw=1, label=f"max train length {hi}")
+        if chance:
+            ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")
+        ax.set(xlabel="step index i", ylabel="accuracy of step i (greedy)", ylim=(-0.02, 1.02),
+               title=f"per-step accuracy at {what} = {L}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "steps.png", dpi=110)
+    plt.close(fig)
+
+    # attention: maps of the retrieving layer for seed 0, and mass on the right bit vs step
+    with_maps = [rec for rec in records if rec.get("maps")]
+    mass_recs = [rec for rec in records if rec.get("mass")]
+    if with_maps:
+        show = [rec for f in ("scratchpad", "mnemonic") for rec in with_maps if rec["cell"]["fmt"] == f][:2] or with_maps[:2]
+        nh = len(show[0]["maps"][0])
+        fig, axes = plt.subplots(len(show) + 1, nh, figsize=(3.1 * nh, 3.0 * (len(show) + 1)), squeeze=False)
+        for i, rec in enumerate(show):
+            layer, _ = best_head(rec["mass"], cfg.train_max)
+            for h in range(nh):
+                ax = axes[i, h]
+                ax.imshow(np.asarray(rec["maps"][layer][h]), cmap="viridis", vmin=0, aspect="auto",
+                          interpolation="nearest")
+                ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
+                ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
+                ax.set(title=f"{rec['cell']['fmt']}, {rec['cell']['pos']}: layer {layer} head {h}",
+                       xlabel="input bit j", ylabel="step i")
+                ax.title.set_fontsize(8)
+        gs = axes[-1, 0].get_gridspec()
+        for ax in axes[-1]:
+            ax.remove()
+        ax = fig.add_subplot(gs[-1, :])
+        curves = []
+        for rec in mass_recs:
+            layer, head = best_head(rec["mass"], cfg.train_max)
+            m = rec["mass"][layer][head]
+            curves += [{"variant": f"{rec['cell']['fmt']}, {rec['cell']['pos']}", "step": i + 1, "mass": v}
+                       for i, v in enumerate(m)]
+        for g, (xs, m, s, n) in sorted(C.mean_std_by(curves, "step", "mass", "variant").items()):
+            line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})")
+            ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+        ax.axvline(cfg.train_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_max}")
+        ax.set(xlabel="step i", ylabel="attention on bit i", ylim=(0, 1.02),
+               title=f"attention mass from step i to input bit i, n = {cfg.map_length} (retrieving head: "
+                     f"the best within the training length; mean ± std over seeds)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.suptitle(f"attention from scratchpad step i (rows) to input bit j (columns), n = {cfg.map_length}, "
+                     f"seed 0, layer of the retrieving head; dashed: training length", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "attention.png", dpi=110)
+        plt.close(fig)
+
+    # attention-output variance at the query that writes the final answer
+    layers = sorted({r["layer"] for r in probe})
+    if layers:
+        fig, axes = plt.subplots(len(groups), len(layers), figsize=(5.5 * len(layers), 4.2 * len(groups)),
+                                 squeeze=False)
+        for i, (fmts, hi, _, what) in enumerate(groups):
+            for j, layer in enumerate(layers):
+                C.plot_vs_length([r for r in probe if r["fmt"] in fmts and r["layer"] == layer], "comp_std", None,
+                                 hi, logy=True, ax=axes[i, j], ylabel="std of a component across samples",
+                                 title=f"layer {layer}: attention-output std at the answer query; x: {what}")
+        fig.tight_layout()
+        fig.savefig(out / "variance.png", dpi=110)
+        plt.close(fig)
+
+    # printed summary
+    say(f"\n=== parity_random_access: {sum(r['status'] == 'ok' for r in records)} runs ok, "
+        f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
+    final = {}
+    for fmts, hi, _, what in groups:
+        recs = [{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records if rec["cell"]["fmt"] in fmts]
+        for metric in ("accuracy", "exact", "stop_early", "stop_late"):
+            if any(metric in r for rec in recs for r in rec["rows"]):
+                C.summarize(recs, metric, hi, say=say)
+        say(f"\nfinal-answer accuracy by {what} (mean ± std over seeds):")
+        Ls = sorted({r["length"] for r in acc if r["fmt"] in fmts})
+        say(f"  {'':<22}" + "".join(f"{L:>12}" for L in Ls))
+        for g, (xs, m, s, n) in sorted(C.mean_std_by([r for r in acc if r["fmt"] in fmts], "length", "accuracy",
+                                                     "variant").items()):
+            say(f"  {g:<22}" + "".join(f"{a:>6.2f}±{b:<5.2f}" for a, b in zip(m, s)))
+            final[g] = dict(zip(xs.tolist(), zip(m.tolist(), s.tolist())))
+    if mass_recs:
+        say(f"\nattention mass from step i to bit i at n = {cfg.map_length} (retrieving head), mean over seeds:")
+        by = {}
+        for rec in mass_recs:
+            layer, head = best_head(rec["mass"], cfg.train_max)
+            m = np.asarray(rec["mass"][layer][head])
+            by.setdefault(f"{rec['cell']['fmt']}, {rec['cell']['pos']}", []).append(
+                (m[:cfg.train_max].mean(), m[cfg.train_max:].mean(), m[-1]))
+        for g, v in sorted(by.items()):
+            v = np.array(v)
+            say(f"  {g:<22} steps <= {cfg.train_max}: {v[:, 0].mean():.2f}   steps > {cfg.train_max}: "
+                f"{v[:, 1].mean():.2f}   last step: {v[:, 2].mean():.2f}")
+    for rec in records:
+        if rec["cell"]["seed"] == 0 and rec.get("examples"):
+            say(f"\nexamples ({rec['cell']['fmt']}, {rec['cell']['pos']}, seed 0):")
+            for e in rec["examples"][:4]:
+                say(f"  {e}")
+    say("\nthe paper's claims next to what was measured (accuracy at the longest test length):")
+    top = max(cfg.test_lengths)
+    for g, byL in sorted(final.items()):
+        L = max(byL)
+        m, s = byL[L]
+        ref = top if not g.startswith("add") else L
+        say(f"  {g:<22} n={ref}: {m:.2f} ± {s:.2f}")
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    print(f"\nfigures and summary.txt in {out}")
+
+
+def main():
+    parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
+    args = parser.parse_args()
+    cfg = C.parse_config(args, Config, PRESETS)
+    if args.plot_only:
+        recs = C.load_results(args.plot_only)
+        if recs and recs[0]["cell"].get("config"):
+            cfg = Config(**recs[0]["cell"]["config"])  # plot with the config the results came from
+        return report(recs, cfg, Path(args.plot_only))
+    validate(cfg)
+    device, dtype, jobs, shard, out = C.setup_run(args, "parity_random_access")
+    for fmt in cfg.formats:
+        ex = sample_batch(np.random.default_rng(0), 1, 4, fmt, cfg.anchors, cfg.cycle)
+        print(f"{fmt:>13} (n=4): {decode(ex['idx'][0].tolist())}")
+    cells = C.make_cells(cfg, device, sweep_fields=("seeds", "formats", "pos"), fmt=cfg.formats, pos=cfg.pos,
+                         seed=range(cfg.seeds))
+    for c in cells:
+        c["compile"] = args.compile
+    records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
+    C.write_results(out, records, asdict(cfg), C.environment(device, dtype))
+    report(records, cfg, out)
+
+
+if __name__ == "__main__":
+    C.cli_main(main)
