@@ -43,7 +43,7 @@ Commands and measured run times (2-core CPU):
 Deviations: our models are small transformers trained from scratch; the paper's were most likely
 pretrained language models, fine-tuned. Training positions: see `positions` below and README.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +188,20 @@ def sample_batch(rng, batch_size, n, fmt, pool=128, cycle=4):
             "steps": torch.from_numpy(steps)}
 
 
+def sample_copy(rng, batch_size, length, pool=128):
+    """Generic pre-training (optional, `--pretrain-steps`): `length` random tokens (digits and
+    anchors), '=', the same tokens again; the loss is on the copy. Copying needs an induction head
+    (find the previous occurrence of the current token, say what came after it), the circuit that
+    content-based addressing uses. A stand-in for the language pre-training the paper's models had.
+    Example, length 4:  7 A3 1 A9 = 7 A3 1 A9  (produced: the copy)."""
+    vocab = np.r_[np.arange(10), A0 + np.arange(pool)]
+    x = vocab[rng.integers(0, len(vocab), (batch_size, length))]
+    tok = np.concatenate([x, col(SEP, batch_size), x], axis=1)
+    at = np.arange(length, 2 * length)
+    return {"idx": torch.from_numpy(tok), "at": torch.from_numpy(np.tile(at, (batch_size, 1))),
+            "targets": torch.from_numpy(tok[:, at + 1])}
+
+
 def decode(ids):
     """Token ids -> text, anchors as A0, A1, ... (their index in the pool)."""
     return " ".join(NAMES.get(t, str(t)) if t < A0 else f"A{t - A0}" for t in ids if t >= 0)
@@ -259,9 +273,9 @@ def attention_on_bits(model, batch):
 class Config(C.TrainConfig):
     formats: tuple = C.arg(("scratchpad", "interleaved", "mnemonic"), "formats to train and compare", choices=FORMATS)
     pos: tuple = C.arg(("rope",), "positional encodings to compare", choices=C.POS_ENCODINGS)
-    positions: str = C.arg("plain", "training position ids: plain (0..T-1), or random (a sorted random subset of "
-                                    "0..T_test-1 per example, Ruoss et al. 2023: every distance the test uses is "
-                                    "trained); tests always use plain", choices=("plain", "random"))
+    positions: str = C.arg("random", "training position ids: plain (0..T-1), or random (a sorted random subset of "
+                                    "0..T_test-1 per example, in training and test, Ruoss et al. 2023: every "
+                                    "distance the test uses is trained)", choices=("plain", "random"))
     n_layer: int = C.arg(3, "transformer blocks", min=1)
     n_head: int = C.arg(4, "attention heads", min=1)
     n_embd: int = C.arg(64, "model width", min=1)
@@ -272,16 +286,18 @@ class Config(C.TrainConfig):
     add_test_lengths: tuple = C.arg((5, 10, 15, 20, 30), "addition: operand digits at test", min=1)
     anchors: int = C.arg(128, "anchor pool size (mnemonic formats); >= the largest n (2n for misaligned)", min=1)
     cycle: int = C.arg(4, "period of the anchors in the cyclic format", min=1)
+    pretrain_steps: int = C.arg(1000, "steps of generic copy pre-training (sample_copy, 5-40 tokens) before the task; "
+                                   "0 = none", min=0)
     map_length: int = C.arg(40, "n of the examples whose attention maps are measured and drawn", min=1)
     probe_examples: int = C.arg(256, "examples per length for the attention-output variance probe", min=2)
 
 
 PRESETS = {
-    "smoke": dict(seeds=2, steps=30, formats=("scratchpad", "mnemonic", "add-mnemonic"), eval_examples=32,
-                  test_lengths=(10, 20, 40), add_test_lengths=(5, 10, 15), probe_examples=16),
-    "quick": dict(seeds=3, steps=2000, lr=3e-3),
-    "paper": dict(seeds=5, steps=10000, lr=1e-3, formats=FORMATS, pos=("rope", "none"), anchors=256,
-                  test_lengths=(10, 15, 20, 25, 30, 40, 50, 60, 80, 100)),
+    "smoke": dict(seeds=2, steps=30, pretrain_steps=20, formats=("scratchpad", "mnemonic", "add-mnemonic"),
+                  eval_examples=32, test_lengths=(10, 20, 40), add_test_lengths=(5, 10, 15), probe_examples=16),
+    "quick": dict(seeds=3, steps=1000, lr=3e-3, eval_examples=500),
+    "paper": dict(seeds=5, steps=3000, pretrain_steps=2000, lr=3e-3, formats=FORMATS, pos=("rope", "none"),
+                  anchors=256, test_lengths=(10, 15, 20, 25, 30, 40, 50, 60, 80, 100)),
 }
 
 
@@ -308,17 +324,21 @@ def build_model(fmt, pos, cfg):
                              n_embd=cfg.n_embd, pos=pos))
 
 
-def train_sampler(fmt, cfg, max_pos):
-    """Training batches: n ~ U[lo, hi] per batch; with positions=random, sorted random position ids."""
-    (lo, hi), _ = lengths_of(fmt, cfg)
+def random_positions(batch, rng, max_pos):
+    """Randomized position ids (Ruoss et al. 2023): per example a sorted random subset of
+    0..max_pos-1, max_pos = the longest test sequence, in training and at test alike, so the
+    positions and distances a long test sequence uses have been trained."""
+    B, T = batch["idx"].shape
+    pid = np.sort(np.argsort(rng.random((B, max_pos)), axis=1)[:, :T], axis=1)
+    return {**batch, "position_ids": torch.from_numpy(pid)}
 
-    def sample(rng, B):
-        b = sample_batch(rng, B, int(rng.integers(lo, hi + 1)), fmt, cfg.anchors, cfg.cycle)
-        if cfg.positions == "random":
-            T = b["idx"].shape[1]
-            b["position_ids"] = torch.from_numpy(np.sort(np.argsort(rng.random((B, max_pos)), axis=1)[:, :T], axis=1))
-        return b
-    return sample
+
+def samplers(fmt, cfg, max_pos):
+    """(train(rng, B), test(rng, B, n)): training draws n ~ U[lo, hi] per batch."""
+    (lo, hi), _ = lengths_of(fmt, cfg)
+    pos = (lambda b, rng: random_positions(b, rng, max_pos)) if cfg.positions == "random" else (lambda b, rng: b)
+    test = lambda rng, B, n: pos(sample_batch(rng, B, n, fmt, cfg.anchors, cfg.cycle), rng)
+    return (lambda rng, B: test(rng, B, int(rng.integers(lo, hi + 1)))), test
 
 
 def answer_only(batch):
@@ -335,13 +355,20 @@ def run_cell(cell):
     (lo, hi), lengths = lengths_of(fmt, cfg)
     torch.manual_seed(seed)  # init seed; data seed below; test sets have their own fixed seed
     model = build_model(fmt, pos, cfg)
-    test = lambda rng, b, n: sample_batch(rng, b, n, fmt, cfg.anchors, cfg.cycle)
+    train, test = samplers(fmt, cfg, model.cfg.block_size)
     in_dist = lambda m: {f"accuracy@{hi}": C.evaluate_by_length(m, test, [hi], 128, device, score(fmt))[0]["accuracy"]}
-    result = C.train(model, train_sampler(fmt, cfg, model.cfg.block_size), cfg, device, data_seed=10_000 + seed,
+    pre = None
+    if cfg.pretrain_steps:  # a separate optimizer run: warmup and cosine schedule of its own
+        copy = lambda rng, B: sample_copy(rng, B, int(rng.integers(5, 41)), cfg.anchors)
+        copy = (lambda rng, B, f=copy: random_positions(f(rng, B), rng, model.cfg.block_size)) \
+            if cfg.positions == "random" else copy
+        pre = C.train(model, copy, replace(cfg, steps=cfg.pretrain_steps), device, data_seed=20_000 + seed,
+                      compile=cell.get("compile", False), progress=C.is_main_process(), desc=f"pretrain/seed{seed}")
+    result = C.train(model, train, cfg, device, data_seed=10_000 + seed,
                      eval_fn=in_dist, compile=cell.get("compile", False), progress=C.is_main_process(),
                      desc=f"{fmt}/{pos}/seed{seed}")
-    if result["diverged"]:
-        return {"status": "diverged", "train": result, "rows": []}
+    if result["diverged"] or (pre and pre["diverged"]):
+        return {"status": "diverged", "train": result, "pretrain": pre, "rows": []}
     rows = []
     for r in C.evaluate_by_length(model, test, lengths, cfg.eval_examples, device, score(fmt), tokens_per_batch=2**15):
         steps = sorted((int(k[4:]), v) for k, v in r.items() if k.startswith("step"))
@@ -350,7 +377,7 @@ def run_cell(cell):
     _, probes, _ = C.evaluate_with_probes(model, lambda rng, b, n: answer_only(test(rng, b, n)), lengths,
                                           cfg.probe_examples, device)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
-    out = {"train": result, "rows": rows, "examples": examples(model, test, lengths, device)}
+    out = {"train": result, "pretrain": pre, "rows": rows, "examples": examples(model, test, lengths, device)}
     if fmt not in ADD_FORMATS and fmt != "none":  # attention from step i to bit i at n = map_length
         b = C.to_device(next(C.eval_batches(test, cfg.map_length, 64)), device)
         mass, maps = attention_on_bits(model, b)

@@ -70,6 +70,20 @@ def test_answer_positions_only_path_equals_full_forward_and_does_not_leak(pos, n
     assert not torch.allclose(m(later, at=at)[0][0, 1], part[0, 1], atol=1e-6)
 
 
+@pytest.mark.parametrize("pos,norm", ALL)
+def test_kv_cache_decoding_equals_the_full_forward(pos, norm):
+    m = tiny(pos, norm)
+    idx = torch.randint(0, 20, (3, 16), generator=torch.Generator().manual_seed(2))
+    pid = torch.arange(16).expand(3, 16) + 7  # offset positions: the cache must use the ids it is given
+    full, _ = m(idx, position_ids=pid)
+    caches = [{} for _ in m.blocks]
+    steps = [m.decode(idx[:, :5], pid[:, :5], caches)]  # the prompt in one pass, then token by token
+    steps += [m.decode(idx[:, t:t + 1], pid[:, t:t + 1], caches) for t in range(5, 16)]
+    assert torch.allclose(torch.stack(steps, 1), full[:, 4:], atol=1e-5)
+    with pytest.raises(C.UsageError):
+        m.decode(idx[:, :2], pid[:, :2], caches)  # after the prompt: one token at a time
+
+
 def test_default_position_ids_equal_explicit_arange():
     idx = torch.randint(0, 20, (2, 10))
     ids = torch.arange(10).expand(2, 10)

@@ -1,0 +1,174 @@
+"""parity_random_access.py: format oracles (decode back to bits / digits and recompute every label),
+anchor uniqueness, greedy decoding (== decoding without a cache; stopping rules on hand-made
+models), and the smoke preset end to end (files, figures, --plot-only, bad input)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common as C
+import parity_random_access as P
+
+SCRIPT = str(Path(P.__file__))
+
+
+def parts(b):
+    idx = b["idx"].numpy()
+    return idx, b["inputs"].numpy(), b["steps"].numpy(), b["at"].numpy()
+
+
+@pytest.mark.parametrize("fmt", P.PARITY_FORMATS)
+@pytest.mark.parametrize("n", [1, 4, 20, 60])
+def test_parity_oracle(fmt, n):
+    b = P.sample_batch(np.random.default_rng(n), 32, n, fmt, pool=128, cycle=4)
+    idx, inputs, steps, at = parts(b)
+    bits = idx[:, inputs]
+    assert inputs.shape == (n,) and set(np.unique(bits)) <= {0, 1}
+    parity = np.array([[sum(row[:i + 1]) % 2 for i in range(n)] for row in bits])  # recomputed from the input
+    if fmt == "none":
+        assert (idx[:, steps[0]] == parity[:, -1]).all() and (idx[:, -1] == P.EOS).all()
+    else:
+        assert (idx[:, steps] == parity).all()
+    assert (b["targets"].numpy() == idx[:, at[0] + 1]).all() and (at == at[0]).all()  # labels = next tokens
+    if fmt != "interleaved":
+        assert (idx[:, -1] == P.EOS).all() and at[0, -1] == idx.shape[1] - 2  # '$' is produced, last
+        assert (idx[:, :steps[0]] != P.EOS).all()
+    if fmt in ("mnemonic", "constant", "cyclic", "misaligned"):
+        a_in, a_out = idx[:, inputs - 1], idx[:, steps - 1]  # the anchor before each bit / step
+        assert (a_in >= P.A0).all() and (a_out >= P.A0).all()
+        assert not np.isin(at[0] + 1, np.r_[inputs - 1, steps - 1]).any()  # anchors are given, not produced
+        for i in range(32):
+            if fmt == "mnemonic":
+                assert len(set(a_in[i])) == n and (a_in[i] == a_out[i]).all()  # unique keys, repeated
+            elif fmt == "constant":
+                assert set(a_in[i]) == set(a_out[i]) == {P.A0}
+            elif fmt == "cyclic":
+                assert (a_in[i] == a_out[i]).all() and len(set(a_in[i])) == min(n, 4)
+                assert all(a_in[i, j] == a_in[i, j % 4] for j in range(n))
+            else:  # misaligned: 2n distinct anchors, the scratchpad's not in the input
+                assert len(set(a_in[i]) | set(a_out[i])) == 2 * n
+
+
+@pytest.mark.parametrize("fmt", P.ADD_FORMATS)
+@pytest.mark.parametrize("d", [1, 3, 12])
+def test_addition_oracle(fmt, d):
+    b = P.sample_batch(np.random.default_rng(d), 32, d, fmt, pool=64)
+    idx, inputs, steps, at = parts(b)
+    plus = int(np.flatnonzero(idx[0] == P.PLUS)[0])
+    x = idx[:, inputs]                                    # first operand, LSD first, d+1 digits
+    y = idx[:, plus + 1 + inputs]                         # second operand, same layout
+    s = idx[:, steps]
+    num = lambda digits: digits @ (10 ** np.arange(digits.shape[1], dtype=object))
+    assert x.shape[1] == d + 1 and (x[:, -1] == 0).all() and (y[:, -1] == 0).all()
+    assert (num(x) + num(y) == num(s)).all()
+    assert (b["targets"].numpy() == idx[:, at[0] + 1]).all() and (idx[:, -1] == P.EOS).all()
+    if fmt == "add-mnemonic":
+        assert (np.diff(inputs) == 2).all()
+        for i in range(32):  # one anchor per digit position, shared by both operands and the sum
+            a = idx[i, inputs - 1]
+            assert len(set(a)) == d + 1
+            assert (idx[i, plus + inputs] == a).all() and (idx[i, steps - 1] == a).all()
+
+
+def test_too_few_anchors_is_a_usage_error():
+    with pytest.raises(C.UsageError):
+        P.sample_batch(np.random.default_rng(0), 2, 70, "mnemonic", pool=64)
+
+
+def tiny(fmt, pos="rope"):
+    torch.manual_seed(0)
+    cfg = P.Config(n_layer=2, n_embd=32, anchors=64, test_lengths=(4, 12), map_length=20)
+    return P.build_model(fmt, pos, cfg).eval()
+
+
+@pytest.mark.parametrize("fmt", ["scratchpad", "interleaved", "mnemonic", "add-mnemonic"])
+def test_greedy_equals_decoding_without_cache(fmt):
+    model = tiny(fmt)
+    b = P.sample_batch(np.random.default_rng(0), 8, 6, fmt, pool=64)
+    seq = P.greedy(model, b)
+    ref = b["idx"].clone()  # the plain way: rerun the whole prefix for every produced token
+    for t in (b["at"][0] + 1).tolist():
+        logits, _ = model(ref[:, :t])
+        ref[:, t] = logits[:, -1].argmax(-1)
+    stopped = seq < 0
+    assert ((seq == ref) | stopped).all()
+    first = torch.where(stopped.any(1), stopped.float().argmax(1), seq.size(1))
+    assert all((ref[i, :first[i]] == P.EOS).any() or not stopped[i].any() for i in range(8))
+
+
+class Scripted(torch.nn.Module):
+    """A hand-made 'model' for the stopping rules: says the gold next token, except where the mode
+    says otherwise ('early': '$' at the first produced step; 'late': never '$'; 'flip': flips p_2)."""
+
+    def __init__(self, gold, mode):
+        super().__init__()
+        self.gold, self.mode, self.blocks = gold, mode, [None]
+
+    def decode(self, idx, pos, caches):
+        t = caches[0]["t"] = caches[0].get("t", 0) + idx.shape[1]  # the position being predicted
+        nxt = self.gold[:, t].clone()
+        first = int((self.gold[0] == P.SEP).nonzero()[0, 0]) + 1
+        if self.mode == "early" and t == first:
+            nxt[:] = P.EOS
+        if self.mode == "late":
+            nxt[nxt == P.EOS] = 0
+        if self.mode == "flip" and t == first + 1:
+            nxt = 1 - nxt
+        return F.one_hot(nxt, 20).float()
+
+
+@pytest.mark.parametrize("mode,expect", [
+    ("gold", dict(accuracy=1, exact=1, stop_early=0, stop_late=0)),
+    ("early", dict(accuracy=0, exact=0, stop_early=1, stop_late=0)),
+    ("late", dict(accuracy=1, exact=0, stop_early=0, stop_late=1)),
+    ("flip", dict(accuracy=1, exact=0, stop_early=0, stop_late=0)),  # p_2 wrong, the rest teacher-given
+])
+def test_stopping_rules_on_hand_made_models(mode, expect):
+    b = P.sample_batch(np.random.default_rng(0), 4, 5, "scratchpad")
+    out = P.score("scratchpad")(Scripted(b["idx"], mode), b)
+    assert {k: float(out[k].float().mean()) for k in expect} == expect
+    assert float(out["step0"].float().mean()) == (0 if mode == "early" else 1)
+
+
+def test_attention_on_bits_reads_the_maps():
+    model = tiny("scratchpad")
+    b = P.sample_batch(np.random.default_rng(0), 4, 10, "scratchpad")
+    mass, maps = P.attention_on_bits(model, b)
+    full = model.attention_maps(b["idx"])
+    i = 3  # step 4 is written at position steps[3] - 1 and should read bit 4 at inputs[3]
+    assert torch.allclose(mass[1, 0, i], full[1][:, 0, b["steps"][i] - 1, b["inputs"][i]].mean())
+    assert maps.shape == (2, 4, 10, 10) and torch.allclose(maps[0, 1, i, 0], full[0][0, 1, b["steps"][i] - 1, 0])
+
+
+def test_smoke_preset_end_to_end(tmp_path):
+    p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    acc = [r for r in res["rows"] if r["table"] == "accuracy"]
+    assert {r["fmt"] for r in acc} == {"scratchpad", "mnemonic", "add-mnemonic"}
+    assert len(acc) == 3 * 2 * 3  # formats x seeds x lengths
+    assert all(0 <= r[k] <= 1 for r in acc for k in ("accuracy", "exact", "stop_early", "stop_late"))
+    steps = [r for r in res["rows"] if r["table"] == "step" and r["fmt"] == "mnemonic" and r["length"] == 40]
+    assert sorted({r["step"] for r in steps}) == list(range(1, 41))
+    assert any(r["table"] == "probe" and r["comp_std"] > 0 for r in res["rows"])
+    figs = ["accuracy.png", "steps.png", "attention.png", "variance.png"]
+    for f in figs:
+        assert (tmp_path / f).stat().st_size > 10_000, f
+        (tmp_path / f).unlink()
+    assert "claim" in (tmp_path / "summary.txt").read_text()
+    p = subprocess.run([sys.executable, SCRIPT, "--plot-only", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert all((tmp_path / f).exists() for f in figs)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--anchors", "8", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "anchors" in p.stderr and "Traceback" not in p.stderr
