@@ -75,6 +75,21 @@ def test_addition_oracle(fmt, d):
             assert (idx[i, plus + inputs] == a).all() and (idx[i, steps - 1] == a).all()
 
 
+def test_copy_pretraining_oracle():
+    b = P.sample_copy(np.random.default_rng(0), 16, 7, pool=32)
+    idx, at = b["idx"].numpy(), b["at"].numpy()
+    assert idx.shape == (16, 15) and (idx[:, 7] == P.SEP).all() and (idx[:, :7] == idx[:, 8:]).all()
+    assert (at[0] == np.arange(7, 14)).all() and (b["targets"].numpy() == idx[:, 8:]).all()
+    assert ((idx < 10) | ((idx >= P.A0) & (idx < P.A0 + 32)) | (idx == P.SEP)).all()
+
+
+def test_random_positions_are_sorted_distinct_and_in_range():
+    b = P.random_positions(P.sample_batch(np.random.default_rng(0), 64, 20, "mnemonic"), np.random.default_rng(1), 242)
+    pid = b["position_ids"].numpy()
+    assert pid.shape == b["idx"].shape and (np.diff(pid, axis=1) > 0).all() and pid.min() >= 0 and pid.max() < 242
+    assert pid[:, -1].max() > 200  # the training positions reach the range a 60-bit test uses
+
+
 def test_too_few_anchors_is_a_usage_error():
     with pytest.raises(C.UsageError):
         P.sample_batch(np.random.default_rng(0), 2, 70, "mnemonic", pool=64)
