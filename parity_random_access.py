@@ -72,6 +72,7 @@ NAMES = {PLUS: "+", SEP: "=", EOS: "$"}
 PARITY_FORMATS = ("none", "scratchpad", "interleaved", "mnemonic", "constant", "cyclic", "misaligned")
 ADD_FORMATS = ("add", "add-mnemonic")
 FORMATS = PARITY_FORMATS + ADD_FORMATS
+RETRIEVING = ("scratchpad", "mnemonic", "constant", "cyclic", "misaligned")  # a step must fetch bit i from afar
 
 
 # ---------------------------------------------------------------------------------------- formats
@@ -263,7 +264,7 @@ def score(fmt):
         out = {"accuracy": steps.all(1) if fmt in ADD_FORMATS else steps[:, -1], "exact": right.all(1)}
         if (gold[0, prod] == EOS).any():  # formats that end with '$'
             end = int(prod[-1])
-            said = (seq == EOS) & (seq >= 0)
+            said = seq == EOS  # greedy() keeps the model's first '$' and blanks what follows
             first = torch.where(said.any(1), said.float().argmax(1), gold.size(1))
             out.update(stop_early=first < end, stop_late=first > end)
         out.update({f"step{i}": steps[:, i] for i in range(steps.size(1))})
@@ -394,7 +395,7 @@ def run_cell(cell):
                                           cfg.probe_examples, device)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
     out = {"train": result, "pretrain": pre, "rows": rows, "examples": examples(model, test, lengths, device)}
-    if fmt not in ADD_FORMATS and fmt != "none":  # attention from step i to bit i at n = map_length
+    if fmt in RETRIEVING:  # attention from step i to bit i at n = map_length
         b = C.to_device(next(C.eval_batches(test, cfg.map_length, 64)), device)
         mass, maps = attention_on_bits(model, b)
         out["mass"] = np.round(mass.cpu().numpy(), 4).tolist()  # (L, nh, S)
@@ -413,12 +414,26 @@ def examples(model, test, lengths, device, k=3):
         wrong = (seq != gold).any(1).nonzero()[:, 0].tolist()
         start = int(b["at"][0, 0]) + 1
         for i in [0] + [w for w in wrong if w != 0][:k - 1]:
-            out.append(f"n={n} {'right' if i not in wrong else 'WRONG'}: {decode(gold[i, :start].tolist())} "
-                       f"-> model: {decode(seq[i, start:].tolist())}  (gold: {decode(gold[i, start:].tolist())})")
+            bad = (seq[i, b["steps"]] != gold[i, b["steps"]]).nonzero()[:, 0].tolist()
+            verdict = f"WRONG from step {bad[0] + 1}" if bad else "WRONG (stop)" if i in wrong else "right"
+            out.append(f"n={n} {verdict}: {decode(gold[i, :start].tolist())} -> model: "
+                       f"{decode(seq[i, start:].tolist())}  (gold: {decode(gold[i, start:].tolist())})")
     return out
 
 
 # ---------------------------------------------------------------------------------------- report
+
+def ticks_at(ax, xs):
+    """Label the log-scaled x axis at the test lengths themselves."""
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+
+
+def label(rec):
+    """'format, position encoding, training position ids' of a cell, e.g. 'mnemonic, rope, random'."""
+    c = rec["cell"]
+    return f"{c['fmt']}, {c['pos']}, {c['config'].get('positions', 'plain')}"
+
 
 def best_head(mass, hi):
     """(layer, head) whose attention from step i to bit i is largest within the training length:
@@ -431,9 +446,9 @@ def report(records, cfg, out):
     """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
     plt = C.pyplot()
     out = Path(out)
-    for rec in records:  # one label per (format, position encoding)
+    for rec in records:  # one label per (format, position encoding, training position ids)
         for r in rec["rows"]:
-            r["variant"] = f"{r['fmt']}, {r['pos']}"
+            r["variant"] = label(rec)
     rows = [r for rec in records for r in rec["rows"]]
     acc, steps, probe = (C.select(rows, table=t) for t in ("accuracy", "step", "probe"))
     parity = [f for f in PARITY_FORMATS if C.select(acc, fmt=f)]
@@ -454,6 +469,8 @@ def report(records, cfg, out):
                          title=f"final answer, greedy (mean ± std over seeds); x: {what}")
         C.plot_vs_length(sel, "exact", None, hi, ax=axes[i, 1], ylabel="exact match",
                          title=f"exact match of everything produced; x: {what}")
+        for ax in axes[i]:
+            ticks_at(ax, sorted({r["length"] for r in sel}))
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
@@ -479,7 +496,7 @@ def report(records, cfg, out):
 
     # attention: maps of the retrieving layer for seed 0, and mass on the right bit vs step
     with_maps = [rec for rec in records if rec.get("maps")]
-    mass_recs = [rec for rec in records if rec.get("mass")]
+    mass_recs = [rec for rec in records if rec.get("mass") and rec["cell"]["fmt"] in RETRIEVING]
     if with_maps:
         show = [rec for f in ("scratchpad", "mnemonic") for rec in with_maps if rec["cell"]["fmt"] == f][:2] or with_maps[:2]
         nh = len(show[0]["maps"][0])
@@ -492,7 +509,7 @@ def report(records, cfg, out):
                           interpolation="nearest")
                 ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
                 ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-                ax.set(title=f"{rec['cell']['fmt']}, {rec['cell']['pos']}: layer {layer} head {h}",
+                ax.set(title=f"{label(rec)}: layer {layer} head {h}",
                        xlabel="input bit j", ylabel="step i")
                 ax.title.set_fontsize(8)
         gs = axes[-1, 0].get_gridspec()
@@ -503,7 +520,7 @@ def report(records, cfg, out):
         for rec in mass_recs:
             layer, head = best_head(rec["mass"], cfg.train_max)
             m = rec["mass"][layer][head]
-            curves += [{"variant": f"{rec['cell']['fmt']}, {rec['cell']['pos']}", "step": i + 1, "mass": v}
+            curves += [{"variant": label(rec), "step": i + 1, "mass": v}
                        for i, v in enumerate(m)]
         for g, (xs, m, s, n) in sorted(C.mean_std_by(curves, "step", "mass", "variant").items()):
             line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})")
@@ -528,9 +545,11 @@ def report(records, cfg, out):
                                  squeeze=False)
         for i, (fmts, hi, _, what) in enumerate(groups):
             for j, layer in enumerate(layers):
-                C.plot_vs_length([r for r in probe if r["fmt"] in fmts and r["layer"] == layer], "comp_std", None,
-                                 hi, logy=True, ax=axes[i, j], ylabel="std of a component across samples",
+                sel = [r for r in probe if r["fmt"] in fmts and r["layer"] == layer]
+                C.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j],
+                                 ylabel="std of a component across samples",
                                  title=f"layer {layer}: attention-output std at the answer query; x: {what}")
+                ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
         fig.tight_layout()
         fig.savefig(out / "variance.png", dpi=110)
         plt.close(fig)
@@ -546,11 +565,15 @@ def report(records, cfg, out):
                 C.summarize(recs, metric, hi, say=say)
         say(f"\nfinal-answer accuracy by {what} (mean ± std over seeds):")
         Ls = sorted({r["length"] for r in acc if r["fmt"] in fmts})
-        say(f"  {'':<22}" + "".join(f"{L:>12}" for L in Ls))
+        say(f"  {'':<28}" + "".join(f"{L:>12}" for L in Ls))
         for g, (xs, m, s, n) in sorted(C.mean_std_by([r for r in acc if r["fmt"] in fmts], "length", "accuracy",
                                                      "variant").items()):
-            say(f"  {g:<22}" + "".join(f"{a:>6.2f}±{b:<5.2f}" for a, b in zip(m, s)))
+            say(f"  {g:<28}" + "".join(f"{a:>6.2f}±{b:<5.2f}" for a, b in zip(m, s)))
             final[g] = dict(zip(xs.tolist(), zip(m.tolist(), s.tolist())))
+    if probe:
+        say("\nattention-output std at the answer query, std(longest n) / std(shortest n), mean over seeds:")
+        for g, (xs, m, _, _) in sorted(C.mean_std_by(probe, "length", "comp_std", ("variant", "layer")).items()):
+            say(f"  {g[0]:<28} layer {g[1]}: {m[-1] / m[0]:.2f}  (n = {xs[0]} -> {xs[-1]})")
     mass = {}
     if mass_recs:
         say(f"\nattention mass from step i to bit i at n = {cfg.map_length} (retrieving head), mean over seeds:")
@@ -558,19 +581,19 @@ def report(records, cfg, out):
         for rec in mass_recs:
             layer, head = best_head(rec["mass"], cfg.train_max)
             m = np.asarray(rec["mass"][layer][head])
-            by.setdefault(f"{rec['cell']['fmt']}, {rec['cell']['pos']}", []).append(
+            by.setdefault(label(rec), []).append(
                 (m[:cfg.train_max].mean(), m[cfg.train_max:].mean(), m[-1]))
         for g, v in sorted(by.items()):
             mass[g] = np.array(v).mean(0)
-            say(f"  {g:<22} steps <= {cfg.train_max}: {mass[g][0]:.2f}   steps > {cfg.train_max}: "
+            say(f"  {g:<28} steps <= {cfg.train_max}: {mass[g][0]:.2f}   steps > {cfg.train_max}: "
                 f"{mass[g][1]:.2f}   last step: {mass[g][2]:.2f}")
     for rec in records:
         if rec["cell"]["seed"] == 0 and rec.get("examples"):
-            say(f"\nexamples ({rec['cell']['fmt']}, {rec['cell']['pos']}, seed 0):")
+            say(f"\nexamples ({label(rec)}, seed 0):")
             for e in rec["examples"][:4]:
-                say(f"  {e}")
+                say(f"  {e if len(e) < 400 else e[:400] + ' ...'}")
     say(f"\nthe paper's claims next to what was measured (final-answer accuracy, mean ± std over seeds; "
-        f"training: {cfg.pretrain_steps} copy pre-training steps, {cfg.positions} position ids)")
+        f"[position encoding, training position ids]; {cfg.pretrain_steps} copy pre-training steps)")
     for line in claims(final, mass, cfg):
         say(line)
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
@@ -583,7 +606,7 @@ def claims(final, mass, cfg):
     lines, hi = [], cfg.train_max
     at = lambda g, L: final[g].get(L, (float("nan"), 0))[0]
     show = lambda g, L: f"{at(g, L):.2f} ± {final[g].get(L, (0, float('nan')))[1]:.2f}"
-    for pos in sorted({g.split(", ")[1] for g in final}):
+    for pos in sorted({g.split(", ", 1)[1] for g in final}):
         def row(fmt, claim, test):
             g = f"{fmt}, {pos}"
             if g not in final:
