@@ -4,7 +4,8 @@ One file, read top to bottom:
 
   1. the model    GPTConfig, CausalSelfAttention, MLP, Block, GPT (NoPE / learned / RoPE positions,
                   explicit position_ids, an optional norm on the attention output, a fast SDPA path
-                  and a manual path that exposes the attention weights, probes of the attention output)
+                  and a manual path that exposes the attention weights, probes of the attention output,
+                  decoding with a key/value cache)
   2. training     train(): AdamW, warmup + cosine, grad clipping, bf16 autocast on CUDA only,
                   opt-in torch.compile, divergence detection
   3. evaluation   eval_batches(), evaluate_by_length(), evaluate_with_probes(): tidy rows, fixed eval seed
