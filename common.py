@@ -601,6 +601,13 @@ def load_results(out_dir):
     return [{"cell": {}, "status": "ok", "rows": res["rows"]}]
 
 
+def saved_run(out_dir, config_cls, fallback):
+    """(records, config) of a saved run, for --plot-only: plots use the config the results came from."""
+    recs = load_results(out_dir)
+    conf = recs[0]["cell"].get("config") if recs else None
+    return recs, (config_cls(**conf) if conf else fallback)
+
+
 def select(rows, **eq):
     return [r for r in rows if all(r.get(k) == v for k, v in eq.items())]
 

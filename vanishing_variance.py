@@ -403,9 +403,7 @@ def main():
     args = parser.parse_args()
     cfg = C.parse_config(args, Config, PRESETS)
     if args.plot_only:
-        recs = C.load_results(args.plot_only)
-        if recs and recs[0]["cell"].get("config"):
-            cfg = Config(**recs[0]["cell"]["config"])  # plot with the config the results came from
+        recs, cfg = C.saved_run(args.plot_only, Config, cfg)
         return report(recs, cfg, Path(args.plot_only))
     device, dtype, jobs, shard, out = C.setup_run(args, "vanishing_variance")
     th = theory(cfg.test_lengths)
