@@ -12,9 +12,10 @@ Limitations in Transformers", COLM 2024, arXiv 2408.05506. Their claims:
   (4) attention maps show the "step i reads bit i" line hold inside the training length and break
       beyond it; mnemonics also help multi-digit addition.
 
-Token ids: 0-9 digits (bits are 0 and 1), 10 '+', 11 '=', 12 '$' (end of answer), 13.. anchors.
-Every format is a function below whose docstring shows its 4-bit example; the loss is on the tokens
-the model must produce only. Parity formats, bits 1 0 1 1 (running parities 1 1 0 1), anchors as
+Token ids: 0-9 digits (bits are 0 and 1), 10 '+', 11 '=', 12 '$' (end of answer), 13 '^' (start of
+sequence), 14.. anchors. Every format is a function below whose docstring shows its 4-bit example;
+sample_batch puts '^' in front of every sequence (below, left out). The loss is on the tokens the model
+must produce only. Parity formats, bits 1 0 1 1 (running parities 1 1 0 1), anchors as
 letters A B C D (fresh random anchor tokens per example):
   none         1 0 1 1 = 1 $                          produced: the answer and '$'
   scratchpad   1 0 1 1 = 1 1 0 1 $                    produced: p_1..p_n and '$'
@@ -67,8 +68,8 @@ import torch
 
 import common as C
 
-PLUS, SEP, EOS, A0 = 10, 11, 12, 13
-NAMES = {PLUS: "+", SEP: "=", EOS: "$"}
+PLUS, SEP, EOS, BOS, A0 = 10, 11, 12, 13, 14
+NAMES = {PLUS: "+", SEP: "=", EOS: "$", BOS: "^"}
 PARITY_FORMATS = ("none", "scratchpad", "interleaved", "mnemonic", "constant", "cyclic", "misaligned")
 ADD_FORMATS = ("add", "add-mnemonic")
 FORMATS = PARITY_FORMATS + ADD_FORMATS
@@ -199,6 +200,8 @@ def sample_batch(rng, batch_size, n, fmt, pool=128, cycle=4):
             tok, produced, inputs, steps = fmt_cyclic(bits, rng, pool, cycle)
         else:
             tok, produced, inputs, steps = globals()[f"fmt_{fmt}"](bits, rng, pool)
+    tok = np.concatenate([col(BOS, batch_size), tok], axis=1)  # every sequence starts with '^'
+    produced, inputs, steps = np.r_[False, produced], inputs + 1, steps + 1
     at = np.flatnonzero(produced) - 1  # the model predicts token t + 1 at position t
     return {"idx": torch.from_numpy(tok), "at": torch.from_numpy(np.tile(at, (batch_size, 1))),
             "targets": torch.from_numpy(tok[:, at + 1]), "inputs": torch.from_numpy(inputs),
@@ -210,11 +213,11 @@ def sample_copy(rng, batch_size, length, pool=128):
     anchors), '=', the same tokens again; the loss is on the copy. Copying needs an induction head
     (find the previous occurrence of the current token, say what came after it), the circuit that
     content-based addressing uses. A stand-in for the language pre-training the paper's models had.
-    Example, length 4:  7 A3 1 A9 = 7 A3 1 A9  (produced: the copy)."""
+    Example, length 4:  ^ 7 A3 1 A9 = 7 A3 1 A9  (produced: the copy)."""
     vocab = np.r_[np.arange(10), A0 + np.arange(pool)]
     x = vocab[rng.integers(0, len(vocab), (batch_size, length))]
-    tok = np.concatenate([x, col(SEP, batch_size), x], axis=1)
-    at = np.arange(length, 2 * length)
+    tok = np.concatenate([col(BOS, batch_size), x, col(SEP, batch_size), x], axis=1)
+    at = np.arange(length + 1, 2 * length + 1)
     return {"idx": torch.from_numpy(tok), "at": torch.from_numpy(np.tile(at, (batch_size, 1))),
             "targets": torch.from_numpy(tok[:, at + 1])}
 

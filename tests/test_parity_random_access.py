@@ -29,6 +29,7 @@ def test_parity_oracle(fmt, n):
     idx, inputs, steps, at = parts(b)
     bits = idx[:, inputs]
     assert inputs.shape == (n,) and set(np.unique(bits)) <= {0, 1}
+    assert (idx[:, 0] == P.BOS).all() and (idx[:, 1:] != P.BOS).all()  # one start token, first
     parity = np.array([[sum(row[:i + 1]) % 2 for i in range(n)] for row in bits])  # recomputed from the input
     if fmt == "none":
         assert (idx[:, steps[0]] == parity[:, -1]).all() and (idx[:, -1] == P.EOS).all()
@@ -61,7 +62,7 @@ def test_addition_oracle(fmt, d):
     idx, inputs, steps, at = parts(b)
     plus = int(np.flatnonzero(idx[0] == P.PLUS)[0])
     x = idx[:, inputs]                                    # first operand, LSD first, d+1 digits
-    y = idx[:, plus + 1 + inputs]                         # second operand, same layout
+    y = idx[:, plus + inputs]                             # second operand, same layout ('^' comes first)
     s = idx[:, steps]
     num = lambda digits: digits @ (10 ** np.arange(digits.shape[1], dtype=object))
     assert x.shape[1] == d + 1 and (x[:, -1] == 0).all() and (y[:, -1] == 0).all()
@@ -72,15 +73,16 @@ def test_addition_oracle(fmt, d):
         for i in range(32):  # one anchor per digit position, shared by both operands and the sum
             a = idx[i, inputs - 1]
             assert len(set(a)) == d + 1
-            assert (idx[i, plus + inputs] == a).all() and (idx[i, steps - 1] == a).all()
+            assert (idx[i, plus + inputs - 1] == a).all() and (idx[i, steps - 1] == a).all()
 
 
 def test_copy_pretraining_oracle():
     b = P.sample_copy(np.random.default_rng(0), 16, 7, pool=32)
     idx, at = b["idx"].numpy(), b["at"].numpy()
-    assert idx.shape == (16, 15) and (idx[:, 7] == P.SEP).all() and (idx[:, :7] == idx[:, 8:]).all()
-    assert (at[0] == np.arange(7, 14)).all() and (b["targets"].numpy() == idx[:, 8:]).all()
-    assert ((idx < 10) | ((idx >= P.A0) & (idx < P.A0 + 32)) | (idx == P.SEP)).all()
+    assert idx.shape == (16, 16) and (idx[:, 0] == P.BOS).all() and (idx[:, 8] == P.SEP).all()
+    assert (idx[:, 1:8] == idx[:, 9:]).all()
+    assert (at[0] == np.arange(8, 15)).all() and (b["targets"].numpy() == idx[:, 9:]).all()
+    assert ((idx[:, 1:] < 10) | ((idx[:, 1:] >= P.A0) & (idx[:, 1:] < P.A0 + 32)) | (idx[:, 1:] == P.SEP)).all()
 
 
 def test_random_positions_are_sorted_distinct_and_in_range():
@@ -157,7 +159,7 @@ def test_attention_on_bits_reads_the_maps():
     full = model.attention_maps(b["idx"])
     i = 3  # step 4 is written at position steps[3] - 1 and should read bit 4 at inputs[3]
     assert torch.allclose(mass[1, 0, i], full[1][:, 0, b["steps"][i] - 1, b["inputs"][i]].mean())
-    assert maps.shape == (2, 4, 10, 10) and torch.allclose(maps[0, 1, i, 0], full[0][0, 1, b["steps"][i] - 1, 0])
+    assert maps.shape == (2, 4, 10, 10) and torch.allclose(maps[0, 1, i, 0], full[0][0, 1, b["steps"][i] - 1, b["inputs"][0]])
 
 
 def test_smoke_preset_end_to_end(tmp_path):
