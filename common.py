@@ -646,7 +646,8 @@ def summarize(records, metric, train_len, group="variant", say=print):
             if sel:
                 runs[g][part].append(float(np.mean(sel)))
     say(f"\n{metric}: in-distribution (length <= {train_len}) vs out-of-distribution, mean ± std over seeds")
-    say(f"  {group:<16} {'ID':>15} {'OOD':>15}  seeds")
+    w = max([16] + [len(str(g)) for g in runs])
+    say(f"  {group:<{w}} {'ID':>15} {'OOD':>15}  seeds")
     for g, r in runs.items():
         fmt = lambda v: f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a"
         table[g] = {"id_mean": float(np.mean(r["id"])) if r["id"] else None,
@@ -655,7 +656,7 @@ def summarize(records, metric, train_len, group="variant", say=print):
                     "ood_std": float(np.std(r["ood"])) if r["ood"] else None,
                     "seeds": len(r["id"] or r["ood"]), "diverged": r["diverged"]}
         div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
-        say(f"  {str(g):<16} {fmt(r['id']):>15} {fmt(r['ood']):>15}  {len(r['id'] or r['ood'])}{div}")
+        say(f"  {str(g):<{w}} {fmt(r['id']):>15} {fmt(r['ood']):>15}  {len(r['id'] or r['ood'])}{div}")
     return table
 
 
