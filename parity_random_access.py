@@ -47,10 +47,11 @@ flag, so their effect can be measured (README):
 Training lengths: n ~ U[10, 20] bits per batch (addition: 1..10 digits); tests: n = 10 ... 60.
 
 Commands and measured run times (2-core CPU, 2 cells at a time):
-  python parity_random_access.py                       # quick: scratchpad, interleaved, mnemonic, 3 seeds: RUNTIME_QUICK
+  python parity_random_access.py                       # quick: scratchpad, interleaved, mnemonic, 3 seeds: 13.8 min
   python parity_random_access.py --preset smoke        # ~30 s: what the tests run
-  python parity_random_access.py --formats none,constant,cyclic,misaligned   # the anchor ablations: RUNTIME_ABL
-  python parity_random_access.py --formats add,add-mnemonic                   # addition: RUNTIME_ADD
+  python parity_random_access.py --formats none,constant,cyclic,misaligned   # the anchor ablations, 12 cells: 24.6 min
+  python parity_random_access.py --formats add,add-mnemonic                   # addition, 6 cells: 13.9 min
+  (the last two shared the 2 cores with each other for part of the time)
   python parity_random_access.py --device cuda --preset paper   # every format, RoPE and NoPE, n to 100, 5 seeds
                                                                  # (not yet run: no GPU was available)
 
