@@ -433,10 +433,12 @@ def ticks_at(ax, xs):
     ax.minorticks_off()
 
 
-def label(rec):
-    """'format, position encoding, training position ids' of a cell, e.g. 'mnemonic, rope, random'."""
-    c = rec["cell"]
-    return f"{c['fmt']}, {c['pos']}, {c['config'].get('positions', 'plain')}"
+def label(rec, steps=False):
+    """'format, position encoding, training position ids' of a cell, e.g. 'mnemonic, rope, random',
+    and with steps=True the steps too ('..., 1000+1000 steps': copy pre-training + task)."""
+    c, conf = rec["cell"], rec["cell"]["config"]
+    more = f", {conf.get('pretrain_steps', 0)}+{conf['steps']} steps" if steps else ""
+    return f"{c['fmt']}, {c['pos']}, {conf.get('positions', 'plain')}{more}"
 
 
 def best_head(mass, hi):
@@ -450,9 +452,11 @@ def report(records, cfg, out):
     """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
     plt = C.pyplot()
     out = Path(out)
-    for rec in records:  # one label per (format, position encoding, training position ids)
+    budgets = {(rec["cell"]["config"].get("pretrain_steps"), rec["cell"]["config"]["steps"]) for rec in records}
+    for rec in records:  # one label per (format, position encoding, training position ids[, steps])
+        rec["label"] = label(rec, steps=len(budgets) > 1)
         for r in rec["rows"]:
-            r["variant"] = label(rec)
+            r["variant"] = rec["label"]
     rows = [r for rec in records for r in rec["rows"]]
     acc, steps, probe = (C.select(rows, table=t) for t in ("accuracy", "step", "probe"))
     parity = [f for f in PARITY_FORMATS if C.select(acc, fmt=f)]
@@ -521,7 +525,7 @@ def report(records, cfg, out):
                           interpolation="nearest")
                 ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
                 ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-                ax.set(title=f"{label(rec)}, seed {rec['cell']['seed']}"
+                ax.set(title=f"{rec['label']}, seed {rec['cell']['seed']}"
                              f"{f' (best of {of})' if of > 1 else ''}: layer {layer} head {h}",
                        xlabel="input bit j", ylabel="step i")
                 ax.title.set_fontsize(8)
@@ -533,7 +537,7 @@ def report(records, cfg, out):
         for rec in mass_recs:
             layer, head = best_head(rec["mass"], cfg.train_max)
             m = rec["mass"][layer][head]
-            curves += [{"variant": label(rec), "step": i + 1, "mass": v}
+            curves += [{"variant": rec["label"], "step": i + 1, "mass": v}
                        for i, v in enumerate(m)]
         for g, (xs, m, s, n) in sorted(C.mean_std_by(curves, "step", "mass", "variant").items()):
             line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})")
@@ -594,7 +598,7 @@ def report(records, cfg, out):
         for rec in mass_recs:
             layer, head = best_head(rec["mass"], cfg.train_max)
             m = np.asarray(rec["mass"][layer][head])
-            by.setdefault(label(rec), []).append(
+            by.setdefault(rec["label"], []).append(
                 (m[:cfg.train_max].mean(), m[cfg.train_max:].mean(), m[-1]))
         for g, v in sorted(by.items()):
             mass[g] = np.array(v).mean(0)
@@ -602,7 +606,7 @@ def report(records, cfg, out):
                 f"{mass[g][1]:.2f}   last step: {mass[g][2]:.2f}")
     for rec in records:
         if rec["cell"]["seed"] == 0 and rec.get("examples"):
-            say(f"\nexamples ({label(rec)}, seed 0):")
+            say(f"\nexamples ({rec['label']}, seed 0):")
             for e in rec["examples"][:4]:
                 say(f"  {e if len(e) < 400 else e[:400] + ' ...'}")
     say(f"\nthe paper's claims next to what was measured (final-answer accuracy, mean ± std over seeds; "
