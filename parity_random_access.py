@@ -510,9 +510,9 @@ def report(records, cfg, out):
             rows = C.select(rec["rows"], table="accuracy")
             return min(rows, key=lambda r: abs(r["length"] - cfg.map_length))["accuracy"] if rows else 0.0
         show = []
-        for f in ("scratchpad", "mnemonic"):  # per format, the seed that did best (labelled as such)
-            recs = [rec for rec in with_maps if rec["cell"]["fmt"] == f]
-            if recs:
+        for f in ("scratchpad", "mnemonic"):  # per format and setting, the seed that did best (labelled)
+            for lab in sorted({rec["label"] for rec in with_maps if rec["cell"]["fmt"] == f}):
+                recs = [rec for rec in with_maps if rec["label"] == lab]
                 show.append((max(recs, key=acc_at_map), len(recs)))
         show = show or [(with_maps[0], 1)]
         nh = len(show[0][0]["maps"][0])
@@ -525,9 +525,10 @@ def report(records, cfg, out):
                           interpolation="nearest")
                 ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
                 ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-                ax.set(title=f"{rec['label']}, seed {rec['cell']['seed']}"
-                             f"{f' (best of {of})' if of > 1 else ''}: layer {layer} head {h}",
-                       xlabel="input bit j", ylabel="step i")
+                ax.set(title=f"layer {layer} head {h}", xlabel="input bit j", ylabel="step i")
+                if h == 0:
+                    best = f" (best of {of})" if of > 1 else ""
+                    ax.set_ylabel(f"{rec['label']}\nseed {rec['cell']['seed']}{best}\nstep i", fontsize=7)
                 ax.title.set_fontsize(8)
         gs = axes[-1, 0].get_gridspec()
         for ax in axes[-1]:
