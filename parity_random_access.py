@@ -255,9 +255,16 @@ def greedy(model, batch):
             seq[:, t] = logits.argmax(-1)
         if t < T - 1:
             logits = model.decode(seq[:, t:t + 1], pos[:, t:t + 1], caches)  # (B, V)
-    stop = torch.where(((seq == EOS) & produced).any(1), ((seq == EOS) & produced).float().argmax(1), T)  # (B,)
+    stop = first_eos(seq)  # (B,)
     seq[(torch.arange(T, device=idx.device) > stop[:, None]) & produced] = -1
     return seq
+
+
+def first_eos(seq):
+    """Position of the first '$' in each row of seq (B, T), or T where there is none. Only the model
+    writes '$' (it is never a given token), so this is where generation stopped."""
+    said = seq == EOS
+    return torch.where(said.any(1), said.float().argmax(1), seq.size(1))
 
 
 def score(fmt):
@@ -271,8 +278,7 @@ def score(fmt):
         out = {"accuracy": steps.all(1) if fmt in ADD_FORMATS else steps[:, -1], "exact": right.all(1)}
         if (gold[0, prod] == EOS).any():  # formats that end with '$'
             end = int(prod[-1])
-            said = seq == EOS  # greedy() keeps the model's first '$' and blanks what follows
-            first = torch.where(said.any(1), said.float().argmax(1), gold.size(1))
+            first = first_eos(seq)  # greedy() keeps the model's first '$' and blanks what follows
             out.update(stop_early=first < end, stop_late=first > end)
         out.update({f"step{i}": steps[:, i] for i in range(steps.size(1))})
         return out
