@@ -48,8 +48,8 @@ class Manual(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, idx, targets=None, position_ids=None, at=None):
-        return self.model(idx, targets, position_ids, at, manual=True)
+    def forward(self, idx, targets=None, position_ids=None, at=None, pos_targets=None):
+        return self.model(idx, targets, position_ids, at, manual=True, pos_targets=pos_targets)
 
 
 def sampler(spec):

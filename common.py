@@ -20,6 +20,7 @@ explicit `np.random.Generator` (never global RNG). The dict holds
   targets      (B, P) int64 labels at the positions in `at` (-1 = ignored), or (B, T) if `at` is absent
   at           (B, P) int64 positions whose prediction is scored (optional; the last column is probed)
   position_ids (B, T) int64 (optional; default 0..T-1)
+  pos_targets  (B, T) int64 (optional) the next token's position id, for a model with a position head
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ class GPTConfig:
     pos: str = "none"             # none (NoPE) | learned (absolute table) | rope
     rope_base: float = 10000.0
     attn_out_norm: str = "none"   # none | layernorm (affine) | standardize (no affine), after W_O
+    pos_vocab: int = 0            # > 0: a second head predicts the next token's position id in
+                                  # 0..pos_vocab-1 (Predictive Position Coupling, Golowich et al. 2025)
 
 
 def apply_rope(x, pos, base):
@@ -194,6 +197,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.pos_head = nn.Linear(cfg.n_embd, cfg.pos_vocab, bias=False) if cfg.pos_vocab else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
@@ -234,16 +238,25 @@ class GPT(nn.Module):
             x = x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, P, C)
         return self.ln_f(x), recs
 
-    def forward(self, idx, targets=None, position_ids=None, at=None, manual=False):
+    def forward(self, idx, targets=None, position_ids=None, at=None, manual=False, pos_targets=None):
         """idx (B, T) -> (logits, loss). With at (B, P), logits only at those positions: (B, P, V)
-        and targets (B, P); otherwise logits (B, T, V) and targets (B, T). Targets < 0 are ignored."""
+        and targets (B, P); otherwise logits (B, T, V) and targets (B, T). Targets < 0 are ignored.
+        With a position head (pos_vocab > 0), logits is the pair (token logits, position-id logits
+        (.., pos_vocab)) and the loss adds the cross-entropy of pos_targets (the next token's id)."""
         x, _ = self._trunk(idx, position_ids, manual, at)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
-        return logits, loss
+        if self.pos_head is None:
+            return logits, loss
+        pos_logits = self.pos_head(x)
+        if pos_targets is not None:
+            pos_loss = F.cross_entropy(pos_logits.float().reshape(-1, pos_logits.size(-1)),
+                                       pos_targets.reshape(-1), ignore_index=-1)
+            loss = pos_loss if loss is None else loss + pos_loss
+        return (logits, pos_logits), loss
 
     @torch.no_grad()
     def probe(self, idx, at, position_ids=None):
@@ -258,9 +271,11 @@ class GPT(nn.Module):
         """Incremental (greedy or sampled) decoding with a key/value cache. caches: one dict per
         block, empty at the start ([{} for _ in model.blocks]). idx (B, T) is the prompt while the
         caches are empty, then one new token (B, 1); position_ids (B, T) are its positions.
-        Returns the logits for the token after the last one, (B, V). Costs O(T) per token."""
+        Returns the logits for the token after the last one, (B, V), and with a position head the
+        pair (token logits, position-id logits (B, pos_vocab)). Costs O(T) per token."""
         x, _ = self._trunk(idx, position_ids, caches=caches)
-        return self.lm_head(x[:, -1])
+        x = x[:, -1]
+        return self.lm_head(x) if self.pos_head is None else (self.lm_head(x), self.pos_head(x))
 
     @torch.no_grad()
     def attention_maps(self, idx, position_ids=None):
@@ -332,7 +347,8 @@ def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None
             g["lr"] = lr_at(step, cfg)
         b = to_device(sample_batch(rng, cfg.batch_size), device)
         with autocast(device):
-            _, loss = step_model(b["idx"], b["targets"], b.get("position_ids"), b.get("at"))
+            _, loss = step_model(b["idx"], b["targets"], b.get("position_ids"), b.get("at"),
+                                 pos_targets=b.get("pos_targets"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
