@@ -31,13 +31,14 @@ import common as C
 
 # Default sizes: vanishing_variance.py's default model (its item embedding stood in for by a token
 # table; T = 16 items + the query); parity_random_access.py's default model on its longest training
-# example (mnemonic, n = 20: T = 83, the loss on the 21 produced tokens); for sparse_planted.py, still to
-# come, SPEC.md's pilot size.
+# example (mnemonic, n = 20: T = 83, the loss on the 21 produced tokens); sparse_planted.py's sparse
+# parity model (NoPE, vocabulary 6) on its longest training example (l = 20 bits + '^' and '=': T = 22,
+# the loss on the last token).
 MODELS = {
     "vanishing_variance": dict(cfg=dict(vocab_size=9, n_layer=2, n_head=4, n_embd=64), T=17, batch=64, loss="last"),
     "parity_random_access": dict(cfg=dict(vocab_size=142, n_layer=3, n_head=4, n_embd=64, pos="rope"), T=83, batch=64,
                                  loss=list(range(42, 81, 2)) + [81]),
-    "sparse_planted": dict(cfg=dict(vocab_size=8, n_layer=2, n_head=4, n_embd=64), T=22, batch=64, loss="last"),
+    "sparse_planted": dict(cfg=dict(vocab_size=6, n_layer=2, n_head=4, n_embd=64), T=22, batch=64, loss="last"),
 }
 
 
