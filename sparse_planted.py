@@ -218,8 +218,8 @@ PRESETS = {
                   fixed_k=(2,), windows=(4, 0), test_lengths=(20, 40), ppc_test=(10, 20), eval_examples=32,
                   probe_examples=16),
     "quick": dict(seeds=5, steps=3000, lr=3e-3, eval_examples=500),
-    "paper": dict(seeds=5, steps=20000, loc_steps=10000, ppc_steps=50000, lr=1e-3, experiments=EXPERIMENTS,
-                  k_train=(4, 6, 8, 10, 12), fixed_k=(1, 2, 3, 4, 5, 6, 8, 10, 12), train_min=12, train_max=40,
+    "paper": dict(seeds=5, steps=10000, loc_steps=10000, ppc_steps=30000, lr=1e-3, experiments=EXPERIMENTS,
+                  k_train=(4, 6, 8, 10, 12), fixed_k=(1, 2, 3, 4, 5, 6, 8), train_min=12, train_max=40,
                   test_lengths=(40, 80, 160, 320), windows=(4, 8, 16, 0), ppc_test=(10, 20, 40, 80, 160)),
 }
 
@@ -482,7 +482,7 @@ def report(records, cfg, out):
         for ax, w in zip(axes[0], Ws):
             C.plot_vs_length([r for r in loc if r["W"] == w], "accuracy", None, L, group="pos", chance=0.5, ax=ax,
                              title=f"planted bits in the last W = {w} bits (k = {cfg.loc_k})")
-            ax.set_xlabel("bits l")
+            ax.set(xlabel="bits l", ylim=(0, 1.05))
             ticks_at(ax, sorted({r["length"] for r in loc}))
         top = max(r["length"] for r in loc)
         ax = axes[0, -1]
@@ -490,7 +490,9 @@ def report(records, cfg, out):
         line_with_band(ax, pts, "w", "accuracy", "pos")
         ax.set_xticks(range(len(Ws)), Ws)
         ax.axhline(0.5, color="red", ls=":", lw=1)
-        ax.set(xlabel="window W (locality)", ylabel="accuracy", ylim=(0.2, 1.02), title=f"accuracy at l = {top}")
+        ax.set(xlabel="window W (locality)", ylabel="accuracy", ylim=(0, 1.05),
+               title=f"accuracy at l = {top} (mean ± std over seeds)")
+        ax.title.set_fontsize(10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         finish(fig, out / "locality.png")
@@ -504,12 +506,20 @@ def report(records, cfg, out):
     if ppc:  # (3) pointer chasing: token accuracy, exact match, id accuracy vs n
         metrics = [m for m in ("token_acc", "exact", "id_acc") if any(m in r for r in ppc)]
         fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
-        titles = {"token_acc": "per-token accuracy (greedy)", "exact": "exact match of the whole output",
+        titles = {"token_acc": "per-token accuracy, greedy", "exact": "exact match of the whole output",
                   "id_acc": "accuracy of the predicted position ids"}
+        colors = {"nope": "C0", "rope": "C1", "oracle": "C2", "ppc": "C3"}  # the same in every panel
         for ax, m in zip(axes[0], metrics):
-            C.plot_vs_length(ppc, m, None, cfg.ppc_max, ax=ax, title=titles[m], ylabel=m)
-            ax.set_xlabel("cells n")
+            for g, (xs, mm, s, n) in sorted(C.mean_std_by(ppc, "length", m, "variant").items(),
+                                            key=lambda t: list(colors).index(t[0]) if t[0] in colors else 9):
+                line, = ax.plot(xs, mm, marker="o", ms=3, color=colors.get(g), label=f"{g} (n={n.min()})")
+                ax.fill_between(xs, mm - s, mm + s, color=line.get_color(), alpha=0.2)
+            ax.axvline(cfg.ppc_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.ppc_max}")
+            ax.set(xlabel="cells n", ylabel=m, ylim=(0, 1.05), title=titles[m] + " (mean ± std)")
+            ax.set_xscale("log", base=2)
             ticks_at(ax, sorted({r["length"] for r in ppc}))
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
         finish(fig, out / "ppc.png")
         say("\n(3) pointer-chasing copy, greedy decoding; mean ± std over seeds")
         Ls = sorted({r["length"] for r in ppc})
@@ -518,11 +528,12 @@ def report(records, cfg, out):
             for g, (xs, mm, s, n) in sorted(C.mean_std_by(ppc, "length", m, "variant").items()):
                 say(f"    {g:<16}" + "".join(f"{a:>7.2f}±{b:<5.2f}" for a, b in zip(mm, s)) + f"  ({n.min()} seeds)")
                 found.setdefault("ppc", {})[g, m] = dict(zip(xs.tolist(), mm.tolist()))
-    if probe:  # (4) attention-output variance at the query '='
+    if probe:  # (4) attention-output variance at the query '=' (the sparsity models' if there are any)
+        shown = [r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe
         layers = sorted({r["layer"] for r in probe})
         fig, axes = plt.subplots(1, len(layers), figsize=(5.5 * len(layers), 4.2), squeeze=False)
         for ax, layer in zip(axes[0], layers):
-            C.plot_vs_length(C.select(probe, layer=layer), "comp_std", None, L, logy=True, ax=ax,
+            C.plot_vs_length(C.select(shown, layer=layer), "comp_std", None, L, logy=True, ax=ax,
                              ylabel="std of a component across samples",
                              title=f"layer {layer}: attention-output std at the query '='")
             ax.set_xlabel("bits l")
