@@ -39,13 +39,16 @@ trained; a position-id head is trained with cross-entropy next to the token loss
 greedy and autoregressive (key/value cache): 'oracle' feeds the gold ids, 'ppc' the head's argmax.
 Metrics: per-token accuracy of the output (values and '$'), exact match, and id accuracy.
 
-Commands and measured run times (2-core CPU, 2 cells at a time): see the README section
-"sparse_planted.py", which lists every command with its time and result.
-  python sparse_planted.py                        # quick: sparsity (K 4, 6) + fixed-k control, 3 seeds
-  python sparse_planted.py --preset smoke         # seconds: what the tests run
-  python sparse_planted.py --experiments locality # NoPE / RoPE / coupled RoPE, W = 4, 8, anywhere
-  python sparse_planted.py --experiments ppc      # pointer-chasing copy
-  python sparse_planted.py --device cuda --preset paper   # everything, K up to 12, 5 seeds (not run yet)
+Commands and measured run times (2-core CPU, 2 cells at a time; results in the README section):
+  python sparse_planted.py                         # quick: sparsity (K = 4, 6) + fixed k = 1..5, 5 seeds,
+                                                   #   35 cells: QUICK_TIME min
+  python sparse_planted.py --preset smoke          # ~35 s: what the tests run
+  python sparse_planted.py --experiments locality  # NoPE / RoPE / coupled RoPE x W = 4, 8, anywhere: 13.7 min
+  python sparse_planted.py --experiments ppc       # NoPE, RoPE, coupled (oracle and PPC), 4000 steps: 24.2 min
+  python sparse_planted.py --experiments ppc --ppc-variants coupled --ppc-steps 16000 --seeds 2 \
+      --out out/sparse_planted/ppc_long            # longer PPC training: 13.1 min
+  python sparse_planted.py --experiments sparsity,fixed,locality,ppc   # reuses the cells above: one report
+  python sparse_planted.py --device cuda --preset paper   # everything at paper scale (not run: no GPU yet)
 
 Deviations: no code was released and the paper's body could not be read here; the protocol follows
 SPEC.md. Our choices: the token layouts above, the locality window anchored at '=', coupling in the
@@ -414,6 +417,16 @@ def finish(fig, path):
     C.pyplot().close(fig)
 
 
+def say_table(say, rows, metric, group, x="l", label=str, width=20):
+    """Print metric by length, one line per group: mean ± std over seeds. Returns {group: {length: mean}}."""
+    out = {}
+    say(f"  {'':<{width}}" + "".join(f"{x + '=' + str(L):>13}" for L in sorted({r['length'] for r in rows})))
+    for g, (xs, m, s, n) in sorted(C.mean_std_by(rows, "length", metric, group).items()):
+        say(f"  {label(g):<{width}}" + "".join(f"{a:>7.2f}±{b:<5.2f}" for a, b in zip(m, s)) + f"  ({n.min()} seeds)")
+        out[g] = dict(zip(xs.tolist(), m.tolist()))
+    return out
+
+
 def report(records, cfg, out):
     """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
     plt = C.pyplot()
@@ -459,13 +472,9 @@ def report(records, cfg, out):
             ax.grid(alpha=0.3)
         finish(fig, out / "sparsity_vs_k.png")
         say(f"\n(1) sparse parity, accuracy by k and length l (trained on l <= {L}); mean ± std over seeds")
-        Ls = sorted({r["length"] for r in sp})
-        say(f"  {'model':<28}{'k':>3}" + "".join(f"{'l=' + str(x):>13}" for x in Ls))
         for fam in fams:
-            for (k,), (xs, m, s, n) in sorted(C.mean_std_by([r for r in sp if r["family"] == fam], "length",
-                                                           "accuracy", ("k",)).items()):
-                say(f"  {fam:<28}{k:>3}" + "".join(f"{a:>7.2f}±{b:<5.2f}" for a, b in zip(m, s)) + f"  ({n.min()} seeds)")
-                found.setdefault(fam, {})[k] = dict(zip(xs.tolist(), m.tolist()))
+            found[fam] = say_table(say, [r for r in sp if r["family"] == fam], "accuracy", "k",
+                                   label=lambda k, f=fam: f"{f}, k={k}", width=32)
         say(f"\n  Spearman rank correlation of accuracy with k (points: seed x k; 95% CI: bootstrap over seeds)")
         for fam in fams:
             for length in ood:
@@ -497,11 +506,7 @@ def report(records, cfg, out):
         ax.grid(alpha=0.3)
         finish(fig, out / "locality.png")
         say(f"\n(2) locality (k = {cfg.loc_k} planted bits among the last W before '='): accuracy, mean ± std over seeds")
-        Ls = sorted({r["length"] for r in loc})
-        say(f"  {'variant':<20}" + "".join(f"{'l=' + str(x):>13}" for x in Ls))
-        for g, (xs, m, s, n) in sorted(C.mean_std_by(loc, "length", "accuracy", "variant").items()):
-            say(f"  {g:<20}" + "".join(f"{a:>7.2f}±{b:<5.2f}" for a, b in zip(m, s)) + f"  ({n.min()} seeds)")
-            found.setdefault("loc", {})[g] = m[-1]
+        found["loc"] = {g: a[max(a)] for g, a in say_table(say, loc, "accuracy", "variant").items()}
     ppc = [r for r in acc if r["exp"] == "ppc"]
     if ppc:  # (3) pointer chasing: token accuracy, exact match, id accuracy vs n
         metrics = [m for m in ("token_acc", "exact", "id_acc") if any(m in r for r in ppc)]
@@ -522,12 +527,10 @@ def report(records, cfg, out):
             ax.grid(alpha=0.3)
         finish(fig, out / "ppc.png")
         say("\n(3) pointer-chasing copy, greedy decoding; mean ± std over seeds")
-        Ls = sorted({r["length"] for r in ppc})
         for m in metrics:
-            say(f"  {m:<10}{'':<8}" + "".join(f"{'n=' + str(x):>13}" for x in Ls))
-            for g, (xs, mm, s, n) in sorted(C.mean_std_by(ppc, "length", m, "variant").items()):
-                say(f"    {g:<16}" + "".join(f"{a:>7.2f}±{b:<5.2f}" for a, b in zip(mm, s)) + f"  ({n.min()} seeds)")
-                found.setdefault("ppc", {})[g, m] = dict(zip(xs.tolist(), mm.tolist()))
+            say(f"  {m}:")
+            for g, a in say_table(say, ppc, m, "variant", x="n").items():
+                found.setdefault("ppc", {})[g, m] = a
     if probe:  # (4) attention-output variance at the query '=' (the sparsity models' if there are any)
         shown = [r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe
         layers = sorted({r["layer"] for r in probe})
