@@ -41,7 +41,7 @@ Metrics: per-token accuracy of the output (values and '$'), exact match, and id 
 
 Commands and measured run times (2-core CPU, 2 cells at a time; results in the README section):
   python sparse_planted.py                         # quick: sparsity (K = 4, 6) + fixed k = 1..5, 5 seeds,
-                                                   #   35 cells: QUICK_TIME min
+                                                   #   35 cells: 14.9 min (a second run from scratch gave identical rows)
   python sparse_planted.py --preset smoke          # ~35 s: what the tests run
   python sparse_planted.py --experiments locality  # NoPE / RoPE / coupled RoPE x W = 4, 8, anywhere: 13.7 min
   python sparse_planted.py --experiments ppc       # NoPE, RoPE, coupled (oracle and PPC), 4000 steps: 24.2 min
