@@ -411,6 +411,15 @@ def line_with_band(ax, rows, x, y, group, label=lambda g: str(g), **kw):
         ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
 
 
+def accuracy_axes(ax, xlabel, title):
+    """Chance line, labels, 0..1 range, legend and grid of an accuracy-vs-category panel."""
+    ax.axhline(0.5, color="red", ls=":", lw=1, label="chance 0.5")
+    ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1.05), title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def finish(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -464,12 +473,8 @@ def report(records, cfg, out):
                 pts = [r for r in sel if r["family"] == fam]
                 ax.scatter([r["k"] + 0.08 * (i - 1) for r in pts], [r["accuracy"] for r in pts], s=8, alpha=0.4,
                            color=f"C{i}")
-            ax.axhline(0.5, color="red", ls=":", lw=1, label="chance 0.5")
-            ax.set(xlabel="k (planted bits)", ylabel="accuracy", ylim=(0, 1.05),
-                   title=f"l = {length} ({length / L:g} x the training length {L}); mean ± std, dots: seeds")
-            ax.title.set_fontsize(9)
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
+            accuracy_axes(ax, "k (planted bits)",
+                          f"l = {length} ({length / L:g} x the training length {L}); mean ± std, dots: seeds")
         finish(fig, out / "sparsity_vs_k.png")
         say(f"\n(1) sparse parity, accuracy by k and length l (trained on l <= {L}); mean ± std over seeds")
         for fam in fams:
@@ -498,12 +503,7 @@ def report(records, cfg, out):
         pts = [{**r, "w": Ws.index(r["W"])} for r in loc if r["length"] == top]
         line_with_band(ax, pts, "w", "accuracy", "pos")
         ax.set_xticks(range(len(Ws)), Ws)
-        ax.axhline(0.5, color="red", ls=":", lw=1)
-        ax.set(xlabel="window W (locality)", ylabel="accuracy", ylim=(0, 1.05),
-               title=f"accuracy at l = {top} (mean ± std over seeds)")
-        ax.title.set_fontsize(10)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        accuracy_axes(ax, "window W (locality)", f"accuracy at l = {top} (mean ± std over seeds)")
         finish(fig, out / "locality.png")
         say(f"\n(2) locality (k = {cfg.loc_k} planted bits among the last W before '='): accuracy, mean ± std over seeds")
         found["loc"] = {g: a[max(a)] for g, a in say_table(say, loc, "accuracy", "variant").items()}
