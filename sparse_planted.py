@@ -314,7 +314,7 @@ def pointer_samplers(variant, cfg, block):
             return sample_pointer(rng, B, n, offset_max=block - n - 2)
         b = sample_pointer(rng, B, n)
         return {"idx": b["idx"], "targets": b["targets"]}
-    return train, (lambda rng, B, n: sample_pointer(rng, B, n))
+    return train, sample_pointer
 
 
 def run_pointer(cell, cfg, device):
