@@ -83,65 +83,108 @@ class GPTConfig:
                                   # 0..pos_vocab-1 (Predictive Position Coupling, Golowich et al. 2025)
 
 
-def apply_rope(x, pos, base):
-    """Rotate pairs of channels of x (B, nh, T, hs) by angles pos * base^(-2i/hs); pos is (B, T)."""
-    hs = x.size(-1)
-    inv_freq = base ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
+def rope_angles(pos, hs, base):
+    """cos and sin of the RoPE angles pos * base^(-2i/hs), each (B, 1, T, hs/2) in float32; pos (B, T).
+    Computed once per forward and shared by every layer's q and k."""
+    inv_freq = base ** (-torch.arange(0, hs, 2, device=pos.device, dtype=torch.float32) / hs)  # (hs/2,)
     ang = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, rope):
+    """Rotate pairs of channels of x (B, nh, T, hs) by the angles of rope_angles()."""
+    cos, sin = (t.to(x.dtype) for t in rope)
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def gather_at(x, at):
+    """x (B, T, C) at the positions at (B, P): (B, P, C)."""
+    return x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))
+
+
+def attention_rows(q, k, at):
+    """softmax(q k^T / sqrt(hs)) for the queries at positions `at` (B, P) only, causal, in float32:
+    (B, nh, P, T). O(P T) memory."""
+    B, nh, T, hs = q.shape
+    qa = q.gather(2, at[:, None, :, None].expand(B, nh, at.size(1), hs))  # (B, nh, P, hs)
+    scores = (qa @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, P, T)
+    future = torch.arange(T, device=q.device) > at[:, None, :, None]  # (B, 1, P, T)
+    return F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
+
+
+class KVCache:
+    """Keys and values of one layer for incremental decoding, preallocated for max_len positions and
+    filled left to right: no torch.cat (and no new allocation) per decoded token."""
+
+    def __init__(self, max_len):
+        self.max_len, self.n, self.k, self.v = max_len, 0, None, None
+
+    def append(self, k, v):
+        """k, v (B, nh, T, hs) of the new positions; returns every cached key and value so far."""
+        B, nh, T, hs = k.shape
+        check(self.n == 0 or T == 1, "after the prompt, decode one token at a time")
+        check(self.n + T <= self.max_len, f"the key/value cache holds {self.max_len} positions")
+        if self.k is None:
+            self.k, self.v = k.new_empty(B, nh, self.max_len, hs), v.new_empty(B, nh, self.max_len, hs)
+        self.k[:, :, self.n:self.n + T], self.v[:, :, self.n:self.n + T] = k, v
+        self.n += T
+        return self.k[:, :, :self.n], self.v[:, :, :self.n]  # (B, nh, n, hs) each
+
+
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention. One short method per way it is run:
+      forward            y (B, T, C) from the fused kernel (flash / memory-efficient): training, eval
+      forward_probed     the same, plus the rows of the queries at `at` (B, nh, P, T): probes
+      forward_at         y (B, P, C) for the queries at `at` alone, and their rows: the last block
+                         when only the answers are read (its keys and values still span all T)
+      forward_with_maps  y (B, T, C) and the full maps (B, nh, T, T) from an explicit softmax
+      decode             y for the new positions, attending to everything in the KVCache
+    x is (B, T, C); rope is rope_angles() of the position ids, or None without RoPE."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)      # W_O
 
-    def forward(self, x, pos, manual=False, at=None, only_at=False, cache=None):
-        """x (B, T, C), pos (B, T). Returns y and attention weights:
-          cache={...}   incremental decoding: the keys and values of x are appended to the cache (a
-                        dict per layer, empty at the start); x is the whole prompt when the cache is
-                        empty and one new token after that; y (B, T, C), no weights;
-          manual=True   y (B, T, C) and the full maps (B, nh, T, T) (O(T^2) memory);
-          only_at=True  y (B, P, C) for the queries at positions `at` (B, P) only, and their rows
-                        (B, nh, P, T): what the last block needs when only the answers are read;
-          otherwise     y (B, T, C) from the fused kernel, and the rows of the queries at `at`
-                        (B, nh, P, T) if `at` is given (probes), else None. Memory linear in T."""
+    def qkv(self, x, rope):
         B, T, C = x.shape
-        nh, hs = self.cfg.n_head, C // self.cfg.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.cfg.pos == "rope":
-            q, k = apply_rope(q, pos, self.cfg.rope_base), apply_rope(k, pos, self.cfg.rope_base)
-        att = None
-        if cache is not None:  # incremental decoding: attend to every cached position and itself
-            check(not cache or T == 1, "after the prompt, decode one token at a time")
-            if cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nh, T_past + 1, hs)
-            cache["k"], cache["v"] = k, v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
-        elif manual:  # explicit softmax(QK^T / sqrt(hs)) V
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            att = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
-            y = att.to(v.dtype) @ v  # (B, nh, T, hs)
-        elif not only_at:  # fused kernel (flash / memory-efficient)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        if at is not None and not manual:  # the rows of the queries at `at` only: O(P T)
-            P = at.size(1)
-            qa = q.gather(2, at[:, None, :, None].expand(B, nh, P, hs))  # (B, nh, P, hs)
-            scores = (qa @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, P, T)
-            future = torch.arange(T, device=x.device) > at[:, None, :, None]  # (B, 1, P, T)
-            att = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
-            if only_at:
-                y = att.to(v.dtype) @ v  # (B, nh, P, hs)
-        y = y.transpose(1, 2).contiguous().view(B, y.size(2), C)  # (B, T or P, C): heads side by side
-        return self.c_proj(y), att
+        nh = self.cfg.n_head
+        q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
+    def out(self, y):
+        B, nh, T, hs = y.shape
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs))  # (B, T, C): heads side by side
+
+    def forward(self, x, rope):
+        q, k, v = self.qkv(x, rope)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def forward_probed(self, x, rope, at):
+        q, k, v = self.qkv(x, rope)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True)), attention_rows(q, k, at)
+
+    def forward_at(self, x, rope, at):
+        q, k, v = self.qkv(x, rope)
+        rows = attention_rows(q, k, at)  # (B, nh, P, T)
+        return self.out(rows.to(v.dtype) @ v), rows  # (B, P, C)
+
+    def forward_with_maps(self, x, rope):
+        q, k, v = self.qkv(x, rope)
+        T = x.size(1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        maps = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
+        return self.out(maps.to(v.dtype) @ v), maps
+
+    def decode(self, x, rope, cache: KVCache):
+        q, k, v = self.qkv(x, rope)
+        k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=x.size(1) > 1))
 
 
 class MLP(nn.Module):
@@ -155,7 +198,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block: x + norm_out(attn(ln_1(x))), then x + mlp(ln_2(x))."""
+    """Pre-LN block: x + norm_out(attn(ln_1(x))), then x + mlp(ln_2(x)). Its methods mirror
+    CausalSelfAttention's; the probed ones return a record of the attention output at `at` before
+    ('pre') and after ('post') the extra norm, (B, P, C), and the query rows ('attn', (B, nh, P, T))."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -167,20 +212,33 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.mlp else None
         self.mlp = MLP(cfg) if cfg.mlp else None
 
-    def forward(self, x, pos, manual=False, at=None, only_at=False, cache=None):
-        """See CausalSelfAttention. With only_at the block's output is (B, P, C), at `at` only.
-        The record holds the attention output at `at` before ('pre') and after ('post') the extra
-        norm, and the attention weights."""
-        a, att = self.attn(self.ln_1(x), pos, manual, at, only_at, cache)  # a: attention output after W_O
+    def residual(self, x, a):
+        """x + norm_out(a), then the MLP; returns the block output and norm_out(a)."""
         n = self.attn_out_norm(a)
-        gather = lambda t: t.gather(1, at[:, :, None].expand(-1, -1, t.size(-1)))  # (B, T, C) -> (B, P, C)
-        x = (gather(x) if only_at else x) + n
+        x = x + n
         if self.mlp is not None:
             x = x + self.mlp(self.ln_2(x))
-        rec = {"attn": att}
-        if at is not None and not manual:
-            rec.update(pre=(a if only_at else gather(a)).float(), post=(n if only_at else gather(n)).float())
-        return x, rec
+        return x, n
+
+    def forward(self, x, rope):
+        return self.residual(x, self.attn(self.ln_1(x), rope))[0]
+
+    def forward_probed(self, x, rope, at):
+        a, rows = self.attn.forward_probed(self.ln_1(x), rope, at)
+        x, n = self.residual(x, a)
+        return x, {"attn": rows, "pre": gather_at(a, at), "post": gather_at(n, at)}
+
+    def forward_at(self, x, rope, at):
+        a, rows = self.attn.forward_at(self.ln_1(x), rope, at)  # (B, P, C)
+        x, n = self.residual(gather_at(x, at), a)  # (B, P, C)
+        return x, {"attn": rows, "pre": a, "post": n}
+
+    def forward_with_maps(self, x, rope):
+        a, maps = self.attn.forward_with_maps(self.ln_1(x), rope)
+        return self.residual(x, a)[0], maps
+
+    def decode(self, x, rope, cache):
+        return self.residual(x, self.attn.decode(self.ln_1(x), rope, cache))[0]
 
 
 class GPT(nn.Module):
@@ -213,14 +271,14 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def _trunk(self, idx, position_ids, manual=False, at=None, probe=False, caches=None):
-        """Final hidden states, (B, T, C), or (B, P, C) at `at` if given, and a record per layer.
-        When only the positions `at` are read, the last block runs for those queries alone (its
-        keys and values still come from every position): O(P T) attention there, and its MLP on
-        P positions. With probe=True every layer records the attention output and rows at `at`."""
+    def embed(self, idx, position_ids=None):
+        """Token (+ learned position) embeddings (B, T, C) and the RoPE angles (or None), once per forward."""
         B, T = idx.shape
-        if self.wpe is not None:  # an id past the table would index out of range: say so plainly
-            top = T - 1 if position_ids is None or torch.compiler.is_compiling() else int(position_ids.max())
+        if self.wpe is not None:  # an id past the table would index out of range: say so plainly. Only
+            # where it is free: on a GPU, max() would wait for the device on every forward (scripts size
+            # the table from their test lengths up front, and CUDA's own index check still fires)
+            top = T - 1 if position_ids is None else \
+                int(position_ids.max()) if position_ids.device.type == "cpu" and not torch.compiler.is_compiling() else -1
             check(top < self.cfg.block_size, f"position id {top} is beyond the learned position table "
                   f"(block_size={self.cfg.block_size}); raise block_size or test shorter lengths")
         if position_ids is None:
@@ -228,60 +286,88 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
-        recs = []
+        rope = rope_angles(position_ids, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_base) \
+            if self.cfg.pos == "rope" else None
+        return x, rope
+
+    def trunk(self, idx, position_ids=None, at=None, manual=False):
+        """Final hidden states (B, T, C), or (B, P, C) at `at` if given. When only the positions `at`
+        are read, the last block runs for those queries alone (its keys and values still come from
+        every position): O(P T) attention there, and its MLP on P positions. manual=True runs every
+        block through the explicit softmax (the reference path)."""
+        x, rope = self.embed(idx, position_ids)
         for i, block in enumerate(self.blocks):
-            only_at = at is not None and not manual and i == len(self.blocks) - 1
-            x, rec = block(x, position_ids, manual, at if (probe or only_at) else None, only_at,
-                           caches[i] if caches is not None else None)
-            recs.append(rec)
+            if manual:
+                x = block.forward_with_maps(x, rope)[0]
+            elif at is not None and i == len(self.blocks) - 1:
+                x = block.forward_at(x, rope, at)[0]
+            else:
+                x = block(x, rope)
         if at is not None and manual:
-            x = x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, P, C)
-        return self.ln_f(x), recs
+            x = gather_at(x, at)  # (B, P, C)
+        return self.ln_f(x)
 
     def forward(self, idx, targets=None, position_ids=None, at=None, manual=False, pos_targets=None):
         """idx (B, T) -> (logits, loss). With at (B, P), logits only at those positions: (B, P, V)
         and targets (B, P); otherwise logits (B, T, V) and targets (B, T). Targets < 0 are ignored.
-        With a position head (pos_vocab > 0), logits is the pair (token logits, position-id logits
-        (.., pos_vocab)) and the loss adds the cross-entropy of pos_targets (the next token's id)."""
-        x, _ = self._trunk(idx, position_ids, manual, at)
+        With a position head (pos_vocab > 0) the loss adds the cross-entropy of pos_targets (the
+        next token's position id); logits_and_ids() returns that head's logits."""
+        x = self.trunk(idx, position_ids, at, manual)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
-        if self.pos_head is None:
-            return logits, loss
-        pos_logits = self.pos_head(x)
-        if pos_targets is not None:
+        if self.pos_head is not None and pos_targets is not None:
+            pos_logits = self.pos_head(x)
             pos_loss = F.cross_entropy(pos_logits.float().reshape(-1, pos_logits.size(-1)),
                                        pos_targets.reshape(-1), ignore_index=-1)
             loss = pos_loss if loss is None else loss + pos_loss
-        return (logits, pos_logits), loss
+        return logits, loss
+
+    @torch.no_grad()
+    def logits_and_ids(self, idx, position_ids=None, at=None):
+        """(token logits, position-id logits (.., pos_vocab)) of a model with a position head."""
+        x = self.trunk(idx, position_ids, at)
+        return self.lm_head(x), self.pos_head(x)
 
     @torch.no_grad()
     def probe(self, idx, at, position_ids=None):
         """Logits at `at` (B, P, V) and, per layer, a dict with the attention output at `at` before
         ('pre') and after ('post') the extra norm, (B, P, C), and the attention rows of those
         queries ('attn', (B, nh, P, T)). Runs the fast path: memory stays linear in T."""
-        x, recs = self._trunk(idx, position_ids, at=at, probe=True)
-        return self.lm_head(x), recs
+        x, rope = self.embed(idx, position_ids)
+        recs = []
+        for i, block in enumerate(self.blocks):
+            x, rec = (block.forward_at if i == len(self.blocks) - 1 else block.forward_probed)(x, rope, at)
+            recs.append(rec)
+        return self.lm_head(self.ln_f(x)), recs
+
+    def new_caches(self, max_len):
+        """One empty KVCache per block, for decode() of sequences up to max_len tokens."""
+        return [KVCache(max_len) for _ in self.blocks]
 
     @torch.no_grad()
     def decode(self, idx, position_ids, caches):
-        """Incremental (greedy or sampled) decoding with a key/value cache. caches: one dict per
-        block, empty at the start ([{} for _ in model.blocks]). idx (B, T) is the prompt while the
-        caches are empty, then one new token (B, 1); position_ids (B, T) are its positions.
-        Returns the logits for the token after the last one, (B, V), and with a position head the
-        pair (token logits, position-id logits (B, pos_vocab)). Costs O(T) per token."""
-        x, _ = self._trunk(idx, position_ids, caches=caches)
-        x = x[:, -1]
+        """Incremental (greedy or sampled) decoding with a key/value cache. caches: new_caches(T).
+        idx (B, T) is the prompt while the caches are empty, then one new token (B, 1); position_ids
+        (B, T) are its positions. Returns the logits for the token after the last one, (B, V), and
+        with a position head the pair (token logits, position-id logits (B, pos_vocab)). O(T) per token."""
+        x, rope = self.embed(idx, position_ids)
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, rope, cache)
+        x = self.ln_f(x[:, -1])
         return self.lm_head(x) if self.pos_head is None else (self.lm_head(x), self.pos_head(x))
 
     @torch.no_grad()
     def attention_maps(self, idx, position_ids=None):
         """Full attention maps per layer, (B, nh, T, T) each, from the manual path (short inputs)."""
-        _, recs = self._trunk(idx, position_ids, manual=True)
-        return [r["attn"] for r in recs]
+        x, rope = self.embed(idx, position_ids)
+        maps = []
+        for block in self.blocks:
+            x, m = block.forward_with_maps(x, rope)
+            maps.append(m)
+        return maps
 
 
 # =============================================================================================

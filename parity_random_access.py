@@ -245,18 +245,20 @@ def greedy(model, batch):
     idx = batch["idx"]
     B, T = idx.shape
     pos = batch.get("position_ids", torch.arange(T, device=idx.device).expand(B, T))
-    produced = torch.zeros(T, dtype=torch.bool, device=idx.device)
-    produced[batch["at"][0] + 1] = True
-    seq, start = idx.clone(), int(batch["at"][0, 0]) + 1
-    caches = [{} for _ in model.blocks]
+    at = batch["at"][0].tolist()  # the produced positions minus one, read once: no device sync per token
+    produced = set(t + 1 for t in at)
+    seq, start = idx.clone(), at[0] + 1
+    caches = model.new_caches(T)
     logits = model.decode(seq[:, :start], pos[:, :start], caches)  # the prompt, in one pass
     for t in range(start, T):
-        if produced[t]:
+        if t in produced:
             seq[:, t] = logits.argmax(-1)
         if t < T - 1:
             logits = model.decode(seq[:, t:t + 1], pos[:, t:t + 1], caches)  # (B, V)
     stop = first_eos(seq)  # (B,)
-    seq[(torch.arange(T, device=idx.device) > stop[:, None]) & produced] = -1
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[sorted(produced)] = True
+    seq[(torch.arange(T, device=idx.device) > stop[:, None]) & mask.to(idx.device)] = -1
     return seq
 
 

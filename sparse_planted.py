@@ -158,7 +158,7 @@ def greedy_pointer(model, batch, ids):
     B, T = idx.shape
     fed = torch.arange(T, device=idx.device).expand(B, T).clone() if ids == "plain" else batch["position_ids"].clone()
     seq, pred = idx.clone(), None
-    caches = [{} for _ in model.blocks]
+    caches = model.new_caches(T)
     out = model.decode(idx[:, :P], fed[:, :P], caches)
     for t in range(P, T):
         tok, pos = out if isinstance(out, tuple) else (out, None)

@@ -76,7 +76,7 @@ def test_kv_cache_decoding_equals_the_full_forward(pos, norm):
     idx = torch.randint(0, 20, (3, 16), generator=torch.Generator().manual_seed(2))
     pid = torch.arange(16).expand(3, 16) + 7  # offset positions: the cache must use the ids it is given
     full, _ = m(idx, position_ids=pid)
-    caches = [{} for _ in m.blocks]
+    caches = m.new_caches(16)
     steps = [m.decode(idx[:, :5], pid[:, :5], caches)]  # the prompt in one pass, then token by token
     steps += [m.decode(idx[:, t:t + 1], pid[:, t:t + 1], caches) for t in range(5, 16)]
     assert torch.allclose(torch.stack(steps, 1), full[:, 4:], atol=1e-5)

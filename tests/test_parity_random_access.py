@@ -124,7 +124,10 @@ class Scripted(torch.nn.Module):
 
     def __init__(self, gold, mode):
         super().__init__()
-        self.gold, self.mode, self.blocks = gold, mode, [None]
+        self.gold, self.mode = gold, mode
+
+    def new_caches(self, max_len):
+        return [{}]
 
     def decode(self, idx, pos, caches):
         t = caches[0]["t"] = caches[0].get("t", 0) + idx.shape[1]  # the position being predicted
