@@ -6,8 +6,8 @@ One file, read top to bottom:
                   explicit position_ids, an optional norm on the attention output, a fast SDPA path
                   and a manual path that exposes the attention weights, probes of the attention output,
                   decoding with a key/value cache)
-  2. training     train(): AdamW, warmup + cosine, grad clipping, bf16 autocast on CUDA only,
-                  opt-in torch.compile, divergence detection
+  2. training     train(): AdamW (fused on CUDA), warmup + cosine, grad clipping, fp32 unless
+                  --dtype bf16 (CUDA), opt-in torch.compile, divergence detection
   3. evaluation   eval_batches(), evaluate_by_length(), evaluate_with_probes(): tidy rows, fixed eval seed
   4. sweeps       run_sweep(): cells in parallel processes, shards, atomic per-cell results, resume
   5. results      write_results(), load_cells(), summarize()
@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 POS_ENCODINGS = ("none", "learned", "rope")
 ATTN_OUT_NORMS = ("none", "layernorm", "standardize")
 EVAL_SEED = 12345  # every variant and every training seed is tested on the same examples
+JOBS_PER_GPU = 8   # default --jobs per GPU
 
 
 class UsageError(ValueError):
@@ -277,8 +278,8 @@ class GPT(nn.Module):
         if self.wpe is not None:  # an id past the table would index out of range: say so plainly. Only
             # where it is free: on a GPU, max() would wait for the device on every forward (scripts size
             # the table from their test lengths up front, and CUDA's own index check still fires)
-            top = T - 1 if position_ids is None else \
-                int(position_ids.max()) if position_ids.device.type == "cpu" and not torch.compiler.is_compiling() else -1
+            on_cpu = position_ids is None or (position_ids.device.type == "cpu" and not torch.compiler.is_compiling())
+            top = (T - 1 if position_ids is None else int(position_ids.max())) if on_cpu else -1
             check(top < self.cfg.block_size, f"position id {top} is beyond the learned position table "
                   f"(block_size={self.cfg.block_size}); raise block_size or test shorter lengths")
         if position_ids is None:
@@ -403,9 +404,23 @@ def lr_at(step, cfg: TrainConfig):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+DTYPES = ("fp32", "bf16")
+PRECISION = {"dtype": "fp32"}  # this process's setting, from its cell (set_precision); fp32 unless asked
+
+
+def set_precision(dtype="fp32", tf32=False):
+    """fp32 everywhere by default. dtype='bf16': bf16 autocast for training and the accuracy
+    evaluation (CUDA only); probes and attention statistics stay fp32 whatever is asked. tf32:
+    TensorFloat-32 matmuls on CUDA (10-bit mantissa), off unless asked."""
+    PRECISION["dtype"] = dtype
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
 def autocast(device):
-    """bf16 autocast on CUDA only; float32 elsewhere (CPU bf16 is slow, MPS bf16 support varies)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """bf16 autocast when --dtype bf16 asked for it (CUDA only); otherwise float32."""
+    if device.type == "cuda" and PRECISION["dtype"] == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def to_device(batch, device):
@@ -510,6 +525,7 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
                          tokens_per_batch=2**16):
     """One fast-path pass per length that scores the answer at the last `at` position and probes the
     attention output there (the query), per layer, before ('pre') and after ('post') the extra norm.
+    Always in float32, whatever --dtype says: these are the paper's own quantities.
 
     Returns (rows, probe_rows, kept):
       rows        [{length, accuracy, <extra metrics>, n}]; extra(batch, logits, recs) gives more
@@ -524,8 +540,7 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
         sums, vecs, ent = defaultdict(float), defaultdict(list), defaultdict(list)
         for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch):
             b = to_device(b, device)
-            with autocast(device):
-                logits, recs = model.probe(b["idx"], b["at"][:, -1:], b.get("position_ids"))
+            logits, recs = model.probe(b["idx"], b["at"][:, -1:], b.get("position_ids"))  # always fp32
             metrics = {"accuracy": (logits[:, 0].argmax(-1) == b["targets"][:, -1]).float()}
             metrics.update(extra(b, logits, recs) if extra else {})
             for k, v in metrics.items():
@@ -550,12 +565,14 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
 # 4. Sweeps: cells in parallel processes, shards, atomic results, resume
 # =============================================================================================
 
-def make_cells(cfg, device, sweep_fields=("seeds", "variants"), **axes):
+def make_cells(cfg, device, precision=None, sweep_fields=("seeds", "variants"), **axes):
     """One cell per combination of the axes, e.g. make_cells(cfg, dev, variant=cfg.variants,
     seed=range(cfg.seeds)). A cell's config leaves out the fields that only list the axes, so adding a
-    seed or a variant later reuses every cell already done."""
+    seed or a variant later reuses every cell already done. precision: {'dtype', 'tf32'} from
+    setup_run; a cell records them only where they differ from fp32 / TF32 off."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sweep_fields}
-    return [{**dict(zip(axes, combo)), "device": device.type, "config": config}
+    prec = {k: v for k, v in (precision or {}).items() if v != {"dtype": "fp32", "tf32": False}[k]}
+    return [{**dict(zip(axes, combo)), "device": device.type, **prec, "config": config}
             for combo in itertools.product(*axes.values())]
 
 
@@ -580,6 +597,13 @@ def _run_and_save(run_cell, cell_dir, cell):
     return record
 
 
+def cell_device(cell):
+    """The torch device a cell runs on, with its precision set (set_precision). On CUDA, each --jobs
+    worker process was given one GPU (round robin over cuda:0..n-1); the cell just says 'cuda'."""
+    set_precision(cell.get("dtype", "fp32"), cell.get("tf32", False))
+    return torch.device(cell["device"])
+
+
 def is_main_process():
     """True in the process the user started (show progress bars), False in --jobs worker processes."""
     return mp.current_process().name == "MainProcess"
@@ -588,6 +612,9 @@ def is_main_process():
 def _worker_init(threads):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
+    if torch.cuda.is_available():  # several workers per GPU, spread round robin over the GPUs
+        worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
+        torch.cuda.set_device(worker % torch.cuda.device_count())
 
 
 def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
@@ -607,7 +634,7 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
         for c in todo:
             _run_and_save(run_cell, cell_dir, c)
             bar.update()
-    else:  # spawn: safe with CUDA and with threads; each worker runs cells single-threaded on CPU
+    else:  # spawn: safe with CUDA and with threads; each worker runs cells single-threaded
         with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(1,)) as pool:
             for _ in pool.imap_unordered(_Runner(run_cell, cell_dir), todo):
                 bar.update()
@@ -664,10 +691,14 @@ def git_commit():
         return "unknown"
 
 
-def environment(device, dtype):
-    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "device": str(device), "dtype": dtype, "git_commit": git_commit(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+def environment(device, precision):
+    """What results.json records of the machine: versions, device (GPU names), dtype and TF32."""
+    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "device": str(device), "dtype": precision["dtype"], "tf32": precision["tf32"],
+           "cuda": torch.version.cuda, "git_commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if device.type == "cuda":
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return env
 
 
 def write_results(out_dir, records, config, env):
@@ -870,8 +901,12 @@ def make_parser(description, config_cls, presets):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--out", default="out/<script>/<preset>", help="output directory")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES,
+                   help="fp32 everywhere, or bf16 autocast for training and accuracy (CUDA only; probes stay fp32)")
+    p.add_argument("--tf32", action="store_true", help="allow TensorFloat-32 matmuls on CUDA (off by default)")
     p.add_argument("--jobs", type=int, default=0,
-                   help="cells run in parallel processes (0 = one per CPU core on CPU, 1 on a GPU)")
+                   help=f"cells run in parallel processes (0 = one per CPU core on CPU; on CUDA "
+                        f"{JOBS_PER_GPU} per GPU, at most one per CPU core)")
     p.add_argument("--shard", default="0/1", help="I/N: run only cells i with i %% N == I (cluster job arrays)")
     p.add_argument("--fresh", action="store_true", help="recompute cells that already have results")
     p.add_argument("--plot-only", metavar="DIR", default=None, help="redraw figures and summary from DIR; no training")
@@ -909,8 +944,8 @@ def parse_config(args, config_cls, presets):
     return cfg
 
 
-def pick_device(name="auto"):
-    """(torch.device, dtype description), printing the choice and the reason."""
+def pick_device(name="auto", dtype="fp32", tf32=False):
+    """(torch.device, precision {'dtype', 'tf32'}), printing the choice and the reason."""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
@@ -919,14 +954,17 @@ def pick_device(name="auto"):
         why = "requested"
     check(name != "cuda" or torch.cuda.is_available(), "--device cuda requested but CUDA is not available here")
     check(name != "mps" or has_mps, "--device mps requested but MPS is not available here")
+    check(dtype == "fp32" or (name == "cuda" and torch.cuda.is_bf16_supported()),
+          f"--dtype {dtype} needs a CUDA GPU with bf16; this run is on {name}")
+    check(not tf32 or name == "cuda", "--tf32 applies to CUDA only")
     device = torch.device(name)
-    if name == "cuda":
-        dtype = "bfloat16 autocast (CUDA)" if torch.cuda.is_bf16_supported() else "float32 (GPU lacks bf16)"
-        what = torch.cuda.get_device_name()
-    else:
-        dtype, what = "float32 (bf16 autocast is used on CUDA only)", platform.processor() or name
-    print(f"device: {name} ({what}, {why}); dtype: {dtype}")
-    return device, dtype
+    what = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
+        if name == "cuda" else platform.processor() or name
+    shown = {"fp32": "float32", "bf16": "bfloat16 autocast (probes in float32)"}[dtype]
+    shown += f", TF32 {'on' if tf32 else 'off'}" if name == "cuda" else ""
+    print(f"device: {name} ({what}, {why}); dtype: {shown}")
+    set_precision(dtype, tf32)
+    return device, {"dtype": dtype, "tf32": tf32}
 
 
 def parse_shard(s):
@@ -938,16 +976,25 @@ def parse_shard(s):
     return i, n
 
 
+def default_jobs(device):
+    """One cell process per CPU core on CPU. On CUDA several per GPU: each step of these small models
+    is a few hundred tiny kernels, so one process leaves a GPU mostly idle (bench.py measures it)."""
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(cores, JOBS_PER_GPU * torch.cuda.device_count()))
+    return cores if device.type == "cpu" else 1
+
+
 def setup_run(args, script):
-    """Resolve --device, --jobs, --shard, --out and the CPU thread count for a run."""
+    """Resolve --device, --dtype, --jobs, --shard, --out and the CPU thread count for a run."""
     check(args.jobs >= 0, f"--jobs must be >= 0, got {args.jobs}")
-    device, dtype = pick_device(args.device)
-    jobs = args.jobs or (os.cpu_count() or 1 if device.type == "cpu" else 1)
+    device, precision = pick_device(args.device, args.dtype, args.tf32)
+    jobs = args.jobs or default_jobs(device)
     # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (see
     # bench.py); with several jobs each worker process is single-threaded anyway.
     torch.set_num_threads(1)
     out = Path(args.out.replace("<script>", script).replace("<preset>", args.preset))
-    return device, dtype, jobs, parse_shard(args.shard), out
+    return device, precision, jobs, parse_shard(args.shard), out
 
 
 def cli_main(fn):

@@ -383,7 +383,7 @@ def answer_only(batch):
 
 def run_cell(cell):
     cfg, fmt, pos, seed = Config(**cell["config"]), cell["fmt"], cell["pos"], cell["seed"]
-    device = torch.device(cell["device"])
+    device = C.cell_device(cell)
     (lo, hi), lengths = lengths_of(fmt, cfg)
     torch.manual_seed(seed)  # init seed; data seed below; test sets have their own fixed seed
     model = build_model(fmt, pos, cfg)
@@ -676,16 +676,16 @@ def main():
         recs, cfg = C.saved_run(args.plot_only, Config, cfg)
         return report(recs, cfg, Path(args.plot_only))
     validate(cfg)
-    device, dtype, jobs, shard, out = C.setup_run(args, "parity_random_access")
+    device, precision, jobs, shard, out = C.setup_run(args, "parity_random_access")
     for fmt in cfg.formats:
         ex = sample_batch(np.random.default_rng(0), 1, 4, fmt, cfg.anchors, cfg.cycle)
         print(f"{fmt:>13} (n=4): {decode(ex['idx'][0].tolist())}")
-    cells = C.make_cells(cfg, device, sweep_fields=("seeds", "formats", "pos"), fmt=cfg.formats, pos=cfg.pos,
+    cells = C.make_cells(cfg, device, precision, sweep_fields=("seeds", "formats", "pos"), fmt=cfg.formats, pos=cfg.pos,
                          seed=range(cfg.seeds))
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, asdict(cfg), C.environment(device, dtype))
+    C.write_results(out, records, asdict(cfg), C.environment(device, precision))
     report(records, cfg, out)
 
 

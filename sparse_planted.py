@@ -362,7 +362,7 @@ def pointer_examples(model, test, modes, cfg, device):
 
 
 def run_cell(cell):
-    cfg, device = Config(**cell["config"]), torch.device(cell["device"])
+    cfg, device = Config(**cell["config"]), C.cell_device(cell)
     return run_pointer(cell, cfg, device) if cell["exp"] == "ppc" else run_sparse(cell, cfg, device)
 
 
@@ -614,7 +614,7 @@ def main():
         recs, cfg = C.saved_run(args.plot_only, Config, cfg)
         return report(recs, cfg, Path(args.plot_only))
     validate(cfg)
-    device, dtype, jobs, shard, out = C.setup_run(args, "sparse_planted")
+    device, precision, jobs, shard, out = C.setup_run(args, "sparse_planted")
     rng = np.random.default_rng(0)
     print(f"sparse parity (l=10, k=3): {decode(sample_sparse(rng, 1, 10, 3)['idx'][0].tolist(), SPARSE_NAMES)}")
     ex = sample_pointer(rng, 1, 5)
@@ -623,12 +623,12 @@ def main():
     sweep = ("seeds", "experiments", "k_train", "fixed_k", "windows", "loc_variants", "ppc_variants")
     for exp in sorted(cfg.experiments, key=lambda e: -{"ppc": 3, "locality": 2}.get(e, 1)):
         # the slow experiments first, so the parallel workers finish together
-        cells += C.make_cells(cfg, device, sweep_fields=sweep, exp=[exp], variant=variants_of(exp, cfg),
+        cells += C.make_cells(cfg, device, precision, sweep_fields=sweep, exp=[exp], variant=variants_of(exp, cfg),
                               seed=range(cfg.seeds))
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, asdict(cfg), C.environment(device, dtype))
+    C.write_results(out, records, asdict(cfg), C.environment(device, precision))
     report(records, cfg, out)
 
 

@@ -196,7 +196,7 @@ def target_mass(batch, logits, recs):
 
 def run_cell(cell):
     cfg, task, variant, seed = Config(**cell["config"]), cell["task"], cell["variant"], cell["seed"]
-    device = torch.device(cell["device"])
+    device = C.cell_device(cell)
     torch.manual_seed(seed)  # init seed; data seed below; the test set has its own fixed seed
     model = build_model(task, variant, cfg)
     sample = sampler(task, cfg)
@@ -405,7 +405,7 @@ def main():
     if args.plot_only:
         recs, cfg = C.saved_run(args.plot_only, Config, cfg)
         return report(recs, cfg, Path(args.plot_only))
-    device, dtype, jobs, shard, out = C.setup_run(args, "vanishing_variance")
+    device, precision, jobs, shard, out = C.setup_run(args, "vanishing_variance")
     th = theory(cfg.test_lengths)
     print("theory: log-log slope of the attention-output std vs N: " +
           ", ".join(f"{k} {slope(x, y):+.3f}" for k, (x, y) in th.items()))
@@ -413,12 +413,12 @@ def main():
     print(f"argmax example (N=4): {decode(ex, 0, cfg.n_classes)}")
     ex = sample_lookup(np.random.default_rng(0), 1, 4, cfg.n_classes, n_keys(cfg))
     print(f"lookup example (N=4): {decode(ex, 0, cfg.n_classes)}")
-    cells = C.make_cells(cfg, device, sweep_fields=("seeds", "variants", "tasks"), task=cfg.tasks,
+    cells = C.make_cells(cfg, device, precision, sweep_fields=("seeds", "variants", "tasks"), task=cfg.tasks,
                          variant=cfg.variants, seed=range(cfg.seeds))
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, asdict(cfg), C.environment(device, dtype))
+    C.write_results(out, records, asdict(cfg), C.environment(device, precision))
     report(records, cfg, out)
 
 

@@ -40,7 +40,7 @@ def run_cell(cell):
     torch.manual_seed(cell["seed"])  # init seed; the data seed is separate below
     model = C.GPT(C.GPTConfig(vocab_size=16, block_size=cfg.block_size, n_layer=1, n_head=2, n_embd=cfg.n_embd,
                               pos=cfg.pos, attn_out_norm=cell["variant"]))
-    device = torch.device(cell["device"])
+    device = C.cell_device(cell)
     train = C.train(model, lambda rng, b: sample_batch(rng, b, cfg.train_len), cfg, device,
                     data_seed=10_000 + cell["seed"], progress=False)
     if train["diverged"]:
@@ -67,10 +67,10 @@ def main():
         return report(C.load_results(args.plot_only), cfg, Path(args.plot_only))
     C.check(cfg.pos != "learned" or max(cfg.test_lengths) <= cfg.block_size,
             f"test length {max(cfg.test_lengths)} exceeds the learned position table ({cfg.block_size})")
-    device, dtype, jobs, shard, out = C.setup_run(args, "toy")
-    cells = C.make_cells(cfg, device, variant=cfg.variants, seed=range(cfg.seeds))
+    device, precision, jobs, shard, out = C.setup_run(args, "toy")
+    cells = C.make_cells(cfg, device, precision, variant=cfg.variants, seed=range(cfg.seeds))
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, asdict(cfg), C.environment(device, dtype))
+    C.write_results(out, records, asdict(cfg), C.environment(device, precision))
     report(records, cfg, out)
 
 
