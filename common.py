@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -38,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -478,11 +479,53 @@ def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None
 
 def eval_batches(sample_batch, length, n, seed=EVAL_SEED, tokens_per_batch=2**16):
     """Yield batches totalling n examples of one length, from a generator seeded by (seed, length)
-    only: every variant and training seed sees the same test set. Batches shrink as length grows."""
+    only: every variant and training seed sees the same test set. Batches shrink as length grows.
+    A sampler that sampler_key() can name is drawn once per process and its batches are reused by
+    every later cell (they are shared: do not modify them in place)."""
+    key = sampler_key(sample_batch)
+    if key is None:
+        yield from draw_test_set(sample_batch, length, n, seed, tokens_per_batch)
+        return
+    key = (key, length, n, seed, tokens_per_batch)
+    if key not in TEST_SETS:
+        TEST_SETS[key] = list(draw_test_set(sample_batch, length, n, seed, tokens_per_batch))
+        while len(TEST_SETS) > 1 and sum(map(test_set_bytes, TEST_SETS.values())) > TEST_SET_CACHE_BYTES:
+            TEST_SETS.popitem(last=False)  # the oldest first
+    yield from TEST_SETS[key]
+
+
+def draw_test_set(sample_batch, length, n, seed, tokens_per_batch):
     rng = np.random.default_rng([seed, length])
     bs = max(1, min(512, tokens_per_batch // length))
     for start in range(0, n, bs):
         yield sample_batch(rng, min(bs, n - start), length)
+
+
+TEST_SETS = OrderedDict()  # (sampler key, length, n, seed, tokens per batch) -> [batch, ...] on the CPU
+TEST_SET_CACHE_BYTES = 2**30
+
+
+def test_set_bytes(batches):
+    return sum(v.numel() * v.element_size() for b in batches for v in b.values() if torch.is_tensor(v))
+
+
+def sampler_key(fn):
+    """A hashable name of what a sampler draws, or None where it has none. Module-level functions are
+    named by module and qualified name; a functools.partial by its function and arguments (partials
+    nest). Lambdas and closures have no name: their test sets are drawn again for every use."""
+    if isinstance(fn, functools.partial):
+        args = (fn.func,) + fn.args + tuple(v for _, v in sorted(fn.keywords.items()))
+        parts = tuple(sampler_key(a) if callable(a) else a for a in args)
+        if any(callable(a) and p is None for a, p in zip(args, parts)):
+            return None  # a lambda inside
+        key = ("partial", tuple(sorted(fn.keywords))) + parts
+        try:
+            hash(key)
+        except TypeError:  # an array or a list among the arguments
+            return None
+        return key
+    qualname = getattr(fn, "__qualname__", "<")
+    return None if "<" in qualname else (fn.__module__, qualname)  # '<lambda>', '<locals>'
 
 
 def accuracy_at(model, batch):

@@ -63,6 +63,7 @@ pretrained language models, fine-tuned, hence the two ingredients above (reporte
 The exact token layouts above, the ablations' details (cyclic period 4; misaligned = fresh anchors in
 the scratchpad) and the '$' stopping rule are our choices.
 """
+import functools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -365,11 +366,23 @@ def random_positions(batch, rng, max_pos):
     return {**batch, "position_ids": torch.from_numpy(pid)}
 
 
+def sample_test(rng, B, n, fmt, anchors, cycle, max_pos=0):
+    """sample_batch in format fmt, with randomized position ids below max_pos if max_pos > 0."""
+    b = sample_batch(rng, B, n, fmt, anchors, cycle)
+    return random_positions(b, rng, max_pos) if max_pos else b
+
+
+def sample_answer_only(rng, B, n, test):
+    """A test batch scored at the final answer only (for the probes)."""
+    return answer_only(test(rng, B, n))
+
+
 def samplers(fmt, cfg, max_pos):
-    """(train(rng, B), test(rng, B, n)): training draws n ~ U[lo, hi] per batch."""
+    """(train(rng, B), test(rng, B, n)): training draws n ~ U[lo, hi] per batch. test is a
+    functools.partial, so every cell of a run shares one test set per n."""
     (lo, hi), _ = lengths_of(fmt, cfg)
-    pos = (lambda b, rng: random_positions(b, rng, max_pos)) if cfg.positions == "random" else (lambda b, rng: b)
-    test = lambda rng, B, n: pos(sample_batch(rng, B, n, fmt, cfg.anchors, cfg.cycle), rng)
+    test = functools.partial(sample_test, fmt=fmt, anchors=cfg.anchors, cycle=cfg.cycle,
+                             max_pos=max_pos if cfg.positions == "random" else 0)
     return (lambda rng, B: test(rng, B, int(rng.integers(lo, hi + 1)))), test
 
 
@@ -406,7 +419,7 @@ def run_cell(cell):
         steps = sorted((int(k[4:]), v) for k, v in r.items() if k.startswith("step"))
         rows.append({"table": "accuracy", **{k: v for k, v in r.items() if not k.startswith("step")}})
         rows += [{"table": "step", "length": r["length"], "step": i + 1, "accuracy": v} for i, v in steps]
-    _, probes, _ = C.evaluate_with_probes(model, lambda rng, b, n: answer_only(test(rng, b, n)), lengths,
+    _, probes, _ = C.evaluate_with_probes(model, functools.partial(sample_answer_only, test=test), lengths,
                                           cfg.probe_examples, device)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
     out = {"train": result, "pretrain": pre, "rows": rows, "examples": examples(model, test, lengths, device)}

@@ -57,6 +57,7 @@ absolute (learned) position embeddings for the coupled models (the id head needs
 coupled model evaluated two ways (oracle / ppc) instead of two models. The paper's natural-language
 experiment (C4) is out of scope: nothing is downloaded here.
 """
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,6 +104,11 @@ def sample_sparse(rng, batch_size, length, k, window=0, coupled=False):
         pid = np.where(out["planted"].numpy(), T - 1, np.arange(T))
         out["position_ids"] = torch.from_numpy(pid)
     return out
+
+
+def sample_mixture(rng, batch_size, length, K):
+    """Sparse parity with k ~ U[1, K] drawn per example."""
+    return sample_sparse(rng, batch_size, length, rng.integers(1, K + 1, batch_size))
 
 
 def sample_pointer(rng, batch_size, n, offset_max=0):
@@ -255,15 +261,15 @@ def sparse_samplers(exp, variant, cfg):
         pos, w = variant.split(", W=")
         w = 0 if w == "all" else int(w)
         k = cfg.loc_k
-        test_k = lambda kk: (lambda rng, B, L: sample_sparse(rng, B, L, kk, w, pos == "coupled"))
+        test_k = lambda kk: functools.partial(sample_sparse, k=kk, window=w, coupled=pos == "coupled")
         lo = max(cfg.train_min, w, k)
         train = lambda rng, B: test_k(k)(rng, B, int(rng.integers(lo, cfg.train_max + 1)))
         return train, test_k, test_k(k), [k], cfg.loc_steps, "none" if pos == "nope" else "rope"
     K = int(variant.split("=")[1])
-    test_k = lambda kk: (lambda rng, B, L: sample_sparse(rng, B, L, kk))
+    test_k = lambda kk: functools.partial(sample_sparse, k=kk)
     lo = max(cfg.train_min, K)
     if exp == "sparsity":  # k ~ U[1, K] per example
-        mix = lambda rng, B, L: sample_sparse(rng, B, L, rng.integers(1, K + 1, B))
+        mix = functools.partial(sample_mixture, K=K)
         return (lambda rng, B: mix(rng, B, int(rng.integers(lo, cfg.train_max + 1))), test_k, mix,
                 list(range(1, K + 1)), cfg.steps, "none")
     return (lambda rng, B: test_k(K)(rng, B, int(rng.integers(lo, cfg.train_max + 1))), test_k, test_k(K),

@@ -46,6 +46,7 @@ Velickovic et al.'s max-retrieval setup with our own priority embedding; the Lla
 of Fig. 1 is out of scope (no model downloads here), our Fig. 1 quantity comes from the trained
 models and the theory curves.
 """
+import functools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,9 +171,10 @@ def n_keys(cfg):
 
 
 def sampler(task, cfg):
+    """sample(rng, B, N) for a task; a functools.partial, so every cell shares one test set per N."""
     if task == "argmax":
-        return lambda rng, b, n: sample_argmax(rng, b, n, cfg.n_classes)
-    return lambda rng, b, n: sample_lookup(rng, b, n, cfg.n_classes, n_keys(cfg))
+        return functools.partial(sample_argmax, n_classes=cfg.n_classes)
+    return functools.partial(sample_lookup, n_classes=cfg.n_classes, n_keys=n_keys(cfg))
 
 
 def build_model(task, variant, cfg):
