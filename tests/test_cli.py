@@ -17,8 +17,11 @@ TOY = [sys.executable, str(Path(__file__).parent / "toy_experiment.py")]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def run(*args, check=True):
-    p = subprocess.run(TOY + list(args), capture_output=True, text=True, env=ENV, timeout=300)
+def run(*args, check=True, device="cpu"):
+    """The toy experiment on `device` (CPU by default: these tests assert CPU behaviour, such as
+    bit-identical rows across --jobs, shards and resume, which CUDA kernels do not promise)."""
+    p = subprocess.run(TOY + ["--device", device] + list(args), capture_output=True, text=True, env=ENV,
+                       timeout=300)
     if check:
         assert p.returncode == 0, p.stderr[-2000:]
     return p
@@ -32,7 +35,10 @@ def test_smoke_run_writes_results_and_plots_and_plot_only_redraws(tmp_path):
     p = run("--preset", "smoke", "--out", str(tmp_path), "--jobs", "1")
     assert "device: cpu" in p.stdout and "out-of-distribution" in p.stdout
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["environment"]["torch"] == torch.__version__ and res["config"]["steps"] == 30
+    env = res["environment"]
+    assert env["torch"] == torch.__version__ and res["config"]["steps"] == 30
+    assert env["dtype"] == "fp32" and env["tf32"] is False and "cuda" in env  # fp32 unless asked
+    assert all("dtype" not in c and "tf32" not in c for c in res["cells"])  # fp32 cells keep their keys
     acc = [r for r in res["rows"] if r["table"] == "accuracy"]
     assert sorted((r["variant"], r["seed"], r["length"]) for r in acc) == sorted(
         (v, s, L) for v in ("none", "layernorm") for s in (0, 1) for L in (8, 16, 32))
@@ -50,7 +56,7 @@ def test_resume_after_hard_kill_equals_uninterrupted_run(tmp_path):
     args = ["--preset", "smoke", "--seeds", "4", "--jobs", "1"]
     run(*args, "--out", str(tmp_path / "ref"))
     out = tmp_path / "killed"
-    p = subprocess.Popen(TOY + args + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(TOY + ["--device", "cpu"] + args + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "cells").glob("*.json")) if (out / "cells").exists() else []) < 2:
@@ -91,9 +97,12 @@ BAD = [
     (["--plot-only", "/nonexistent/dir"], "no such directory"),
     (["--preset", "huge"], "invalid choice"),
     (["--steps", "many"], "invalid"),
+    (["--dtype", "fp16"], "invalid choice"),
 ]
 if not torch.cuda.is_available():
-    BAD.append((["--device", "cuda"], "CUDA is not available"))
+    BAD += [(["--device", "cuda"], "CUDA is not available"),
+            (["--dtype", "bf16"], "--dtype bf16 needs a CUDA GPU"),
+            (["--tf32"], "--tf32 applies to CUDA only")]
 
 
 @pytest.mark.parametrize("args,msg", BAD, ids=[" ".join(a) for a, _ in BAD])

@@ -82,6 +82,8 @@ def test_kv_cache_decoding_equals_the_full_forward(pos, norm):
     assert torch.allclose(torch.stack(steps, 1), full[:, 4:], atol=1e-5)
     with pytest.raises(C.UsageError):
         m.decode(idx[:, :2], pid[:, :2], caches)  # after the prompt: one token at a time
+    with pytest.raises(C.UsageError, match="holds 16 positions"):
+        m.decode(idx[:, :1], pid[:, :1], caches)  # the preallocated cache is full
 
 
 def test_default_position_ids_equal_explicit_arange():

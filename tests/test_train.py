@@ -1,6 +1,10 @@
 """Training: a tiny model learns, runs are deterministic, divergence is caught, the schedule."""
+import contextlib
+import functools
 import math
+import warnings
 
+import numpy as np
 import torch
 
 import common as C
@@ -81,3 +85,32 @@ def test_paired_diff_ci_pairs_by_seed():
     rows[0]["acc"] += 0.3  # one seed differs: the interval widens (t with 2 degrees of freedom)
     (r,) = C.paired_diff_ci(rows, "acc", "ln", "none")
     assert r["lo"] < r["diff"] < r["hi"] and abs((r["hi"] - r["diff"]) - 4.303 * 0.1) < 1e-9  # sd 0.1732 / sqrt 3 = 0.1
+
+
+def test_named_samplers_share_one_test_set_and_lambdas_draw_their_own():
+    named = functools.partial(sample_batch, vocab=12)
+    first = list(C.eval_batches(named, 9, 700))
+    again = list(C.eval_batches(functools.partial(sample_batch, vocab=12), 9, 700))  # a new, equal partial
+    assert all(a is b for a, b in zip(first, again)) and len(first) == len(again) == 2
+    fresh = list(C.eval_batches(lambda rng, b, n: sample_batch(rng, b, n, vocab=12), 9, 700))  # not cached
+    assert fresh[0] is not first[0] and torch.equal(fresh[0]["idx"], first[0]["idx"])
+    other = next(C.eval_batches(functools.partial(sample_batch, vocab=13), 9, 700))
+    assert not torch.equal(other["idx"], first[0]["idx"])  # other arguments: another test set
+    assert C.sampler_key(functools.partial(sample_batch, vocab=np.arange(3))) is None  # unhashable: no cache
+
+
+def test_fp32_by_default_and_precision_from_the_cell():
+    assert C.PRECISION["dtype"] == "fp32" and not torch.backends.cuda.matmul.allow_tf32
+    assert isinstance(C.autocast(torch.device("cpu")), contextlib.nullcontext)
+    cell = C.make_cells(C.TrainConfig(), torch.device("cpu"), {"dtype": "fp32", "tf32": False}, seed=[0])[0]
+    assert set(cell) == {"seed", "device", "config"}  # the default precision leaves cell keys as they were
+    bf = C.make_cells(C.TrainConfig(), torch.device("cuda"), {"dtype": "bf16", "tf32": True}, seed=[0])[0]
+    assert bf["dtype"] == "bf16" and bf["tf32"] is True
+    try:
+        C.set_precision("bf16", False)
+        assert isinstance(C.autocast(torch.device("cpu")), contextlib.nullcontext)  # CPU stays fp32
+        with warnings.catch_warnings():  # without CUDA torch warns that it disables autocast
+            warnings.simplefilter("ignore")
+            assert isinstance(C.autocast(torch.device("cuda")), torch.autocast)
+    finally:
+        C.set_precision()
