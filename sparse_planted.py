@@ -486,7 +486,7 @@ def report(records, cfg, out):
         for fam in fams:
             found[fam] = say_table(say, [r for r in sp if r["family"] == fam], "accuracy", "k",
                                    label=lambda k, f=fam: f"{f}, k={k}", width=32)
-        say(f"\n  Spearman rank correlation of accuracy with k (points: seed x k; 95% CI: bootstrap over seeds)")
+        say("\n  Spearman rank correlation of accuracy with k (points: seed x k; 95% CI: bootstrap over seeds)")
         for fam in fams:
             for length in ood:
                 pts = [(r["seed"], r["k"], r["accuracy"]) for r in sp if r["family"] == fam and r["length"] == length]
