@@ -6,24 +6,29 @@ For the default model size of each experiment it prints
     manual attention path over every position, PyTorch's default thread count), and the ratio;
   * evaluation at T = 1k, 4k, 16k: tokens/s and peak memory of one forward — ours (the probe on the
     fast path, what evaluate_with_probes runs) vs the reference (manual path, which builds T x T maps);
-  * sweeps: wall time of a 2-cell sweep with --jobs 1 vs --jobs 2 (CPU only).
-On CUDA it measures the same with bf16 autocast (memory: torch.cuda.max_memory_allocated).
+  * --jobs scaling: the training throughput of K processes at once on the device (each trains the
+    vanishing_variance-size model; a barrier starts their timed windows together), K = 1, 2 on CPU
+    and 1, 2, 4, 8, 16 on a GPU, as aggregate steps/s and the speed-up over one process;
+  * on a GPU, from those: the estimated training time of each script's --preset paper (its cells x
+    steps at the measured ms/step, divided by the best --jobs speed-up; evaluation not included).
+fp32 unless --dtype bf16 (CUDA). On CUDA, memory is torch.cuda.max_memory_allocated.
 
     python bench.py                 # everything, ~5 minutes on 2 CPU cores
     python bench.py --quick         # fewer steps and T <= 4k
-    python bench.py --device cuda
+    python bench.py --device cuda   # add --dtype bf16 to measure bf16 autocast
 
 CPU memory: each evaluation figure comes from a fresh subprocess: its peak resident set (ru_maxrss)
 after the forwards minus its resident set just before them (an upper bound on what the forward adds).
 """
 import argparse
 import json
+import multiprocessing as mp
 import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
@@ -127,30 +132,57 @@ def bench_eval(name, T, manual, threads, device):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def sweep_cell(cell):
-    """A sweep cell for the --jobs comparison: train the vanishing_variance-size model."""
-    spec = MODELS["vanishing_variance"]
-    torch.manual_seed(cell["seed"])
+def scaling_worker(device_name, dtype, steps, barrier, queue):
+    """One of K processes training the vanishing_variance-size model at once: its timed window."""
+    torch.set_num_threads(1)
+    C.set_precision(dtype)
+    device, spec = torch.device(device_name), MODELS["vanishing_variance"]
+    torch.manual_seed(0)
     model = C.GPT(C.GPTConfig(block_size=spec["T"], **spec["cfg"]))
-    out = C.train(model, sampler(spec), C.TrainConfig(steps=cell["steps"], batch_size=spec["batch"]),
-                  torch.device("cpu"), cell["seed"], progress=False)
-    return {"rows": [{"loss": out["final_loss"]}]}
+    C.train(model, sampler(spec), C.TrainConfig(steps=5, batch_size=spec["batch"]), device, 0, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    barrier.wait()  # every process starts its timed window together
+    t0 = time.time()
+    C.train(model, sampler(spec), C.TrainConfig(steps=steps, batch_size=spec["batch"]), device, 1, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    queue.put((t0, time.time()))
 
 
-def bench_sweep(steps):
-    times = {}
-    for jobs in (1, 2):
-        torch.set_num_threads(1)
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            C.run_sweep([{"seed": s, "steps": steps} for s in range(2)], sweep_cell, d, jobs=jobs)
-            times[jobs] = time.perf_counter() - t0
-    return times
+def bench_jobs(device, dtype, counts, steps):
+    """{K: aggregate training steps/s of K processes at once on one device}."""
+    ctx, out = mp.get_context("spawn"), {}
+    for k in counts:
+        barrier, queue = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=scaling_worker, args=(str(device), dtype, steps, barrier, queue)) for _ in range(k)]
+        for p in procs:
+            p.start()
+        spans = [queue.get(timeout=1800) for _ in procs]
+        for p in procs:
+            p.join()
+        out[k] = k * steps / (max(end for _, end in spans) - min(start for start, _ in spans))
+    return out
+
+
+def paper_steps():
+    """Training steps summed over the cells of each script's --preset paper (pre-training included)."""
+    import parity_random_access as PA
+    import sparse_planted as SP
+    import vanishing_variance as VV
+    vv = replace(VV.Config(), **VV.PRESETS["paper"])
+    pa = replace(PA.Config(), **PA.PRESETS["paper"])
+    sp = replace(SP.Config(), **SP.PRESETS["paper"])
+    sp_steps = {"sparsity": sp.steps, "fixed": sp.steps, "locality": sp.loc_steps, "ppc": sp.ppc_steps}
+    return {"vanishing_variance": len(vv.tasks) * len(vv.variants) * vv.seeds * vv.steps,
+            "parity_random_access": len(pa.formats) * len(pa.pos) * pa.seeds * (pa.steps + pa.pretrain_steps),
+            "sparse_planted": sum(len(SP.variants_of(e, sp)) * sp.seeds * sp_steps[e] for e in sp.experiments)}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device to measure")
+    p.add_argument("--dtype", default="fp32", choices=C.DTYPES, help="fp32, or bf16 autocast (CUDA only)")
     p.add_argument("--quick", action="store_true", help="fewer steps, T <= 4k: a one-minute look")
     p.add_argument("--steps", type=int, default=0, help="training steps timed per figure (0: 200, quick 60)")
     p.add_argument("--_eval", help=argparse.SUPPRESS)
@@ -158,7 +190,7 @@ def main():
     if args._eval:
         print(json.dumps(eval_once(*json.loads(args._eval))))
         return
-    device, dtype = C.pick_device(args.device)
+    device, precision = C.pick_device(args.device, args.dtype)
     steps = args.steps or (60 if args.quick else 200)
     lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)
     default_threads = os.cpu_count() if device.type == "cpu" else None
@@ -179,17 +211,21 @@ def main():
             results[name][f"eval_{T}"] = {"ours": a, "reference": b}
             print(f"{'':<22} {f'eval T={T}':<14} {a['tok_s']:>10,.0f} (+{a['peak_mib']:5.0f} MiB)"
                   f" {b['tok_s']:>10,.0f} (+{b['peak_mib']:5.0f} MiB) {a['tok_s'] / b['tok_s']:>6.2f}x")
-    if device.type == "cpu":
-        spec, sweep_steps = MODELS["vanishing_variance"], steps * 5
-        t = bench_sweep(sweep_steps)
-        tok_s = 2 * sweep_steps * spec["batch"] * spec["T"] / t[2]
-        ref = results["vanishing_variance"]["train"]["reference"]["tok_s"]
-        results["sweep"] = {"jobs1_s": t[1], "jobs2_s": t[2], "jobs2_tok_s": tok_s}
-        print(f"\n2-cell sweep, vanishing_variance-size model, {sweep_steps} steps a cell (process start included):")
-        print(f"  --jobs 1: {t[1]:.1f} s   --jobs 2: {t[2]:.1f} s   speed-up {t[1] / t[2]:.2f}x")
-        print(f"  machine training throughput, --jobs 2: {tok_s:,.0f} tok/s vs the reference process "
-              f"{ref:,.0f} tok/s: {tok_s / ref:.2f}x")
-    print("\n" + json.dumps({"device": str(device), "dtype": dtype, "torch": torch.__version__, **results},
+    counts = (1, 2, 4, 8, 16) if device.type == "cuda" else (1, 2)
+    thr = bench_jobs(device, args.dtype, counts, steps * 5)
+    results["jobs"] = thr
+    print(f"\n--jobs scaling on one {device.type} device, vanishing_variance-size model, {steps * 5} steps a process:")
+    for k, v in thr.items():
+        print(f"  {k:>2} process(es): {v:8.1f} steps/s in all, speed-up {v / thr[1]:5.2f}x")
+    if device.type == "cuda":
+        best = max(thr, key=thr.get)
+        print(f"\nestimated training time of each --preset paper at --jobs {best} ({thr[best] / thr[1]:.1f}x; "
+              "the speed-up of the vanishing_variance model applied to all; evaluation not included):")
+        for name, total in paper_steps().items():
+            hours = total * results[name]["train"]["ours"]["ms_step"] / 1000 / (thr[best] / thr[1]) / 3600
+            results[name]["paper_hours"] = hours
+            print(f"  {name:<22} {total:>10,} steps  ~{hours:5.2f} h")
+    print("\n" + json.dumps({"device": str(device), **precision, "torch": torch.__version__, **results},
                             default=float))
 
 
