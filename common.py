@@ -543,15 +543,21 @@ def evaluate_by_length(model, sample_batch, lengths, n, device, score=accuracy_a
     model.eval()
     rows = []
     for length in lengths:
-        sums = defaultdict(float)
+        sums = defaultdict(list)  # per-batch sums stay on the device: one sync per length, not per batch
         for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch):
             with autocast(device):
                 out = score(model, to_device(b, device))
             for k, v in out.items():
-                sums[k] += float(v.float().sum())
-        rows.append({"length": length, **{k: s / n for k, s in sums.items()}, "n": n})
+                sums[k].append(v.float().sum())
+        rows.append({"length": length, **mean_of_sums(sums, n), "n": n})
     model.train()
     return rows
+
+
+def mean_of_sums(sums, n):
+    """{metric: mean over n examples} from per-batch sums (device tensors), added in float64 in batch
+    order, as Python floats."""
+    return {k: sum(torch.stack(v).tolist()) / n for k, v in sums.items()}
 
 
 def probe_stats(v):
@@ -580,22 +586,22 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
     model.eval()
     rows, probe_rows, kept = [], [], {}
     for length in lengths:
-        sums, vecs, ent = defaultdict(float), defaultdict(list), defaultdict(list)
+        sums, vecs, ent = defaultdict(list), defaultdict(list), defaultdict(list)
         for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch):
             b = to_device(b, device)
             logits, recs = model.probe(b["idx"], b["at"][:, -1:], b.get("position_ids"))  # always fp32
             metrics = {"accuracy": (logits[:, 0].argmax(-1) == b["targets"][:, -1]).float()}
             metrics.update(extra(b, logits, recs) if extra else {})
             for k, v in metrics.items():
-                sums[k] += float(v.float().sum())
+                sums[k].append(v.float().sum())
             for layer, r in enumerate(recs):
                 for where in ("pre", "post"):
-                    vecs[layer, where].append(r[where][:, 0].cpu())
+                    vecs[layer, where].append(r[where][:, 0])  # kept on the device until the length is done
                 p = r["attn"][:, :, 0]  # (B, nh, T): the query's attention weights
-                ent[layer].append((-(p * p.clamp_min(1e-30).log()).sum(-1)).cpu())  # (B, nh)
-        rows.append({"length": length, **{k: s / n for k, s in sums.items()}, "n": n})
+                ent[layer].append(-(p * p.clamp_min(1e-30).log()).sum(-1))  # (B, nh)
+        rows.append({"length": length, **mean_of_sums(sums, n), "n": n})
         for (layer, where), vs in vecs.items():
-            v, h = torch.cat(vs), torch.cat(ent[layer])
+            v, h = torch.cat(vs).cpu(), torch.cat(ent[layer]).cpu()
             probe_rows.append({"length": length, "layer": layer, "where": where, **probe_stats(v),
                                "entropy": float(h.mean()), "eff_n": float(h.exp().mean()), "n": n})
             if length in keep:
