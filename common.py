@@ -38,6 +38,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from contextlib import nullcontext
@@ -54,6 +55,9 @@ POS_ENCODINGS = ("none", "learned", "rope")
 ATTN_OUT_NORMS = ("none", "layernorm", "standardize")
 EVAL_SEED = 12345  # every variant and every training seed is tested on the same examples
 JOBS_PER_GPU = 8   # default --jobs per GPU
+
+
+EXIT_USAGE, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 130  # bad input; a file-system fault; Ctrl-C
 
 
 class UsageError(ValueError):
@@ -132,6 +136,14 @@ class KVCache:
         self.k[:, :, self.n:self.n + T], self.v[:, :, self.n:self.n + T] = k, v
         self.n += T
         return self.k[:, :, :self.n], self.v[:, :, :self.n]  # (B, nh, n, hs) each
+
+
+def check_model_shape(n_embd, n_head, rope=False):
+    """The width splits into equal heads (and, with RoPE, heads of even size). Scripts call it up
+    front, so a bad --n-embd / --n-head is one error line before any training."""
+    check(n_embd % n_head == 0, f"--n-embd {n_embd} must be divisible by --n-head {n_head}")
+    check(not rope or (n_embd // n_head) % 2 == 0, f"rope needs an even head size; --n-embd / --n-head = "
+          f"{n_embd // n_head}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -249,8 +261,7 @@ class GPT(nn.Module):
         check(cfg.pos in POS_ENCODINGS, f"unknown positional encoding {cfg.pos!r}; choose from {POS_ENCODINGS}")
         check(cfg.attn_out_norm in ATTN_OUT_NORMS,
               f"unknown attn_out_norm {cfg.attn_out_norm!r}; choose from {ATTN_OUT_NORMS}")
-        check(cfg.n_embd % cfg.n_head == 0, f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
-        check(cfg.pos != "rope" or (cfg.n_embd // cfg.n_head) % 2 == 0, "rope needs an even head size")
+        check_model_shape(cfg.n_embd, cfg.n_head, cfg.pos == "rope")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
@@ -391,7 +402,7 @@ class TrainConfig:
     batch_size: int = arg(64, "training batch size", min=1)
     lr: float = arg(1e-3, "peak learning rate (AdamW)", min=0)
     warmup: int = arg(100, "linear warmup steps", min=0)
-    min_lr_frac: float = arg(0.1, "cosine decays to lr * min_lr_frac", min=0)
+    min_lr_frac: float = arg(0.1, "cosine decays to lr * min_lr_frac", min=0, max=1)
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices", min=0)
     grad_clip: float = arg(1.0, "clip the global grad norm (0 = off)", min=0)
     eval_every: int = arg(0, "print a one-line eval every N steps (0 = off; shown with --jobs 1)", min=0)
@@ -464,6 +475,7 @@ def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None
             if step % max(1, cfg.steps // 50) == 0 or last:
                 curve.append((step, round(loss_val, 5)))
             pbar.set_postfix(loss=f"{loss_val:.4f}")
+            report_progress((step + 1) / cfg.steps)
         opt.step()
         if eval_fn is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and progress:
             msg = ", ".join(f"{k} {v:.3f}" for k, v in eval_fn(model).items())
@@ -631,18 +643,24 @@ def cell_key(cell):
 
 def atomic_write(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
+    except BaseException:  # a full disk, a kill: no half-written temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _run_and_save(run_cell, cell_dir, cell):
     t0 = time.time()
+    report_progress(0.0)
     out = run_cell(cell)
     ids = {k: v for k, v in cell.items() if k != "config"}
     rows = [{**ids, **r} for r in out.pop("rows", [])]
     record = {"cell": cell, "status": out.pop("status", "ok"), "rows": rows,
               "seconds": round(time.time() - t0, 2), **out}
     atomic_write(Path(cell_dir) / f"{cell_key(cell)}.json", json.dumps(record))
+    report_progress(0.0)  # before the parent hears of it: the bar never counts a cell twice
     return record
 
 
@@ -658,11 +676,22 @@ def is_main_process():
     return mp.current_process().name == "MainProcess"
 
 
-def _worker_init(threads):
+PROGRESS = {"shared": None, "slot": 0}  # in a --jobs worker: its slot in the parent's progress array
+
+
+def report_progress(fraction):
+    """Tell the parent's progress bar how far this worker's current cell has trained (0..1)."""
+    if PROGRESS["shared"] is not None:
+        PROGRESS["shared"][PROGRESS["slot"]] = fraction
+
+
+def _worker_init(threads, shared):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    tqdm.set_lock(threading.RLock())  # workers draw no bars: no multiprocessing lock a kill would leak
     torch.set_num_threads(threads)
+    worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
+    PROGRESS.update(shared=shared, slot=worker % len(shared))
     if torch.cuda.is_available():  # several workers per GPU, spread round robin over the GPUs
-        worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
         torch.cuda.set_device(worker % torch.cuda.device_count())
 
 
@@ -678,19 +707,43 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
     todo = [c for c in mine if fresh or not (cell_dir / f"{cell_key(c)}.json").exists()]
     print(f"sweep: {len(cells)} cells, {len(mine)} in shard {i}/{n}, {len(mine) - len(todo)} already "
           f"done, running {len(todo)} with {jobs} job(s)")
-    bar = tqdm(total=len(todo), desc="cells", disable=len(todo) < 2)
-    if jobs == 1 or len(todo) < 2:
-        for c in todo:
-            _run_and_save(run_cell, cell_dir, c)
-            bar.update()
-    else:  # spawn: safe with CUDA and with threads; each worker runs cells single-threaded
-        with mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(1,)) as pool:
-            for _ in pool.imap_unordered(_Runner(run_cell, cell_dir), todo):
+    bar = tqdm(total=len(todo), desc="cells", disable=len(todo) < 2,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
+    try:
+        if jobs == 1 or len(todo) < 2:
+            for c in todo:  # the cell's own training bar shows its steps
+                _run_and_save(run_cell, cell_dir, c)
                 bar.update()
-            pool.close()
-            pool.join()
-    bar.close()
+        else:
+            _run_in_pool(run_cell, cell_dir, todo, jobs, bar)
+    finally:  # closed now, so that an error or 'interrupted' line is the last thing printed
+        bar.close()
     return load_cells(out_dir, keys=[cell_key(c) for c in cells])
+
+
+def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
+    """Cells in `jobs` spawned processes (safe with CUDA and threads; each worker single-threaded).
+    The bar moves from the first seconds: finished cells plus the trained fraction of those in flight,
+    which the workers write to a shared array (report_progress)."""
+    ctx = mp.get_context("spawn")
+    shared = ctx.RawArray("d", jobs)  # no lock, no semaphore: each worker writes its own slot
+    pool = ctx.Pool(jobs, initializer=_worker_init, initargs=(1, shared))
+    try:
+        results, done = pool.imap_unordered(_Runner(run_cell, cell_dir), todo), 0
+        while done < len(todo):
+            try:
+                results.next(timeout=0.5)
+                done += 1
+            except mp.TimeoutError:
+                pass
+            bar.n = done + sum(shared[:])
+            bar.refresh()
+    except BaseException:  # Ctrl-C or an error in a cell: stop the other workers now
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
 
 
 class _Runner:  # a picklable partial(_run_and_save, run_cell, cell_dir)
@@ -713,23 +766,15 @@ def _read_json(path):
 
 
 def load_cells(out_dir, keys=None):
-    """Finished cell records under out_dir/cells (only `keys` if given), in a stable order.
-    Without keys (--plot-only), cells from several configs are not mixed: the newest config wins."""
+    """Finished cell records under out_dir/cells (only `keys` if given), in a stable order."""
     cell_dir = Path(out_dir) / "cells"
     paths = sorted(cell_dir.glob("*.json")) if keys is None else \
         [cell_dir / f"{k}.json" for k in keys if (cell_dir / f"{k}.json").exists()]
-    recs = [(p.stat().st_mtime, _read_json(p)) for p in paths]
-    for _, r in recs:
+    recs = [_read_json(p) for p in paths]
+    for r in recs:
         check(isinstance(r, dict) and {"cell", "rows", "status"} <= r.keys(),
               f"corrupt results file under {cell_dir}: missing fields; delete it and re-run")
-    if keys is None and recs:
-        cfg = lambda r: json.dumps(r["cell"].get("config"), sort_keys=True)
-        newest = cfg(max(recs, key=lambda t: t[0])[1])
-        kept = [t for t in recs if cfg(t[1]) == newest]
-        if len(kept) < len(recs):
-            print(f"note: {len(recs) - len(kept)} cell(s) in {cell_dir} come from another config; ignored")
-        recs = kept
-    return [r for _, r in recs]
+    return recs
 
 
 def git_commit():
@@ -750,44 +795,76 @@ def environment(device, precision):
     return env
 
 
-def write_results(out_dir, records, config, env):
-    """results.json (config, environment, per-cell status, tidy rows) and results.csv (the rows)."""
+def script_of(config_cls):
+    """The script that defines an experiment config class: a results folder is tied to it."""
+    return Path(sys.modules[config_cls.__module__].__file__).stem
+
+
+def write_results(out_dir, records, cfg, env):
+    """results.json (the script, config, environment, per-cell status, tidy rows) and results.csv
+    (the rows). cfg: the experiment's config dataclass."""
     out_dir = Path(out_dir)
     rows = [r for rec in records for r in rec["rows"]]
     cells = [{**{k: v for k, v in rec["cell"].items() if k != "config"}, "status": rec["status"],
               "seconds": rec.get("seconds"), **({"train": rec["train"]} if "train" in rec else {})}
              for rec in records]
     atomic_write(out_dir / "results.json", json.dumps(
-        {"config": config, "environment": env, "cells": cells, "rows": rows}, indent=1))
+        {"script": script_of(type(cfg)), "config": dataclasses.asdict(cfg), "environment": env, "cells": cells,
+         "rows": rows}, indent=1))
     cols = list(dict.fromkeys(k for r in rows for k in r))
     tmp = out_dir / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out_dir / "results.csv")
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, out_dir / "results.csv")
+    finally:
+        tmp.unlink(missing_ok=True)
     return rows
 
 
 def load_results(out_dir):
-    """Rows and cell statuses for --plot-only: merged from cells/ (all shards), else results.json."""
+    """Cell records for --plot-only: merged from cells/ (all shards), else rebuilt from results.json
+    (its cells, each with its rows; without the extras that only cell files keep, such as maps)."""
     out_dir = Path(out_dir)
-    check(out_dir.is_dir(), f"--plot-only: no such directory {out_dir}")
+    check(out_dir.exists(), f"--plot-only: no such directory {out_dir}")
+    check(out_dir.is_dir(), f"--plot-only: {out_dir} is a file, not a results directory")
     if (out_dir / "cells").is_dir():
         recs = load_cells(out_dir)
         if recs:
             return recs
     check((out_dir / "results.json").exists(), f"--plot-only: no results in {out_dir} (no cells/, no results.json)")
     res = _read_json(out_dir / "results.json")
-    check(isinstance(res, dict) and "rows" in res, f"corrupt results file {out_dir / 'results.json'}")
-    return [{"cell": {}, "status": "ok", "rows": res["rows"]}]
+    check(isinstance(res, dict) and {"rows", "cells", "config"} <= res.keys(),
+          f"corrupt results file {out_dir / 'results.json'}: missing fields")
+    recs = []
+    for c in res["cells"]:
+        ids = {k: v for k, v in c.items() if k not in ("status", "seconds", "train")}
+        recs.append({"cell": {**ids, "config": res["config"]}, "status": c["status"], "script": res.get("script"),
+                     "rows": [r for r in res["rows"] if all(r.get(k) == v for k, v in ids.items())]})
+    return recs
 
 
 def saved_run(out_dir, config_cls, fallback):
-    """(records, config) of a saved run, for --plot-only: plots use the config the results came from."""
-    recs = load_results(out_dir)
-    conf = recs[0]["cell"].get("config") if recs else None
-    return recs, (config_cls(**conf) if conf else fallback)
+    """(records, config) of a saved run, for --plot-only: plots use the config the results came from.
+    Refuses results that another script wrote (their config has fields this script does not know).
+    Where cells of several configs of this script share the folder, the newest config's are shown."""
+    recs, script = load_results(out_dir), script_of(config_cls)
+    names = {f.name for f in fields(config_cls)}
+    mine = [r for r in recs if set(r["cell"].get("config", {})) <= names and r.get("script") in (None, script)]
+    check(mine, f"--plot-only: {out_dir} holds no results of {script}.py" +
+          (" (they were written by another script)" if recs else ""))
+    if len(mine) < len(recs):
+        print(f"note: {len(recs) - len(mine)} result(s) in {out_dir} come from another script; ignored")
+    config = lambda r: json.dumps(r["cell"]["config"], sort_keys=True)
+    if len({config(r) for r in mine}) > 1:  # cells keep their files: the newest file's config wins
+        mtime = lambda r: (Path(out_dir) / "cells" / f"{cell_key(r['cell'])}.json").stat().st_mtime
+        newest = config(max(mine, key=mtime))
+        kept = [r for r in mine if config(r) == newest]
+        print(f"note: {len(mine) - len(kept)} cell(s) in {out_dir} come from another config; ignored")
+        mine = kept
+    return mine, config_cls(**mine[0]["cell"]["config"])
 
 
 def select(rows, **eq):
@@ -866,6 +943,62 @@ def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
 # 6. Plots
 # =============================================================================================
 
+class Summary:
+    """The printed summary of a report: say(line) prints it and keeps it for summary.txt."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, line=""):
+        print(line)
+        self.lines.append(line)
+
+    def write(self, out):
+        (Path(out) / "summary.txt").write_text("\n".join(self.lines) + "\n")
+        print(f"\nfigures and summary.txt in {out}")
+
+
+def cell_label(cell):
+    """'task=lookup variant=none seed=2': a cell's ids, for messages."""
+    return " ".join(f"{k}={v}" for k, v in cell.items() if k not in ("config", "device", "compile", "dtype", "tf32"))
+
+
+def training_report(records, out, say):
+    """training.png (every cell's loss curve; diverged cells in red, ending in an x) and, in the
+    summary, which cells diverged and the likely cause. Returns False when no cell finished training
+    (the caller then has nothing else to draw)."""
+    bad = [r for r in records if r["status"] == "diverged"]
+    if bad:
+        lrs = sorted({r["cell"].get("config", {}).get("lr") for r in bad} - {None})
+        say(f"\n{len(bad)} of {len(records)} cell(s) diverged (a non-finite loss or gradient stopped training; "
+            f"they have no test rows): " + "; ".join(cell_label(r["cell"]) for r in bad[:8]) +
+            (f"; and {len(bad) - 8} more" if len(bad) > 8 else ""))
+        say(f"  the usual cause is a learning rate too high for the model (here --lr {', '.join(map(str, lrs))}): "
+            "try a smaller --lr, a longer --warmup, or --grad-clip 1")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in records:
+        curve = np.array(r.get("train", {}).get("loss_curve") or [], dtype=float).reshape(-1, 2)
+        if len(curve):
+            ok = r["status"] != "diverged"
+            ax.plot(curve[:, 0], curve[:, 1], color="C0" if ok else "red", alpha=0.35 if ok else 0.9, lw=1)
+            if not ok:
+                ax.plot(curve[-1, 0], curve[-1, 1], "x", color="red", ms=8)
+    ax.plot([], [], color="C0", label=f"finished ({len(records) - len(bad)} cells)")
+    ax.plot([], [], color="red", marker="x", label=f"diverged ({len(bad)} cells)")
+    ax.set(xlabel="training step", ylabel="training loss", title="training loss of every cell")
+    if ax.get_lines() and any(len(line.get_xdata()) for line in ax.get_lines()):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(out) / "training.png", dpi=110)
+    plt.close(fig)
+    if len(bad) == len(records):
+        say("no cell finished training: no accuracy or variance figures (training.png shows the losses)")
+    return len(bad) < len(records)
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
@@ -942,9 +1075,26 @@ def _parse_value(kind, elem, s):
     return kind(s)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one 'error: ...' line (exit 2), like every other bad input."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "true/false"}
+
+
+def flag_type(kind, elem):
+    """The argparse type of a config field, named for argparse's message ('invalid integer value')."""
+    def parse(s):
+        return _parse_value(kind, elem, s)
+    parse.__name__ = f"comma-separated {TYPE_NAMES[elem]}" if kind is tuple else TYPE_NAMES[kind]
+    return parse
+
+
 def make_parser(description, config_cls, presets):
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="quick", choices=list(presets),
                    help="smoke: seconds (tests); quick: minutes on a laptop CPU; paper: paper scale, for a GPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -970,7 +1120,7 @@ def make_parser(description, config_cls, presets):
         choices = f" {{{','.join(f.metadata['choices'])}}}" if "choices" in f.metadata else ""
         g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                        metavar=kind.__name__.upper() if kind is not tuple else "A,B,...",
-                       type=lambda s, k=kind, e=elem: _parse_value(k, e, s),
+                       type=flag_type(kind, elem),
                        help=f.metadata.get("help", "") + choices + f" [{shown}]".replace("%", "%%"))
     return p
 
@@ -984,8 +1134,11 @@ def parse_config(args, config_cls, presets):
         vals = v if isinstance(v, tuple) else (v,)
         flag = "--" + f.name.replace("_", "-")
         check(len(vals) > 0, f"{flag} needs at least one value")
+        check(all(math.isfinite(x) for x in vals if isinstance(x, float)), f"{flag} must be a finite number, got {v}")
         if "min" in f.metadata:
             check(all(x >= f.metadata["min"] for x in vals), f"{flag} must be >= {f.metadata['min']}, got {v}")
+        if "max" in f.metadata:
+            check(all(x <= f.metadata["max"] for x in vals), f"{flag} must be <= {f.metadata['max']}, got {v}")
         if "choices" in f.metadata:
             bad = [x for x in vals if x not in f.metadata["choices"]]
             if bad:
@@ -1042,17 +1195,38 @@ def setup_run(args, script):
     # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (see
     # bench.py); with several jobs each worker process is single-threaded anyway.
     torch.set_num_threads(1)
+    shard = parse_shard(args.shard)
     out = Path(args.out.replace("<script>", script).replace("<preset>", args.preset))
-    return device, precision, jobs, parse_shard(args.shard), out
+    prepare_out(out)
+    return device, precision, jobs, shard, out
+
+
+def prepare_out(out):
+    """Check before any training that results can be written under `out`: a directory, writable."""
+    check(not out.exists() or out.is_dir(), f"--out {out} is a file, not a directory")
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        probe = out / "cells" / f".write-test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable: {e.strerror or e}") from None
 
 
 def cli_main(fn):
-    """Run fn(); bad input -> 'error: ...' and exit 2; Ctrl-C -> exit 130, finished cells kept."""
+    """Run fn(); bad input -> one 'error: ...' line and exit 2; a file-system fault (a full disk, a
+    directory that turned read-only) -> one line and exit 3; Ctrl-C -> exit 130. Finished cells are
+    kept in every case: re-running the same command resumes."""
     try:
         fn()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; finished cells are kept: re-run the same command to resume "
+              "once this is fixed", file=sys.stderr)
+        sys.exit(EXIT_IO)
     except KeyboardInterrupt:
         print("\ninterrupted: finished cells are saved; re-run the same command to resume", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)

@@ -64,7 +64,7 @@ The exact token layouts above, the ablations' details (cyclic period 4; misalign
 the scratchpad) and the '$' stopping rule are our choices.
 """
 import functools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -342,8 +342,17 @@ def lengths_of(fmt, cfg):
 
 
 def validate(cfg):
-    C.check(cfg.train_min <= cfg.train_max, f"train_min={cfg.train_min} > train_max={cfg.train_max}")
-    C.check(cfg.map_length >= cfg.train_max, "map_length should reach past the training length")
+    """Constraints between flags, checked before any training."""
+    for pos in cfg.pos:
+        C.check_model_shape(cfg.n_embd, cfg.n_head, pos == "rope")
+    C.check(cfg.train_min <= cfg.train_max, f"--train-min {cfg.train_min} > --train-max {cfg.train_max}")
+    C.check(cfg.map_length >= cfg.train_max, f"--map-length {cfg.map_length} must reach --train-max {cfg.train_max}")
+    if any(f in PARITY_FORMATS for f in cfg.formats):  # the test lengths size the position table
+        C.check(cfg.train_max <= max(cfg.test_lengths),
+                f"--train-max {cfg.train_max} beyond the longest --test-lengths {max(cfg.test_lengths)}")
+    if any(f in ADD_FORMATS for f in cfg.formats):
+        C.check(cfg.add_train_max <= max(cfg.add_test_lengths), f"--add-train-max {cfg.add_train_max} beyond "
+                f"the longest --add-test-lengths {max(cfg.add_test_lengths)}")
     need = {"mnemonic": max(cfg.test_lengths + (cfg.map_length,)), "cyclic": cfg.cycle,
             "misaligned": 2 * max(cfg.test_lengths + (cfg.map_length,)), "add-mnemonic": max(cfg.add_test_lengths) + 1}
     for fmt, k in need.items():
@@ -484,11 +493,9 @@ def report(records, cfg, out):
     acc, steps, probe = (C.select(rows, table=t) for t in ("accuracy", "step", "probe"))
     parity = [f for f in PARITY_FORMATS if C.select(acc, fmt=f)]
     adds = [f for f in ADD_FORMATS if C.select(acc, fmt=f)]
-    lines = []
-
-    def say(s=""):
-        print(s)
-        lines.append(s)
+    say = C.Summary()
+    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
+        return say.write(out)
 
     # accuracy and exact match vs n
     groups = [(parity, cfg.train_max, 0.5, "bits n"), (adds, cfg.add_train_max, None, "operand digits")]
@@ -637,8 +644,7 @@ def report(records, cfg, out):
         f"[position encoding, training position ids]; {cfg.pretrain_steps} copy pre-training steps)")
     for line in claims(final, mass, cfg):
         say(line)
-    (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    print(f"\nfigures and summary.txt in {out}")
+    say.write(out)
 
 
 def claims(final, mass, cfg):
@@ -698,7 +704,7 @@ def main():
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, asdict(cfg), C.environment(device, precision))
+    C.write_results(out, records, cfg, C.environment(device, precision))
     report(records, cfg, out)
 
 

@@ -58,7 +58,7 @@ coupled model evaluated two ways (oracle / ppc) instead of two models. The paper
 experiment (C4) is out of scope: nothing is downloaded here.
 """
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -234,8 +234,14 @@ PRESETS = {
 
 
 def validate(cfg):
-    C.check(cfg.train_min <= cfg.train_max, f"train_min={cfg.train_min} > train_max={cfg.train_max}")
-    C.check(cfg.ppc_min <= cfg.ppc_max, f"ppc_min={cfg.ppc_min} > ppc_max={cfg.ppc_max}")
+    """Constraints between flags, checked before any training."""
+    rope = ("locality" in cfg.experiments and set(cfg.loc_variants) - {"nope"}) or \
+        ("ppc" in cfg.experiments and "rope" in cfg.ppc_variants)
+    C.check_model_shape(cfg.n_embd, cfg.n_head, bool(rope))
+    C.check(cfg.train_min <= cfg.train_max, f"--train-min {cfg.train_min} > --train-max {cfg.train_max}")
+    C.check(cfg.ppc_min <= cfg.ppc_max, f"--ppc-min {cfg.ppc_min} > --ppc-max {cfg.ppc_max}")
+    C.check("locality" not in cfg.experiments or max(cfg.windows) <= cfg.train_max,
+            f"--windows {max(cfg.windows)} longer than the training sequences (--train-max {cfg.train_max})")
     ks = (cfg.k_train if "sparsity" in cfg.experiments else ()) + (cfg.fixed_k if "fixed" in cfg.experiments else ())
     C.check(not ks or max(ks) <= cfg.train_max, f"k={max(ks + (0,))} planted bits need train_max >= k")
     C.check(min(cfg.test_lengths) >= max(ks + (cfg.loc_k,)), "every test length must hold the largest k")
@@ -452,11 +458,9 @@ def report(records, cfg, out):
     for r in sp:  # the fixed-k control is one family: its models share the label 'fixed k'
         r["family"] = r["variant"] if r["exp"] == "sparsity" else "fixed k (one model per k)"
     L = cfg.train_max
-    lines = []
-
-    def say(s=""):
-        print(s)
-        lines.append(s)
+    say = C.Summary()
+    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
+        return say.write(out)
 
     say(f"\n=== sparse_planted: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
@@ -559,8 +563,7 @@ def report(records, cfg, out):
     say("\nthe paper's claims next to what was measured (mean over seeds)")
     for line in claims(found, cfg):
         say(line)
-    (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    print(f"\nfigures and summary.txt in {out}")
+    say.write(out)
 
 
 def claims(found, cfg):
@@ -634,7 +637,7 @@ def main():
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, asdict(cfg), C.environment(device, precision))
+    C.write_results(out, records, cfg, C.environment(device, precision))
     report(records, cfg, out)
 
 

@@ -48,7 +48,7 @@ models and the theory curves.
 """
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +166,15 @@ PRESETS = {
 }
 
 
+def validate(cfg):
+    """Constraints between flags, checked before any training."""
+    C.check_model_shape(cfg.n_embd, cfg.n_head)
+    C.check(cfg.train_len < max(cfg.test_lengths), f"--test-lengths must reach beyond --train-len {cfg.train_len} "
+            f"(the longest is {max(cfg.test_lengths)}): nothing would be tested out of distribution")
+    extra = sorted(set(cfg.keep_lengths) - set(cfg.test_lengths))
+    C.check(not extra, f"--keep-lengths {','.join(map(str, extra))} not among --test-lengths")
+
+
 def n_keys(cfg):
     return 4 * max(cfg.test_lengths)  # SPEC: the key set is >= 4x the largest test N
 
@@ -272,11 +281,9 @@ def report(records, cfg, out):
     acc, probe = C.select(rows, table="accuracy"), C.select(rows, table="probe")
     tasks = [t for t in TASKS if C.select(acc, task=t)]
     lengths = sorted({r["length"] for r in acc}) or list(cfg.test_lengths)
-    lines = []
-
-    def say(s=""):
-        print(s)
-        lines.append(s)
+    say = C.Summary()
+    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
+        return say.write(out)
 
     # accuracy and paired differences
     fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
@@ -396,8 +403,7 @@ def report(records, cfg, out):
     say(f"{'task':<8} {'variant':<12} reproduced?")
     for (task, v), (verdict, better, worse) in verdicts.items():
         say(f"{task:<8} {v:<12} {verdict}")
-    (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    print(f"\nfigures and summary.txt in {out}")
+    say.write(out)
 
 
 def main():
@@ -407,6 +413,7 @@ def main():
     if args.plot_only:
         recs, cfg = C.saved_run(args.plot_only, Config, cfg)
         return report(recs, cfg, Path(args.plot_only))
+    validate(cfg)
     device, precision, jobs, shard, out = C.setup_run(args, "vanishing_variance")
     th = theory(cfg.test_lengths)
     print("theory: log-log slope of the attention-output std vs N: " +
@@ -420,7 +427,7 @@ def main():
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, asdict(cfg), C.environment(device, precision))
+    C.write_results(out, records, cfg, C.environment(device, precision))
     report(records, cfg, out)
 
 

@@ -5,7 +5,7 @@ Example (T = 4): idx = [7 3 9 5], at = [3], target = [5]. Trivial for any model;
 the machinery: config flags, presets, the sweep, resume, shards, results files and plots.
 """
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,7 +70,7 @@ def main():
     device, precision, jobs, shard, out = C.setup_run(args, "toy")
     cells = C.make_cells(cfg, device, precision, variant=cfg.variants, seed=range(cfg.seeds))
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, asdict(cfg), C.environment(device, precision))
+    C.write_results(out, records, cfg, C.environment(device, precision))
     report(records, cfg, out)
 
 
