@@ -646,7 +646,10 @@ def atomic_write(path: Path, text: str):
     try:
         tmp.write_text(text)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
-    except BaseException:  # a full disk, a kill: no half-written temp file left behind
+    except OSError as e:  # a full disk: no half-written temp file left behind, and say where
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except BaseException:  # Ctrl-C, an error in a worker
         tmp.unlink(missing_ok=True)
         raise
 
@@ -676,12 +679,15 @@ def is_main_process():
     return mp.current_process().name == "MainProcess"
 
 
-PROGRESS = {"shared": None, "slot": 0}  # in a --jobs worker: its slot in the parent's progress array
+PROGRESS = {"shared": None, "slot": 0, "parent": None}  # in a --jobs worker: its slot in the parent's array
 
 
 def report_progress(fraction):
-    """Tell the parent's progress bar how far this worker's current cell has trained (0..1)."""
+    """Tell the parent's progress bar how far this worker's current cell has trained (0..1). A worker
+    whose parent was killed (kill -9) stops here instead of training on for nobody."""
     if PROGRESS["shared"] is not None:
+        if os.getppid() != PROGRESS["parent"]:
+            os._exit(1)
         PROGRESS["shared"][PROGRESS["slot"]] = fraction
 
 
@@ -690,7 +696,7 @@ def _worker_init(threads, shared):
     tqdm.set_lock(threading.RLock())  # workers draw no bars: no multiprocessing lock a kill would leak
     torch.set_num_threads(threads)
     worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
-    PROGRESS.update(shared=shared, slot=worker % len(shared))
+    PROGRESS.update(shared=shared, slot=worker % len(shared), parent=os.getppid())
     if torch.cuda.is_available():  # several workers per GPU, spread round robin over the GPUs
         torch.cuda.set_device(worker % torch.cuda.device_count())
 

@@ -1,6 +1,7 @@
 """vanishing_variance.py: task oracles, distinctness up to the largest test length, the theory,
 and the smoke preset end to end (files, figures, --plot-only)."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,9 @@ def test_smoke_preset_end_to_end(tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert all((tmp_path / f).exists() for f in figs)
+    tables = sorted(line for line in p.stdout.splitlines() if "±" in line or "paired" in line)
+    shutil.rmtree(tmp_path / "cells")  # results.json alone: the same tables, rebuilt from its cells and rows
+    p = subprocess.run([sys.executable, str(Path(VV.__file__)), "--plot-only", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert tables and sorted(line for line in p.stdout.splitlines() if "±" in line or "paired" in line) == tables

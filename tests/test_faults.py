@@ -1,0 +1,136 @@
+"""Bad input and faults end in one 'error: ...' line and a documented exit status, before any training
+where the input can be checked up front, and lose nothing already computed: one case per class of
+input across the three scripts, the file system under --out (a file, read-only, full), every cell
+diverging, and --plot-only on results another script wrote."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import common as C
+from test_cli import ENV, TOY, run as run_toy
+
+ROOT = Path(__file__).resolve().parent.parent
+VV, PA, SP = "vanishing_variance.py", "parity_random_access.py", "sparse_planted.py"
+
+
+def run(script, *args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / script), "--preset", "smoke", "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(p, status, msg):
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == status, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and last.startswith("error: ") and msg in last, p.stderr[-2000:]
+
+
+BAD = [  # (script, flags, part of the message): every class of bad input, checked before any training
+    (VV, ["--steps", "1.5"], "invalid integer value"),                   # argparse types, named
+    (VV, ["--test-lengths", "16,x"], "invalid comma-separated integer"),
+    (VV, ["--mlp", "maybe"], "invalid true/false value"),
+    (VV, ["--bogus-flag"], "unrecognized arguments"),
+    (VV, ["--lr", "inf"], "finite"),                                     # numbers out of range
+    (VV, ["--min-lr-frac", "2"], "--min-lr-frac must be <= 1"),
+    (VV, ["--n-embd", "30"], "divisible by --n-head"),                   # constraints between flags
+    (VV, ["--keep-lengths", "99"], "not among --test-lengths"),
+    (VV, ["--train-len", "5000"], "must reach beyond --train-len"),
+    (PA, ["--add-train-max", "50"], "--add-train-max 50 beyond"),
+    (PA, ["--train-max", "100"], "--map-length 40 must reach --train-max 100"),
+    (PA, ["--n-embd", "36", "--n-head", "4"], "even head size"),
+    (SP, ["--windows", "100"], "--windows 100 longer"),
+    (SP, ["--n-embd", "30"], "divisible by --n-head"),
+]
+
+
+@pytest.mark.parametrize("script,args,msg", BAD, ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in BAD])
+def test_bad_input_is_one_line_before_any_training(script, args, msg, tmp_path):
+    p = run(script, "--out", str(tmp_path), *args)
+    one_error_line(p, C.EXIT_USAGE, msg)
+    assert "sweep:" not in p.stdout  # refused before the sweep started
+
+
+def test_out_and_plot_only_that_are_files(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    one_error_line(run(VV, "--out", str(f)), C.EXIT_USAGE, "is a file, not a directory")
+    one_error_line(run(VV, "--plot-only", str(f)), C.EXIT_USAGE, "is a file, not a results directory")
+
+
+def test_every_cell_diverging_still_writes_summary_and_figure(tmp_path):
+    p = run(VV, "--lr", "1000", "--tasks", "argmax", "--seeds", "1", "--variants", "none,layernorm",
+            "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "2 of 2 cell(s) diverged" in summary and "--lr 1000.0" in summary and "variant=layernorm" in summary
+    assert (tmp_path / "training.png").stat().st_size > 5_000
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [c["status"] for c in res["cells"]] == ["diverged", "diverged"]
+    p = run(VV, "--plot-only", str(tmp_path))  # and the same from the saved results
+    assert p.returncode == 0 and "2 of 2 cell(s) diverged" in p.stdout, p.stderr[-2000:]
+
+
+def test_plot_only_refuses_results_of_another_script(tmp_path):
+    run_toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
+    for script in (VV, PA, SP):
+        one_error_line(run(script, "--plot-only", str(tmp_path)), C.EXIT_USAGE, "written by another script")
+    (tmp_path / "results.json").unlink()
+    one_error_line(run(VV, "--plot-only", str(tmp_path)), C.EXIT_USAGE, "written by another script")
+
+
+def test_atomic_write_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):
+    target = tmp_path / "cell.json"
+    target.write_text("old")
+
+    def full(self, text):
+        Path.write_bytes(self, text[:3].encode())  # half written, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left") as e:
+        C.atomic_write(target, "new contents")
+    assert e.value.filename == str(target)
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cell.json"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tiny file system (tmpfs) of 12 KiB: room for three of the toy's cell files. Needs root."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_disk_that_fills_up_mid_sweep(tmpfs):
+    p = run_toy("--preset", "smoke", "--jobs", "1", "--out", str(tmpfs / "run"), check=False)
+    one_error_line(p, C.EXIT_IO, "No space left on device")
+    assert "re-run the same command to resume" in p.stderr
+    cells = list((tmpfs / "run" / "cells").iterdir())
+    assert 1 <= len(cells) < 4 and all(c.suffix == ".json" and not c.name.startswith(".") for c in cells)
+    assert all(json.loads(c.read_text())["status"] == "ok" for c in cells)  # what finished is intact
+
+
+def test_a_read_only_out(tmpfs):
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    p = run_toy("--preset", "smoke", "--out", str(tmpfs / "run"), check=False)
+    one_error_line(p, C.EXIT_USAGE, "is not writable: Read-only file system")
+
+
+def test_ctrl_c_ends_with_one_line_and_keeps_finished_cells(tmp_path):
+    p = subprocess.Popen(TOY + ["--device", "cpu", "--preset", "smoke", "--steps", "3000", "--jobs", "2",
+                                "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV)
+    time.sleep(8)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == C.EXIT_INTERRUPTED
+    assert err.strip().splitlines()[-1].startswith("interrupted: finished cells are saved")
+    assert "Traceback" not in err and "leaked" not in err
+    assert not [c for c in (tmp_path / "cells").iterdir() if c.name.startswith(".")]  # no temp files
