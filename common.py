@@ -1013,22 +1013,33 @@ def pyplot():
     return plt
 
 
+METRIC_LABELS = {  # axis labels for the metrics of the tidy rows
+    "accuracy": "accuracy", "exact": "exact match", "comp_std": "std of a component across samples",
+    "vec_mean": "per-vector mean", "vec_var": "per-vector variance", "entropy": "attention entropy H",
+    "eff_n": "effective number of attended tokens exp(H)", "target_mass": "attention mass on the answer",
+    "token_acc": "per-token accuracy", "id_acc": "position-id accuracy"}
+THEORY_STYLES = [("black", ":"), ("tab:purple", "-."), ("tab:brown", (0, (1, 3))), ("tab:olive", (0, (3, 1, 1, 1)))]
+
+
 def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, logy=False, title=None,
-                   ylabel=None, extra=(), ax=None):
+                   ylabel=None, extra=(), ax=None, style=None):
     """metric vs test length (log2 x), one line per group with a mean ± std band over seeds, a
     dashed line at the largest training length, an optional chance line and extra (x, y, label)
-    curves (e.g. theory). Saves to path unless an axis is given."""
+    curves (e.g. theory, each its own colour and dash). style(group) -> {color, ls, label} keeps a
+    variant's colour the same in every figure of a script. The legend sits outside the axes, clear
+    of the data. Saves to path unless an axis is given."""
     plt = pyplot()
     own = ax is None
     if own:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
     for g, (xs, m, s, n) in sorted(mean_std_by(rows, "length", metric, group).items(), key=lambda t: str(t[0])):
-        label = " ".join(map(str, g)) if isinstance(g, tuple) else str(g)
-        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label} (n={n.min()})")
+        st = dict(style(g)) if style else {}
+        label = st.pop("label", " ".join(map(str, g)) if isinstance(g, tuple) else str(g))
+        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label} (n={n.min()})", **st)
         lo, hi = (np.maximum(m - s, m * 0.05), m + s) if logy else (m - s, m + s)
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
-    for (x, y, label), ls in zip(extra, [":", "-.", (0, (1, 4)), (0, (3, 1, 1, 1))]):
-        ax.plot(x, y, color="k", ls=ls, lw=1.2, label=label)
+    for (x, y, label), (color, ls) in zip(extra, THEORY_STYLES):
+        ax.plot(x, y, color=color, ls=ls, lw=1.4, label=label)
     ax.axvline(train_len, color="gray", ls="--", lw=1, label=f"max train length {train_len}")
     if chance is not None:
         ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")
@@ -1036,14 +1047,32 @@ def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, 
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("test length")
-    ax.set_ylabel(ylabel or metric)
-    ax.set_title(title or f"{metric} vs length (mean ± std over seeds)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_ylabel(ylabel or METRIC_LABELS.get(metric, metric))
+    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} vs length (mean ± std over seeds)", fontsize=10)
+    legend_outside(ax)
     ax.grid(alpha=0.3)
     if own:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+class Palette:
+    """One colour per group value (variant, format, ...), fixed for a whole report: pass it as the
+    style of every plot, or read .colors, so that a variant keeps its colour in every figure."""
+
+    def __init__(self, groups):
+        names = sorted(set(groups), key=str)
+        cmap = "tab10" if len(names) <= 10 else "tab20"
+        self.colors = {g: pyplot().get_cmap(cmap)(i % 20) for i, g in enumerate(names)}
+
+    def __call__(self, group):
+        return {"color": self.colors.get(group)}
+
+
+def legend_outside(ax):
+    """The legend to the right of the axes, where it cannot cover data."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
 
 
 def plot_attention_maps(maps, path, titles, suptitle="", train_len=None):

@@ -493,6 +493,7 @@ def report(records, cfg, out):
     acc, steps, probe = (C.select(rows, table=t) for t in ("accuracy", "step", "probe"))
     parity = [f for f in PARITY_FORMATS if C.select(acc, fmt=f)]
     adds = [f for f in ADD_FORMATS if C.select(acc, fmt=f)]
+    palette = C.Palette(r["variant"] for r in rows)  # one colour per format / setting in every figure
     say = C.Summary()
     if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
         return say.write(out)
@@ -500,12 +501,13 @@ def report(records, cfg, out):
     # accuracy and exact match vs n
     groups = [(parity, cfg.train_max, 0.5, "bits n"), (adds, cfg.add_train_max, None, "operand digits")]
     groups = [g for g in groups if g[0]]
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.5 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(15, 4.5 * len(groups)), squeeze=False)
     for i, (fmts, hi, chance, what) in enumerate(groups):
         sel = [r for r in acc if r["fmt"] in fmts]
         C.plot_vs_length(sel, "accuracy", None, hi, chance=chance, ax=axes[i, 0], ylabel="final-answer accuracy",
+                         style=palette,
                          title=f"final answer, greedy (mean ± std over seeds); x: {what}")
-        C.plot_vs_length(sel, "exact", None, hi, ax=axes[i, 1], ylabel="exact match",
+        C.plot_vs_length(sel, "exact", None, hi, ax=axes[i, 1], ylabel="exact match", style=palette,
                          title=f"exact match of everything produced; x: {what}")
         for ax in axes[i]:
             ticks_at(ax, sorted({r["length"] for r in sel}))
@@ -514,19 +516,19 @@ def report(records, cfg, out):
     plt.close(fig)
 
     # per-step accuracy at the longest length
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 4.2), squeeze=False)
     for ax, (fmts, hi, chance, what) in zip(axes[0], groups):
         L = max(r["length"] for r in acc if r["fmt"] in fmts)
         sel = [r for r in steps if r["fmt"] in fmts and r["length"] == L]
         for g, (xs, m, s, n) in sorted(C.mean_std_by(sel, "step", "accuracy", "variant").items()):
-            line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})")
+            line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})", color=palette.colors.get(g))
             ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
         ax.axvline(hi, color="gray", ls="--", lw=1, label=f"max train length {hi}")
         if chance:
             ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")
         ax.set(xlabel="step index i", ylabel="accuracy of step i (greedy)", ylim=(-0.02, 1.02),
                title=f"per-step accuracy at {what} = {L}")
-        ax.legend(fontsize=7)
+        C.legend_outside(ax)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "steps.png", dpi=110)
@@ -571,7 +573,7 @@ def report(records, cfg, out):
             curves += [{"variant": rec["label"], "step": i + 1, "mass": v}
                        for i, v in enumerate(m)]
         for g, (xs, m, s, n) in sorted(C.mean_std_by(curves, "step", "mass", "variant").items()):
-            line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})")
+            line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})", color=palette.colors.get(g))
             ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
         ax.axvline(cfg.train_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_max}")
         ax.set(xlabel="step i", ylabel="attention on bit i", ylim=(0, 1.02),
@@ -589,14 +591,13 @@ def report(records, cfg, out):
     # attention-output variance at the query that writes the final answer
     layers = sorted({r["layer"] for r in probe})
     if layers:
-        fig, axes = plt.subplots(len(groups), len(layers), figsize=(5.5 * len(layers), 4.2 * len(groups)),
+        fig, axes = plt.subplots(len(groups), len(layers), figsize=(7 * len(layers), 4.2 * len(groups)),
                                  squeeze=False)
         for i, (fmts, hi, _, what) in enumerate(groups):
             for j, layer in enumerate(layers):
                 sel = [r for r in probe if r["fmt"] in fmts and r["layer"] == layer]
-                C.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j],
-                                 ylabel="std of a component across samples",
-                                 title=f"layer {layer}: attention-output std at the answer query; x: {what}")
+                C.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j], style=palette,
+                                 title=f"layer {layer}: attention-output std\nat the answer query; x: {what}")
                 ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
         fig.tight_layout()
         fig.savefig(out / "variance.png", dpi=110)

@@ -417,9 +417,16 @@ def ticks_at(ax, xs):
     ax.minorticks_off()
 
 
-def line_with_band(ax, rows, x, y, group, label=lambda g: str(g), **kw):
+POS_COLORS = {"nope": "C0", "rope": "C1", "coupled": "C2", "oracle": "C2", "ppc": "C3"}  # in every figure
+
+
+def pos_style(pos):
+    return {"color": POS_COLORS.get(pos)}
+
+
+def line_with_band(ax, rows, x, y, group, colors, label=str):
     for g, (xs, m, s, n) in sorted(C.mean_std_by(rows, x, y, group).items(), key=lambda t: str(t[0])):
-        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} (n={n.min()})", **kw)
+        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} (n={n.min()})", color=colors.get(g))
         ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
 
 
@@ -428,7 +435,7 @@ def accuracy_axes(ax, xlabel, title):
     ax.axhline(0.5, color="red", ls=":", lw=1, label="chance 0.5")
     ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1.05), title=title)
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7)
+    C.legend_outside(ax)
     ax.grid(alpha=0.3)
 
 
@@ -458,6 +465,8 @@ def report(records, cfg, out):
     for r in sp:  # the fixed-k control is one family: its models share the label 'fixed k'
         r["family"] = r["variant"] if r["exp"] == "sparsity" else "fixed k (one model per k)"
     L = cfg.train_max
+    palette = C.Palette([r["family"] for r in sp] + [r["variant"] for r in probe])  # models: the same colour
+    k_palette = C.Palette(r["k"] for r in sp)                                        # in every figure
     say = C.Summary()
     if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
         return say.write(out)
@@ -467,22 +476,22 @@ def report(records, cfg, out):
     found = {}
     if sp:  # (1) sparsity: accuracy vs l per k, and accuracy vs k per model family
         fams = sorted({r["family"] for r in sp}, key=lambda f: (f.startswith("fixed"), f))
-        fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4), squeeze=False)
         for ax, fam in zip(axes[0], fams):
             C.plot_vs_length([r for r in sp if r["family"] == fam], "accuracy", None, L, group="k", chance=0.5, ax=ax,
-                             title=f"{fam}: one line per k (legend: k, seeds)")
+                             title=f"{fam}:\none line per k (legend: k, seeds)", style=k_palette)
             ax.set(xlabel="bits l", ylim=(0, 1.05))
             ticks_at(ax, sorted({r["length"] for r in sp}))
         finish(fig, out / "sparsity_by_length.png")
         ood = sorted({r["length"] for r in sp if r["length"] > L})
-        fig, axes = plt.subplots(1, max(1, len(ood)), figsize=(5 * max(1, len(ood)), 4), squeeze=False)
+        fig, axes = plt.subplots(1, max(1, len(ood)), figsize=(6.5 * max(1, len(ood)), 4), squeeze=False)
         for ax, length in zip(axes[0], ood or [L]):
             sel = [r for r in sp if r["length"] == length]
-            line_with_band(ax, sel, "k", "accuracy", "family")
+            line_with_band(ax, sel, "k", "accuracy", "family", colors=palette.colors)
             for i, fam in enumerate(fams):  # every seed as a dot: the spread is often bimodal
                 pts = [r for r in sel if r["family"] == fam]
                 ax.scatter([r["k"] + 0.08 * (i - 1) for r in pts], [r["accuracy"] for r in pts], s=8, alpha=0.4,
-                           color=f"C{i}")
+                           color=palette.colors[fam])
             accuracy_axes(ax, "k (planted bits)",
                           f"l = {length} ({length / L:g} x the training length {L}); mean ± std, dots: seeds")
         finish(fig, out / "sparsity_vs_k.png")
@@ -502,16 +511,16 @@ def report(records, cfg, out):
         for r in loc:
             r["pos"], r["W"] = r["variant"].split(", W=")
         Ws = sorted({r["W"] for r in loc}, key=lambda w: (w == "all", int(w) if w != "all" else 0))
-        fig, axes = plt.subplots(1, len(Ws) + 1, figsize=(4.6 * (len(Ws) + 1), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(Ws) + 1, figsize=(5.8 * (len(Ws) + 1), 4), squeeze=False)
         for ax, w in zip(axes[0], Ws):
             C.plot_vs_length([r for r in loc if r["W"] == w], "accuracy", None, L, group="pos", chance=0.5, ax=ax,
-                             title=f"planted bits in the last W = {w} bits (k = {cfg.loc_k})")
+                             title=f"planted bits in the last W = {w} bits\n(k = {cfg.loc_k})", style=pos_style)
             ax.set(xlabel="bits l", ylim=(0, 1.05))
             ticks_at(ax, sorted({r["length"] for r in loc}))
         top = max(r["length"] for r in loc)
         ax = axes[0, -1]
         pts = [{**r, "w": Ws.index(r["W"])} for r in loc if r["length"] == top]
-        line_with_band(ax, pts, "w", "accuracy", "pos")
+        line_with_band(ax, pts, "w", "accuracy", "pos", colors=POS_COLORS)
         ax.set_xticks(range(len(Ws)), Ws)
         accuracy_axes(ax, "window W (locality)", f"accuracy at l = {top} (mean ± std over seeds)")
         finish(fig, out / "locality.png")
@@ -520,20 +529,19 @@ def report(records, cfg, out):
     ppc = [r for r in acc if r["exp"] == "ppc"]
     if ppc:  # (3) pointer chasing: token accuracy, exact match, id accuracy vs n
         metrics = [m for m in ("token_acc", "exact", "id_acc") if any(m in r for r in ppc)]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4), squeeze=False)
         titles = {"token_acc": "per-token accuracy, greedy", "exact": "exact match of the whole output",
                   "id_acc": "accuracy of the predicted position ids"}
-        colors = {"nope": "C0", "rope": "C1", "oracle": "C2", "ppc": "C3"}  # the same in every panel
         for ax, m in zip(axes[0], metrics):
             for g, (xs, mm, s, n) in sorted(C.mean_std_by(ppc, "length", m, "variant").items(),
-                                            key=lambda t: list(colors).index(t[0]) if t[0] in colors else 9):
-                line, = ax.plot(xs, mm, marker="o", ms=3, color=colors.get(g), label=f"{g} (n={n.min()})")
+                                            key=lambda t: list(POS_COLORS).index(t[0]) if t[0] in POS_COLORS else 9):
+                line, = ax.plot(xs, mm, marker="o", ms=3, color=POS_COLORS.get(g), label=f"{g} (n={n.min()})")
                 ax.fill_between(xs, mm - s, mm + s, color=line.get_color(), alpha=0.2)
             ax.axvline(cfg.ppc_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.ppc_max}")
-            ax.set(xlabel="cells n", ylabel=m, ylim=(0, 1.05), title=titles[m] + " (mean ± std)")
+            ax.set(xlabel="cells n", ylabel=C.METRIC_LABELS.get(m, m), ylim=(0, 1.05), title=titles[m] + " (mean ± std)")
             ax.set_xscale("log", base=2)
             ticks_at(ax, sorted({r["length"] for r in ppc}))
-            ax.legend(fontsize=7)
+            C.legend_outside(ax)
             ax.grid(alpha=0.3)
         finish(fig, out / "ppc.png")
         say("\n(3) pointer-chasing copy, greedy decoding; mean ± std over seeds")
@@ -544,11 +552,10 @@ def report(records, cfg, out):
     if probe:  # (4) attention-output variance at the query '=' (the sparsity models' if there are any)
         shown = [r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe
         layers = sorted({r["layer"] for r in probe})
-        fig, axes = plt.subplots(1, len(layers), figsize=(5.5 * len(layers), 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(layers), figsize=(7 * len(layers), 4.2), squeeze=False)
         for ax, layer in zip(axes[0], layers):
-            C.plot_vs_length(C.select(shown, layer=layer), "comp_std", None, L, logy=True, ax=ax,
-                             ylabel="std of a component across samples",
-                             title=f"layer {layer}: attention-output std at the query '='")
+            C.plot_vs_length(C.select(shown, layer=layer), "comp_std", None, L, logy=True, ax=ax, style=palette,
+                             title=f"layer {layer}: attention-output std\nat the query '='")
             ax.set_xlabel("bits l")
             ticks_at(ax, sorted({r["length"] for r in probe}))
         finish(fig, out / "variance.png")

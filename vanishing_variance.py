@@ -271,6 +271,16 @@ def slope(xs, ys):
 # ---------------------------------------------------------------------------------------- report
 
 CLAIM = "LayerNorm after attention gives significantly better length generalization (Li et al. 2025)"
+COLORS = {"none": "C0", "layernorm": "C1", "standardize": "C2"}  # one colour per variant in every figure
+
+
+def style(group):
+    """Plot style of a variant, or of (variant, where): its colour; dashed after the norm."""
+    variant, where = group if isinstance(group, tuple) else (group, "pre")
+    label = variant if where == "pre" or variant == "none" else f"{variant}, after the norm"
+    if isinstance(group, tuple) and variant != "none" and where == "pre":
+        label = f"{variant}, before the norm"
+    return {"color": COLORS.get(variant), "ls": "--" if where == "post" else "-", "label": label}
 
 
 def report(records, cfg, out):
@@ -286,23 +296,23 @@ def report(records, cfg, out):
         return say.write(out)
 
     # accuracy and paired differences
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
         C.plot_vs_length(C.select(acc, task=task), "accuracy", None, cfg.train_len, chance=1 / cfg.n_classes,
-                         ax=axes[0, j], title=f"{task}: accuracy (mean ± std over seeds)")
+                         ax=axes[0, j], title=f"{task}: accuracy (mean ± std over seeds)", style=style)
         ax = axes[1, j]
         for v in [v for v in C.ATTN_OUT_NORMS if v != "none" and C.select(acc, task=task, variant=v)]:
             d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
             if d:
                 xs = [r["length"] for r in d]
-                line, = ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − none")
+                line, = ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − none", color=COLORS[v])
                 ax.fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=line.get_color(), alpha=0.2)
         ax.axhline(0, color="k", lw=0.8)
         ax.axvline(cfg.train_len, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_len}")
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="test length N", ylabel="accuracy difference",
+        ax.set(xlabel="test length N", ylabel="accuracy difference to none",
                title=f"{task}: paired difference per seed, 95% CI")
-        ax.legend(fontsize=7)
+        C.legend_outside(ax)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
@@ -311,18 +321,18 @@ def report(records, cfg, out):
     # Fig. 1: per-component std vs N, with theory; one row per layer
     th = theory(lengths)
     layers = sorted({r["layer"] for r in probe}) or [0]
-    fig, axes = plt.subplots(len(layers), len(tasks), figsize=(6 * len(tasks), 4.5 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(len(layers), len(tasks), figsize=(8 * len(tasks), 4.5 * len(layers)), squeeze=False)
     slopes = {}
     for j, task in enumerate(tasks):
         for i, layer in enumerate(layers):
-            p = [{**r, "series": f"{r['variant']}, {'before' if r['where'] == 'pre' else 'after'} norm"}
-                 for r in C.select(probe, task=task, layer=layer) if r["where"] == "pre" or r["variant"] != "none"]
+            p = [r for r in C.select(probe, task=task, layer=layer) if r["where"] == "pre" or r["variant"] != "none"]
             base = C.mean_std_by(C.select(p, variant="none", where="pre"), "length", "comp_std", "variant")
             scale = base["none"][1][0] if base else 1.0
             extra = [(x, y / y[0] * scale, f"theory: {k}") for k, (x, y) in th.items()]
-            C.plot_vs_length(p, "comp_std", None, cfg.train_len, group="series", logy=True, ax=axes[i, j],
-                             extra=extra, ylabel="std of a component across samples",
-                             title=f"{task}, layer {layer}: attention-output std vs N (theory scaled to none at N={lengths[0]})")
+            C.plot_vs_length(p, "comp_std", None, cfg.train_len, group=("variant", "where"), logy=True,
+                             ax=axes[i, j], extra=extra, style=style,
+                             title=f"{task}, layer {layer}: attention-output std vs N\n(theory scaled to none "
+                                   f"at N={lengths[0]})")
             for key, (xs, m, _, _) in C.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
                 slopes[(task,) + key] = (slope(xs, m), m[-1] / m[0])
     fig.tight_layout()
@@ -330,14 +340,14 @@ def report(records, cfg, out):
     plt.close(fig)
 
     # Fig. 3: per-vector mean and variance, none vs layernorm
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
         p = [r for r in C.select(probe, task=task, layer=0)  # for none, 'post' is 'pre' again
              if (r["variant"], r["where"]) in (("none", "pre"), ("layernorm", "pre"), ("layernorm", "post"))]
-        C.plot_vs_length(p, "vec_mean", None, cfg.train_len, group=("variant", "where"), ax=axes[0, j],
+        C.plot_vs_length(p, "vec_mean", None, cfg.train_len, group=("variant", "where"), ax=axes[0, j], style=style,
                          title=f"{task}: per-vector mean of the attention output (layer 0)")
         C.plot_vs_length(p, "vec_var", None, cfg.train_len, group=("variant", "where"), ax=axes[1, j], logy=True,
-                         title=f"{task}: per-vector variance (layer 0)")
+                         style=style, title=f"{task}: per-vector variance (layer 0)")
     fig.tight_layout()
     fig.savefig(out / "shift.png", dpi=110)
     plt.close(fig)
@@ -352,19 +362,20 @@ def report(records, cfg, out):
                 vals = kept[t, v].get(f"{L}/0/{w}")
                 if vals:
                     ax.hist(vals, bins=40, density=True, histtype="step", label=f"N={L}")
-            ax.set(title=f"{t}, {v} ({w} norm): component 0", xlabel="value")
+            ax.set(title=f"{t}, {v} ({'before' if w == 'pre' else 'after'} the norm): component 0",
+                   xlabel="value of attention-output component 0", ylabel="density")
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "distributions.png", dpi=110)
         plt.close(fig)
 
     # why: dispersion of attention and mass on the answer
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
         C.plot_vs_length(C.select(probe, task=task, layer=0, where="pre"), "eff_n", None, cfg.train_len,
                          logy=True, ax=axes[0, j], extra=[(np.array(lengths), np.array(lengths) + 1.0, "all N+1 tokens")],
-                         title=f"{task}: effective number of attended tokens exp(H) (layer 0)")
-        C.plot_vs_length(C.select(acc, task=task), "target_mass", None, cfg.train_len, ax=axes[1, j],
+                         style=style, title=f"{task}: effective number of attended tokens exp(H) (layer 0)")
+        C.plot_vs_length(C.select(acc, task=task), "target_mass", None, cfg.train_len, ax=axes[1, j], style=style,
                          title=f"{task}: attention mass on the answering item (max over heads)")
     fig.tight_layout()
     fig.savefig(out / "why.png", dpi=110)
@@ -395,15 +406,37 @@ def report(records, cfg, out):
                        f"only at N = {better}" + (f", worse at N = {worse}" if worse else "") if better else
                        f"no (worse at N = {worse})" if worse else "no (no significant difference)")
             verdicts[task, v] = (verdict, better, worse)
-            say(f"  significantly better than none at N = {better or 'none'}; worse at N = {worse or 'none'}")
+            say(f"  significantly better than none at N = {better}" if better else "  significantly better than none: at no N")
+            say(f"  significantly worse than none at N = {worse}" if worse else "  significantly worse than none: at no N")
     for rec in records[:1] + [r for r in records if r["cell"].get("task") != records[0]["cell"].get("task")][:1]:
         for m in rec.get("mistakes", []):
             say(f"mistake ({rec['cell'].get('task')}/{rec['cell'].get('variant')}/seed {rec['cell'].get('seed')}): {m}")
+    say_headline(acc, probe, say)
     say(f"\npaper's claim: {CLAIM}")
     say(f"{'task':<8} {'variant':<12} reproduced?")
     for (task, v), (verdict, better, worse) in verdicts.items():
         say(f"{task:<8} {v:<12} {verdict}")
     say.write(out)
+
+
+def say_headline(acc, probe, say):
+    """The README's headline numbers: at the training N and the longest N, per task and variant,
+    accuracy (mean ± std over seeds), exp(H) of the query's layer-0 attention, and its attention mass
+    on the item that holds the answer (mean over seeds)."""
+    lengths = sorted({r["length"] for r in acc})
+    lo, hi = lengths[0], lengths[-1]
+    say(f"\nheadline, N = {lo} -> N = {hi} (mean over seeds): accuracy (± std), exp(H) in layer 0 = the number of "
+        "tokens the query attends to, attention mass on the answering item")
+    for task in TASKS:
+        for v in C.ATTN_OUT_NORMS:
+            a = C.mean_std_by(C.select(acc, task=task, variant=v), "length", "accuracy", "variant").get(v)
+            h = C.mean_std_by(C.select(probe, task=task, variant=v, layer=0, where="pre"), "length", "eff_n",
+                              "variant").get(v)
+            m = C.mean_std_by(C.select(acc, task=task, variant=v), "length", "target_mass", "variant").get(v)
+            if a is None or h is None or m is None:
+                continue
+            say(f"  {task:<7} {v:<12} accuracy {a[1][0]:.3f} -> {a[1][-1]:.3f} ± {a[2][-1]:.3f}   "
+                f"exp(H) {h[1][0]:.1f} -> {h[1][-1]:.1f}   mass on the answer {m[1][0]:.2f} -> {m[1][-1]:.2f}")
 
 
 def main():
