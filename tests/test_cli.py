@@ -52,18 +52,23 @@ def test_smoke_run_writes_results_and_plots_and_plot_only_redraws(tmp_path):
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "variance.png").exists()
 
 
-def test_resume_after_hard_kill_equals_uninterrupted_run(tmp_path):
-    args = ["--preset", "smoke", "--seeds", "4", "--jobs", "1"]
-    run(*args, "--out", str(tmp_path / "ref"))
-    out = tmp_path / "killed"
-    p = subprocess.Popen(TOY + ["--device", "cpu"] + args + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+def kill_mid_sweep(args, out, device="cpu", timeout=180):
+    """Start the toy sweep and SIGKILL it once two cells are saved; returns how many were."""
+    p = subprocess.Popen(TOY + ["--device", device] + args + ["--out", str(out)], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
     while time.time() < deadline and len(list((out / "cells").glob("*.json")) if (out / "cells").exists() else []) < 2:
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    done = len(list((out / "cells").glob("*.json")))
+    return len(list((out / "cells").glob("*.json")))
+
+
+def test_resume_after_hard_kill_equals_uninterrupted_run(tmp_path):
+    args = ["--preset", "smoke", "--seeds", "4", "--jobs", "1"]
+    run(*args, "--out", str(tmp_path / "ref"))
+    out = tmp_path / "killed"
+    done = kill_mid_sweep(args, out)
     assert 2 <= done < 8, "the kill should land mid-sweep"
     again = run(*args, "--out", str(out))
     assert f"{done} already done, running {8 - done}" in again.stdout

@@ -2,15 +2,12 @@
 do not promise bit-identical results, which the CPU tests assert), fp32 is the default, the bf16
 option runs, a tiny model learns, and the sweep runs several cells per GPU and resumes after a kill."""
 import json
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 import common as C
-from test_cli import ENV, TOY, rows, run
+from test_cli import kill_mid_sweep, rows, run
 from test_model import ALL, tiny
 from toy_experiment import sample_batch
 
@@ -98,18 +95,11 @@ def test_two_cells_two_jobs_on_one_gpu(tmp_path):
 
 
 def test_resume_after_a_kill_on_cuda(tmp_path):
-    args = ["--device", "cuda", "--preset", "smoke", "--seeds", "4", "--jobs", "1"]
-    run(*args[2:], "--out", str(tmp_path / "ref"), device="cuda")
+    args = ["--preset", "smoke", "--seeds", "4", "--jobs", "1"]
+    run(*args, "--out", str(tmp_path / "ref"), device="cuda")
+    done = kill_mid_sweep(args, tmp_path / "killed", device="cuda")
     out = tmp_path / "killed"
-    p = subprocess.Popen(TOY + args + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(list((out / "cells").glob("*.json")) if (out / "cells").exists() else []) < 2:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    done = len(list((out / "cells").glob("*.json")))
     assert 2 <= done < 8, "the kill should land mid-sweep"
-    again = run(*args[2:], "--out", str(out), device="cuda")
+    again = run(*args, "--out", str(out), device="cuda")
     assert f"{done} already done, running {8 - done}" in again.stdout
     assert close(rows(out), rows(tmp_path / "ref"))
