@@ -3,16 +3,18 @@
 One file, read top to bottom:
 
   1. the model    GPTConfig, CausalSelfAttention, MLP, Block, GPT (NoPE / learned / RoPE positions,
-                  explicit position_ids, an optional norm on the attention output, a fast SDPA path
-                  and a manual path that exposes the attention weights, probes of the attention output,
-                  decoding with a key/value cache)
+                  explicit position_ids, an optional norm on the attention output; one named path per
+                  way attention runs: fused SDPA, probed, answer queries only, explicit maps, decoding
+                  with a preallocated KVCache)
   2. training     train(): AdamW (fused on CUDA), warmup + cosine, grad clipping, fp32 unless
                   --dtype bf16 (CUDA), opt-in torch.compile, divergence detection
-  3. evaluation   eval_batches(), evaluate_by_length(), evaluate_with_probes(): tidy rows, fixed eval seed
-  4. sweeps       run_sweep(): cells in parallel processes, shards, atomic per-cell results, resume
-  5. results      write_results(), load_cells(), summarize()
-  6. plots        plot_vs_length(), plot_attention_maps()
-  7. the CLI      make_parser(), parse_config(), pick_device(), cli_main()
+  3. evaluation   eval_batches() (test sets drawn once per process), evaluate_by_length(),
+                  evaluate_with_probes() (always fp32): tidy rows, fixed eval seed
+  4. sweeps       run_sweep(): cells in parallel processes (spread over GPUs), shards, atomic per-cell
+                  results, resume, a progress bar over the steps of every worker
+  5. results      write_results(), load_results(), saved_run() (tied to the script), summarize()
+  6. plots        training_report(), plot_vs_length(), Palette, plot_attention_maps()
+  7. the CLI      make_parser(), parse_config(), pick_device(), setup_run(), cli_main() (exit 2 / 3 / 130)
 
 A task is a pure function `sample_batch(rng, batch_size, length) -> dict` of CPU tensors, driven by an
 explicit `np.random.Generator` (never global RNG). The dict holds
