@@ -33,7 +33,7 @@ Tasks (order-invariant; the model has no positional encoding). Every input token
 Token id = a * (n_classes + 1) + b.
 
 Commands and measured run times (2-core CPU, this repository's machine):
-  python vanishing_variance.py                          # quick: ~11.5 min on 2 CPU cores (sweep: 682 s)
+  python vanishing_variance.py                          # quick: 10.2 min on 2 CPU cores (sweep: 571 s)
   python vanishing_variance.py --preset smoke           # ~15 s: what the tests run
   python vanishing_variance.py --device cuda --preset paper   # N to 16384, 5 seeds (not yet run on a GPU)
   python vanishing_variance.py --n-layer 1              # one block: 205 s (sweep)
@@ -406,8 +406,10 @@ def report(records, cfg, out):
                        f"only at N = {better}" + (f", worse at N = {worse}" if worse else "") if better else
                        f"no (worse at N = {worse})" if worse else "no (no significant difference)")
             verdicts[task, v] = (verdict, better, worse)
-            say(f"  significantly better than none at N = {better}" if better else "  significantly better than none: at no N")
-            say(f"  significantly worse than none at N = {worse}" if worse else "  significantly worse than none: at no N")
+            say(f"  significantly better than none at N = {better}" if better else
+                "  significantly better than none: at no N")
+            say(f"  significantly worse than none at N = {worse}" if worse else
+                "  significantly worse than none: at no N")
     for rec in records[:1] + [r for r in records if r["cell"].get("task") != records[0]["cell"].get("task")][:1]:
         for m in rec.get("mistakes", []):
             say(f"mistake ({rec['cell'].get('task')}/{rec['cell'].get('variant')}/seed {rec['cell'].get('seed')}): {m}")
