@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 POS_ENCODINGS = ("none", "learned", "rope")
-ATTN_OUT_NORMS = ("none", "layernorm", "standardize")
+ATTN_OUT_NORMS = ("none", "layernorm", "standardize", "headnorm", "gate")
+ATTN_LOGITS = ("softmax", "ssmax", "logn")
 EVAL_SEED = 12345  # every variant and every training seed is tested on the same examples
 JOBS_PER_GPU = 8   # default --jobs per GPU
 
@@ -86,7 +87,11 @@ class GPTConfig:
     bias: bool = True
     pos: str = "none"             # none (NoPE) | learned (absolute table) | rope
     rope_base: float = 10000.0
-    attn_out_norm: str = "none"   # none | layernorm (affine) | standardize (no affine), after W_O
+    attn_out_norm: str = "none"   # output side: none | layernorm (affine) | standardize (no affine), after W_O;
+                                  # headnorm | gate, per head before W_O (see CausalSelfAttention.out)
+    attn_logits: str = "softmax"  # logit side: softmax | ssmax | logn (see CausalSelfAttention.query_scale)
+    n_train: int = 0              # tokens of the longest training sequence: logn's reference length, and
+                                  # SSMax's start (s = 1 / log n_train: plain softmax at that length)
     pos_vocab: int = 0            # > 0: a second head predicts the next token's position id in
                                   # 0..pos_vocab-1 (Predictive Position Coupling, Golowich et al. 2025)
 
@@ -163,31 +168,64 @@ class CausalSelfAttention(nn.Module):
         self.cfg = cfg
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)      # W_O
+        if cfg.attn_logits == "ssmax":  # s_h, one per head, starting where s log n_train = 1
+            self.ssmax_s = nn.Parameter(torch.full((cfg.n_head,), 1 / math.log(cfg.n_train)))
+        if cfg.attn_out_norm == "gate":  # from the attention input (after ln_1), one gate per head
+            self.gate = nn.Linear(cfg.n_embd, cfg.n_head)
 
-    def qkv(self, x, rope):
+    def qkv(self, x, rope, start=0):
+        """q, k, v (B, nh, T, hs) of x (B, T, C), whose first token is the sequence's token `start`."""
         B, T, C = x.shape
         nh = self.cfg.n_head
         q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        scale = self.query_scale(T, start, x.device)
+        if scale is not None:
+            q = q * scale.to(q.dtype)
         return q, k, v
 
-    def out(self, y):
+    def query_scale(self, T, start, device):
+        """The logit-side variants, as a factor on q per head and query: softmax(f * q k^T / sqrt(hs)).
+        n = the number of keys the query sees under the causal mask (its index + 1), not the
+        sequence length:
+          ssmax  f = s_h log n, s_h learned per head (Scalable-Softmax, Nakanishi 2025, arXiv 2501.19399)
+          logn   f = max(1, log n / log n_train) at inference only (eval mode); training unchanged
+                 (the log-n scaling of several long-context LLMs)
+        Returns (nh or 1, T, 1), or None for plain softmax."""
+        kind = self.cfg.attn_logits
+        if kind == "softmax" or (kind == "logn" and self.training):
+            return None
+        log_n = torch.arange(start + 1, start + T + 1, device=device, dtype=torch.float32).log()  # (T,)
+        if kind == "ssmax":
+            return (self.ssmax_s[:, None] * log_n)[:, :, None]  # (nh, T, 1)
+        return (log_n / math.log(self.cfg.n_train)).clamp_min(1.0)[None, :, None]  # (1, T, 1)
+
+    def out(self, y, x):
+        """Heads y (B, nh, T, hs) -> (B, T, C) through W_O. The output-side variants that act per head,
+        before W_O; x (B, T, C) is the attention input at the same T queries:
+          headnorm  each head's output standardized (zero mean, unit variance over its hs channels, no
+                    affine): per-head output normalization, 'AVNorm' (2025)
+          gate      each head's output times sigmoid(W_g x + b_g)_h (gated attention, Qiu et al. 2025)"""
+        if self.cfg.attn_out_norm == "headnorm":
+            y = F.layer_norm(y, (y.size(-1),))
+        elif self.cfg.attn_out_norm == "gate":
+            y = y * torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]  # (B, nh, T, 1) gates
         B, nh, T, hs = y.shape
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs))  # (B, T, C): heads side by side
 
     def forward(self, x, rope):
         q, k, v = self.qkv(x, rope)
-        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True), x)
 
     def forward_probed(self, x, rope, at):
         q, k, v = self.qkv(x, rope)
-        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True)), attention_rows(q, k, at)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True), x), attention_rows(q, k, at)
 
     def forward_at(self, x, rope, at):
         q, k, v = self.qkv(x, rope)
         rows = attention_rows(q, k, at)  # (B, nh, P, T)
-        return self.out(rows.to(v.dtype) @ v), rows  # (B, P, C)
+        return self.out(rows.to(v.dtype) @ v, gather_at(x, at)), rows  # (B, P, C)
 
     def forward_with_maps(self, x, rope):
         q, k, v = self.qkv(x, rope)
@@ -195,12 +233,12 @@ class CausalSelfAttention(nn.Module):
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         maps = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
-        return self.out(maps.to(v.dtype) @ v), maps
+        return self.out(maps.to(v.dtype) @ v, x), maps
 
     def decode(self, x, rope, cache: KVCache):
-        q, k, v = self.qkv(x, rope)
+        q, k, v = self.qkv(x, rope, start=cache.n)
         k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
-        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=x.size(1) > 1))
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=x.size(1) > 1), x)
 
 
 class MLP(nn.Module):
@@ -222,9 +260,9 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.attn_out_norm = {"none": nn.Identity(),
-                              "layernorm": nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-                              "standardize": nn.LayerNorm(cfg.n_embd, elementwise_affine=False)}[cfg.attn_out_norm]
+        self.attn_out_norm = {"layernorm": nn.LayerNorm(cfg.n_embd, bias=cfg.bias),  # headnorm and gate act
+                              "standardize": nn.LayerNorm(cfg.n_embd, elementwise_affine=False),  # inside
+                              }.get(cfg.attn_out_norm, nn.Identity())                     # the attention
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.mlp else None
         self.mlp = MLP(cfg) if cfg.mlp else None
 
@@ -263,6 +301,9 @@ class GPT(nn.Module):
         check(cfg.pos in POS_ENCODINGS, f"unknown positional encoding {cfg.pos!r}; choose from {POS_ENCODINGS}")
         check(cfg.attn_out_norm in ATTN_OUT_NORMS,
               f"unknown attn_out_norm {cfg.attn_out_norm!r}; choose from {ATTN_OUT_NORMS}")
+        check(cfg.attn_logits in ATTN_LOGITS, f"unknown attn_logits {cfg.attn_logits!r}; choose from {ATTN_LOGITS}")
+        check(cfg.attn_logits == "softmax" or cfg.n_train >= 2,
+              f"attn_logits={cfg.attn_logits} needs n_train >= 2 (the training sequence length in tokens)")
         check_model_shape(cfg.n_embd, cfg.n_head, cfg.pos == "rope")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)

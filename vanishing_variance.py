@@ -146,7 +146,8 @@ class ItemEmbedding(nn.Module):
 @dataclass
 class Config(C.TrainConfig):
     tasks: tuple = C.arg(TASKS, "tasks to run", choices=TASKS)
-    variants: tuple = C.arg(C.ATTN_OUT_NORMS, "norms on the attention output to compare", choices=C.ATTN_OUT_NORMS)
+    variants: tuple = C.arg(("none", "layernorm", "standardize"), "norms on the attention output to compare",
+                            choices=C.ATTN_OUT_NORMS)
     n_layer: int = C.arg(2, "transformer blocks", min=1)
     mlp: bool = C.arg(True, "an MLP in each block (false: attention-only blocks)")
     n_head: int = C.arg(4, "attention heads", min=1)
@@ -271,7 +272,7 @@ def slope(xs, ys):
 # ---------------------------------------------------------------------------------------- report
 
 CLAIM = "LayerNorm after attention gives significantly better length generalization (Li et al. 2025)"
-COLORS = {"none": "C0", "layernorm": "C1", "standardize": "C2"}  # one colour per variant in every figure
+COLORS = {"none": "C0", "layernorm": "C1", "standardize": "C2", "headnorm": "C3", "gate": "C4"}  # in every figure
 
 
 def style(group):
