@@ -58,6 +58,7 @@ import torch.nn as nn
 import common as C
 
 TASKS = ("argmax", "lookup")
+VARIANTS = C.ATTN_OUT_NORMS + ("ssmax", "logn")  # output side (common.ATTN_OUT_NORMS), then logit side
 GRID = 2**30  # argmax priorities: distinct integers below GRID
 
 
@@ -147,7 +148,7 @@ class ItemEmbedding(nn.Module):
 class Config(C.TrainConfig):
     tasks: tuple = C.arg(TASKS, "tasks to run", choices=TASKS)
     variants: tuple = C.arg(("none", "layernorm", "standardize"), "norms on the attention output to compare",
-                            choices=C.ATTN_OUT_NORMS)
+                            choices=VARIANTS)
     n_layer: int = C.arg(2, "transformer blocks", min=1)
     mlp: bool = C.arg(True, "an MLP in each block (false: attention-only blocks)")
     n_head: int = C.arg(4, "attention heads", min=1)
@@ -188,8 +189,11 @@ def sampler(task, cfg):
 
 
 def build_model(task, variant, cfg):
+    """A NoPE model with one attention variant: an output-side one (attn_out_norm) or a logit-side one
+    (attn_logits: ssmax, logn; their n_train is the training sequence, train_len items + the query)."""
+    side = dict(attn_logits=variant) if variant in C.ATTN_LOGITS else dict(attn_out_norm=variant)
     model = C.GPT(C.GPTConfig(vocab_size=cfg.n_classes, block_size=1, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd, mlp=cfg.mlp, pos="none", attn_out_norm=variant))
+                              n_embd=cfg.n_embd, mlp=cfg.mlp, pos="none", n_train=cfg.train_len + 1, **side))
     model.wte = ItemEmbedding(task, cfg.n_embd, cfg.n_classes, n_keys(cfg))  # items, not a token table
     return model
 
@@ -272,15 +276,19 @@ def slope(xs, ys):
 # ---------------------------------------------------------------------------------------- report
 
 CLAIM = "LayerNorm after attention gives significantly better length generalization (Li et al. 2025)"
-COLORS = {"none": "C0", "layernorm": "C1", "standardize": "C2", "headnorm": "C3", "gate": "C4"}  # in every figure
+COLORS = {"none": "C0", "layernorm": "C1", "standardize": "C2", "headnorm": "C3", "gate": "C4",  # the same
+          "ssmax": "C5", "logn": "C6"}                                                           # in every figure
+
+
+NORMS_AFTER_WO = ("layernorm", "standardize")  # the variants whose output is probed before and after them
 
 
 def style(group):
     """Plot style of a variant, or of (variant, where): its colour; dashed after the norm."""
     variant, where = group if isinstance(group, tuple) else (group, "pre")
-    label = variant if where == "pre" or variant == "none" else f"{variant}, after the norm"
-    if isinstance(group, tuple) and variant != "none" and where == "pre":
-        label = f"{variant}, before the norm"
+    label = variant
+    if isinstance(group, tuple) and variant in NORMS_AFTER_WO:
+        label = f"{variant}, {'before' if where == 'pre' else 'after'} the norm"
     return {"color": COLORS.get(variant), "ls": "--" if where == "post" else "-", "label": label}
 
 
@@ -302,7 +310,7 @@ def report(records, cfg, out):
         C.plot_vs_length(C.select(acc, task=task), "accuracy", None, cfg.train_len, chance=1 / cfg.n_classes,
                          ax=axes[0, j], title=f"{task}: accuracy (mean ± std over seeds)", style=style)
         ax = axes[1, j]
-        for v in [v for v in C.ATTN_OUT_NORMS if v != "none" and C.select(acc, task=task, variant=v)]:
+        for v in [v for v in VARIANTS if v != "none" and C.select(acc, task=task, variant=v)]:
             d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
             if d:
                 xs = [r["length"] for r in d]
@@ -326,7 +334,8 @@ def report(records, cfg, out):
     slopes = {}
     for j, task in enumerate(tasks):
         for i, layer in enumerate(layers):
-            p = [r for r in C.select(probe, task=task, layer=layer) if r["where"] == "pre" or r["variant"] != "none"]
+            p = [r for r in C.select(probe, task=task, layer=layer)
+                 if r["where"] == "pre" or r["variant"] in NORMS_AFTER_WO]
             base = C.mean_std_by(C.select(p, variant="none", where="pre"), "length", "comp_std", "variant")
             scale = base["none"][1][0] if base else 1.0
             extra = [(x, y / y[0] * scale, f"theory: {k}") for k, (x, y) in th.items()]
@@ -396,7 +405,7 @@ def report(records, cfg, out):
                 if rec["cell"].get("task") == task]
         say(f"\n--- {task} ---")
         table = C.summarize(recs, "accuracy", cfg.train_len, say=say)
-        for v in [v for v in C.ATTN_OUT_NORMS if v != "none" and v in table]:
+        for v in [v for v in VARIANTS if v != "none" and v in table]:
             d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
             better = [r["length"] for r in d if r["length"] > cfg.train_len and r["lo"] > 0]
             worse = [r["length"] for r in d if r["length"] > cfg.train_len and r["hi"] < 0]
@@ -431,7 +440,7 @@ def say_headline(acc, probe, say):
     say(f"\nheadline, N = {lo} -> N = {hi} (mean over seeds): accuracy (± std), exp(H) in layer 0 = the number of "
         "tokens the query attends to, attention mass on the answering item")
     for task in TASKS:
-        for v in C.ATTN_OUT_NORMS:
+        for v in VARIANTS:
             a = C.mean_std_by(C.select(acc, task=task, variant=v), "length", "accuracy", "variant").get(v)
             h = C.mean_std_by(C.select(probe, task=task, variant=v, layer=0, where="pre"), "length", "eff_n",
                               "variant").get(v)
