@@ -734,13 +734,13 @@ def report_progress(fraction):
         PROGRESS["shared"][PROGRESS["slot"]] = fraction
 
 
-def _worker_init(threads, shared):
+def _worker_init(threads, shared, on_cuda):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     tqdm.set_lock(threading.RLock())  # workers draw no bars: no multiprocessing lock a kill would leak
     torch.set_num_threads(threads)
     worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
     PROGRESS.update(shared=shared, slot=worker % len(shared), parent=os.getppid())
-    if torch.cuda.is_available():  # several workers per GPU, spread round robin over the GPUs
+    if on_cuda:  # several workers per GPU, spread round robin over the GPUs
         torch.cuda.set_device(worker % torch.cuda.device_count())
 
 
@@ -776,7 +776,8 @@ def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
     which the workers write to a shared array (report_progress)."""
     ctx = mp.get_context("spawn")
     shared = ctx.RawArray("d", jobs)  # no lock, no semaphore: each worker writes its own slot
-    pool = ctx.Pool(jobs, initializer=_worker_init, initargs=(1, shared))
+    on_cuda = any(c.get("device") == "cuda" for c in todo)  # a CPU run never touches a GPU it may have
+    pool = ctx.Pool(jobs, initializer=_worker_init, initargs=(1, shared, on_cuda))
     try:
         results, done = pool.imap_unordered(_Runner(run_cell, cell_dir), todo), 0
         while done < len(todo):
