@@ -203,7 +203,7 @@ class CausalSelfAttention(nn.Module):
 
     def out(self, y, x):
         """Heads y (B, nh, T, hs) -> (B, T, C) through W_O. The output-side variants that act per head,
-        before W_O; x (B, T, C) is the attention input at the same T queries:
+        before W_O; x (B, T, C) is the attention input at the same T queries (read by the gate only):
           headnorm  each head's output standardized (zero mean, unit variance over its hs channels, no
                     affine): per-head output normalization, 'AVNorm' (2025)
           gate      each head's output times sigmoid(W_g x + b_g)_h (gated attention, Qiu et al. 2025)"""
@@ -225,7 +225,8 @@ class CausalSelfAttention(nn.Module):
     def forward_at(self, x, rope, at):
         q, k, v = self.qkv(x, rope)
         rows = attention_rows(q, k, at)  # (B, nh, P, T)
-        return self.out(rows.to(v.dtype) @ v, gather_at(x, at)), rows  # (B, P, C)
+        x_at = gather_at(x, at) if self.cfg.attn_out_norm == "gate" else None  # the gate's input, if any
+        return self.out(rows.to(v.dtype) @ v, x_at), rows  # (B, P, C)
 
     def forward_with_maps(self, x, rope):
         q, k, v = self.qkv(x, rope)
@@ -460,6 +461,7 @@ def lr_at(step, cfg: TrainConfig):
 
 
 DTYPES = ("fp32", "bf16")
+DEFAULT_PRECISION = {"dtype": "fp32", "tf32": False}  # what a cell that says nothing about precision runs
 PRECISION = {"dtype": "fp32"}  # this process's setting, from its cell (set_precision); fp32 unless asked
 
 
@@ -675,7 +677,7 @@ def make_cells(cfg, device, precision=None, sweep_fields=("seeds", "variants"), 
     seed or a variant later reuses every cell already done. precision: {'dtype', 'tf32'} from
     setup_run; a cell records them only where they differ from fp32 / TF32 off."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sweep_fields}
-    prec = {k: v for k, v in (precision or {}).items() if v != {"dtype": "fp32", "tf32": False}[k]}
+    prec = {k: v for k, v in (precision or {}).items() if v != DEFAULT_PRECISION[k]}
     return [{**dict(zip(axes, combo)), "device": device.type, **prec, "config": config}
             for combo in itertools.product(*axes.values())]
 
@@ -713,7 +715,7 @@ def _run_and_save(run_cell, cell_dir, cell):
 def cell_device(cell):
     """The torch device a cell runs on, with its precision set (set_precision). On CUDA, each --jobs
     worker process was given one GPU (round robin over cuda:0..n-1); the cell just says 'cuda'."""
-    set_precision(cell.get("dtype", "fp32"), cell.get("tf32", False))
+    set_precision(**{k: cell.get(k, v) for k, v in DEFAULT_PRECISION.items()})
     return torch.device(cell["device"])
 
 
