@@ -46,9 +46,10 @@ Velickovic et al.'s max-retrieval setup with our own priority embedding; the Lla
 of Fig. 1 is out of scope (no model downloads here), our Fig. 1 quantity comes from the trained
 models and the theory curves.
 """
+import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,9 @@ import common as C
 
 TASKS = ("argmax", "lookup")
 VARIANTS = C.ATTN_OUT_NORMS + ("ssmax", "logn")  # output side (common.ATTN_OUT_NORMS), then logit side
+LADDER = ("none", "layernorm", "headnorm", "gate", "ssmax", "logn")  # --experiment fixes
+EDITS = ("scale", "select", "both")  # test-time edits of trained `none` models (--experiment fixes)
+CAL_SEED, CAL_EXAMPLES = 54_321, 256  # unlabeled inputs on which head stds are measured, apart from the test set
 GRID = 2**30  # argmax priorities: distinct integers below GRID
 
 
@@ -227,6 +231,9 @@ def run_cell(cell):
                                                 extra=target_mass, keep=cfg.keep_lengths)
     out = {"train": result, "rows": [{"table": "accuracy", **r} for r in rows] +
                                     [{"table": "probe", **r} for r in probes]}
+    out["rows"] += head_std_rows(model, sample, cfg, device)
+    if cell.get("edits"):  # --experiment fixes, on the `none` models
+        out["rows"] += edit_rows(model, sample, cfg, device)
     out["mistakes"] = mistakes(model, sample, max(cfg.test_lengths), device, cfg.n_classes)
     if seed == 0:  # component 0 of the raw outputs, for the distribution figure (kept small)
         out["kept"] = {f"{L}/{layer}/{w}": np.round(v[:, 0], 6).tolist() for (L, layer, w), v in kept.items()}
@@ -241,6 +248,119 @@ def mistakes(model, sample, length, device, n_classes, k=3):
     pred = logits[:, 0].argmax(-1)
     wrong = (pred != b["targets"][:, 0]).nonzero()[:k, 0].tolist()
     return [f"N={length}: {decode(b, i, n_classes)}, model said {int(pred[i])}" for i in wrong]
+
+
+# ---------------------------------------------------------------------------------------- test-time edits
+# Is the failure at long N one of *scale* (each head's output shrinks, the paper's account) or of
+# *selection* (the query's attention spreads over more items)? Edit a trained `none` model at test
+# time, no retraining, and see which edit brings the accuracy back:
+#   scale   each head's output at the query rescaled to its std at the training length (restores scale)
+#   select  the query's logits sharpened by log N / log N_train (restores selection; cf. the logn variant,
+#           which does this at every position with n = position + 1)
+#   both    select, then scale (the factors measured with the sharpening on)
+# The factors are measured on unlabeled inputs (calibration(), CAL_SEED), never on the test set.
+
+def calibration(sample, length, device):
+    """CAL_EXAMPLES unlabeled inputs (B, N+1) at `length`, drawn apart from the test set."""
+    return sample(np.random.default_rng(CAL_SEED + length), CAL_EXAMPLES, length)["idx"].to(device)
+
+
+def _sharpen_query(factor, module, args, qkv):
+    """Forward hook on c_attn: q of the last token (the query) times factor. qkv (B, T, 3C), q first."""
+    qkv = qkv.clone()
+    qkv[:, -1, :qkv.size(-1) // 3] *= factor
+    return qkv
+
+
+def _scale_heads(factors, module, args):
+    """Forward pre-hook on c_proj (W_O): head h's output at the last token times factors[h]."""
+    y = args[0].clone()  # (B, T, C): heads side by side
+    B, C = y.size(0), y.size(-1)
+    y[:, -1] = (y[:, -1].view(B, len(factors), C // len(factors)) * factors[:, None]).view(B, C)  # (B, nh, hs)
+    return (y,)
+
+
+def _keep_query(seen, module, args):
+    """Forward pre-hook on c_proj: keep the heads' output at the last token, (B, C)."""
+    seen.append(args[0][:, -1])
+
+
+@contextlib.contextmanager
+def edited(model, sharpen=1.0, head_scale=None):
+    """Test-time edits at the query (the last token, where these tasks read the answer) in every block:
+    its logits q.k/sqrt(hs) times `sharpen` (q is scaled; NoPE, so nothing rotates), and head h's
+    output times head_scale[layer, h] before W_O. Hooks on c_attn and c_proj, so every forward path
+    (fast, probed, answer-only) sees them; removed on exit."""
+    hooks = []
+    for layer, block in enumerate(model.blocks):
+        if sharpen != 1.0:
+            hooks.append(block.attn.c_attn.register_forward_hook(functools.partial(_sharpen_query, sharpen)))
+        if head_scale is not None:
+            hooks.append(block.attn.c_proj.register_forward_pre_hook(functools.partial(_scale_heads,
+                                                                                       head_scale[layer])))
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def head_std(model, idx):
+    """(n_layer, nh): the std over examples of each head's output at the query (the input of W_O, so
+    after the gate of `gate` and the per-head norm of `headnorm`), root-mean-square over its channels."""
+    seen = []
+    hooks = [b.attn.c_proj.register_forward_pre_hook(functools.partial(_keep_query, seen)) for b in model.blocks]
+    try:
+        model.eval()
+        model(idx, at=torch.full((idx.size(0), 1), idx.size(1) - 1, device=idx.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    nh = model.cfg.n_head
+    return torch.stack([y.float().view(y.size(0), nh, -1).var(0).mean(-1).sqrt() for y in seen])  # (L, nh)
+
+
+def restore_scale(model, ref, idx, sharpen=1.0):
+    """Factors (n_layer, nh) that bring each head's output std at the query on inputs idx back to ref,
+    block by block: a block's factors are measured with the earlier blocks already rescaled."""
+    scale = torch.ones_like(ref)
+    for layer in range(len(model.blocks)):
+        with edited(model, sharpen, scale):
+            now = head_std(model, idx)
+        scale[layer] = ref[layer] / now[layer].clamp_min(1e-12)
+    return scale
+
+
+def head_std_rows(model, sample, cfg, device):
+    """Tidy rows {table: head_std, length, layer, head, std} on the calibration inputs."""
+    rows = []
+    for length in cfg.test_lengths:
+        for layer, stds in enumerate(head_std(model, calibration(sample, length, device)).tolist()):
+            rows += [{"table": "head_std", "length": length, "layer": layer, "head": h, "std": v}
+                     for h, v in enumerate(stds)]
+    return rows
+
+
+def edit_rows(model, sample, cfg, device):
+    """Accuracy, mass on the answer and layer-0 exp(H) of the model under each edit, per test length,
+    on the same test examples as every other row: {table: edit, edit, length, accuracy, target_mass,
+    eff_n, factor (mean head factor of layer 0, 1 if none), sharpen, n}."""
+    ref = head_std(model, calibration(sample, cfg.train_len, device))
+    rows = []
+    for length in cfg.test_lengths:
+        idx = calibration(sample, length, device)
+        sharpen = max(1.0, math.log(length) / math.log(cfg.train_len))
+        for edit in EDITS:
+            s = 1.0 if edit == "scale" else sharpen
+            scale = None if edit == "select" else restore_scale(model, ref, idx, s)
+            with edited(model, s, scale):
+                acc, probes, _ = C.evaluate_with_probes(model, sample, [length], cfg.eval_examples, device,
+                                                        extra=target_mass)
+            eff = [r["eff_n"] for r in probes if r["layer"] == 0 and r["where"] == "pre"][0]
+            rows.append({"table": "edit", "edit": edit, **acc[0], "eff_n": eff, "sharpen": s,
+                         "factor": 1.0 if scale is None else float(scale[0].mean())})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- theory
@@ -451,14 +571,29 @@ def say_headline(acc, probe, say):
                 f"exp(H) {h[1][0]:.1f} -> {h[1][-1]:.1f}   mass on the answer {m[1][0]:.2f} -> {m[1][-1]:.2f}")
 
 
+EXPERIMENTS = {  # what --experiment changes, unless the flag itself is given
+    "main": {},
+    "fixes": dict(variants=LADDER, seeds=10),
+}
+
+
 def main():
     parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
+    parser.add_argument("--experiment", default="main", choices=list(EXPERIMENTS),
+                        help="main: the paper's reproduction; fixes: the fix ladder (variants "
+                             f"{','.join(LADDER)}, 10 seeds) and the test-time edits of the none models, "
+                             "in <out>-fixes")
     args = parser.parse_args()
     cfg = C.parse_config(args, Config, PRESETS)
+    cfg = replace(cfg, **{k: v for k, v in EXPERIMENTS[args.experiment].items() if not hasattr(args, k)})
     if args.plot_only:
         recs, cfg = C.saved_run(args.plot_only, Config, cfg)
         return report(recs, cfg, Path(args.plot_only))
     validate(cfg)
+    C.check(args.experiment != "fixes" or cfg.train_len >= 2, "--experiment fixes needs --train-len >= 2 "
+            "(the edits sharpen by log N / log N_train)")
+    if args.experiment != "main" and args.out == parser.get_default("out"):
+        args.out += f"-{args.experiment}"
     device, precision, jobs, shard, out = C.setup_run(args, "vanishing_variance")
     th = theory(cfg.test_lengths)
     print("theory: log-log slope of the attention-output std vs N: " +
@@ -467,10 +602,12 @@ def main():
     print(f"argmax example (N=4): {decode(ex, 0, cfg.n_classes)}")
     ex = sample_lookup(np.random.default_rng(0), 1, 4, cfg.n_classes, n_keys(cfg))
     print(f"lookup example (N=4): {decode(ex, 0, cfg.n_classes)}")
-    cells = C.make_cells(cfg, device, precision, sweep_fields=("seeds", "variants", "tasks"), task=cfg.tasks,
-                         variant=cfg.variants, seed=range(cfg.seeds))
+    cells = C.make_cells(cfg, device, precision, sweep_fields=("seeds", "variants", "tasks"), seed=range(cfg.seeds),
+                         task=cfg.tasks, variant=cfg.variants)  # seed by seed: a stopped run has whole seeds
     for c in cells:
         c["compile"] = args.compile
+        if args.experiment == "fixes" and c["variant"] == "none":
+            c["edits"] = True  # these cells also measure the test-time edits (their own cell files)
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
     C.write_results(out, records, cfg, C.environment(device, precision))
     report(records, cfg, out)
