@@ -991,6 +991,27 @@ def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
     return out
 
 
+def wilson_ci(k, n, z=1.96):
+    """95% Wilson score interval (lo, hi) of a fraction k / n (sound at k = 0 or k = n, unlike k/n ± 2 se)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def seed_stats(values):
+    """{mean, std, median, n} of one number per seed."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "n": len(v)} if len(v) \
+        else {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0}
+
+
+def per_seed(rows, metric, **eq):
+    """{seed: metric} of the rows matching eq (one row per seed expected)."""
+    return {r["seed"]: r[metric] for r in select(rows, **eq) if metric in r}
+
+
 # =============================================================================================
 # 6. Plots
 # =============================================================================================

@@ -48,6 +48,7 @@ models and the theory curves.
 """
 import contextlib
 import functools
+import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -394,17 +395,29 @@ def slope(xs, ys):
 
 
 # ---------------------------------------------------------------------------------------- report
+# The report is drawn from the cell records alone (so --plot-only redraws it): claims() turns the rows
+# into verdicts as data, each fig_* function draws one figure, say_* functions print; report() calls them.
 
-CLAIM = "LayerNorm after attention gives significantly better length generalization (Li et al. 2025)"
+CLAIMS = {  # what each variant is claimed (or hoped) to do; the paper's own claim is layernorm's
+    "layernorm": "LayerNorm after attention gives significantly better length generalization (Li et al. 2025)",
+    "standardize": "the same norm without affine parameters helps too (Li et al. 2025)",
+    "headnorm": "per-head output normalization before W_O helps (AVNorm, 2025)",
+    "gate": "a per-head sigmoid gate on the attention output helps (Qiu et al. 2025)",
+    "ssmax": "Scalable-Softmax, logits times s_h log n, helps (Nakanishi 2025)",
+    "logn": "log-n scaling of the logits at inference only helps (long-context LLMs)",
+    "scale": "restoring each head's output std at test time recovers accuracy (scale is the cause)",
+    "select": "sharpening the query's logits by log N / log N_train at test time recovers accuracy "
+              "(dispersion is the cause)",
+    "both": "sharpening, then restoring the scale, recovers accuracy",
+}
 COLORS = {"none": "C0", "layernorm": "C1", "standardize": "C2", "headnorm": "C3", "gate": "C4",  # the same
-          "ssmax": "C5", "logn": "C6"}                                                           # in every figure
-
-
+          "ssmax": "C5", "logn": "C6",                                                           # in every figure
+          "no edit": "C0", "scale": "C7", "select": "C8", "both": "C9"}
 NORMS_AFTER_WO = ("layernorm", "standardize")  # the variants whose output is probed before and after them
 
 
 def style(group):
-    """Plot style of a variant, or of (variant, where): its colour; dashed after the norm."""
+    """Plot style of a variant or an edit, or of (variant, where): its colour; dashed after the norm."""
     variant, where = group if isinstance(group, tuple) else (group, "pre")
     label = variant
     if isinstance(group, tuple) and variant in NORMS_AFTER_WO:
@@ -412,44 +425,124 @@ def style(group):
     return {"color": COLORS.get(variant), "ls": "--" if where == "post" else "-", "label": label}
 
 
-def report(records, cfg, out):
-    """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
-    plt = C.pyplot()
-    out = Path(out)
-    rows = [r for rec in records for r in rec["rows"]]
-    acc, probe = C.select(rows, table="accuracy"), C.select(rows, table="probe")
-    tasks = [t for t in TASKS if C.select(acc, task=t)]
-    lengths = sorted({r["length"] for r in acc}) or list(cfg.test_lengths)
-    say = C.Summary()
-    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
-        return say.write(out)
+def edit_table(acc, edits):
+    """The edit rows plus the unedited `none` rows as edit = 'no edit', for the same seeds: one table
+    in which every edit is paired with its own model unedited."""
+    seeds = {(r["task"], r["seed"]) for r in edits}
+    plain = [{**r, "edit": "no edit"} for r in C.select(acc, variant="none") if (r["task"], r["seed"]) in seeds]
+    return plain + edits
 
-    # accuracy and paired differences
+
+def compare(rows, metric, a, b, length, by):
+    """a vs b at one length, paired by seed: per-seed stats of a and b, the paired difference with a 95%
+    CI, and the fraction of seeds where a beats b with its 95% Wilson interval."""
+    va, vb = C.per_seed(rows, metric, length=length, **{by: a}), C.per_seed(rows, metric, length=length, **{by: b})
+    seeds = sorted(set(va) & set(vb))
+    d = [r for r in C.paired_diff_ci(rows, metric, a, b, by=by) if r["length"] == length]
+    wins = sum(va[s] > vb[s] for s in seeds)
+    return {"a": C.seed_stats([va[s] for s in seeds]), "b": C.seed_stats([vb[s] for s in seeds]),
+            "diff": d[0]["diff"] if d else float("nan"), "lo": d[0]["lo"] if d else float("nan"),
+            "hi": d[0]["hi"] if d else float("nan"), "wins": wins, "n": len(seeds),
+            "wins_ci": C.wilson_ci(wins, len(seeds))}
+
+
+def verdict(d_rows, train_len):
+    """Plain words from the paired differences by length [{length, diff, lo, hi}] beyond training."""
+    ood = [r for r in d_rows if r["length"] > train_len]
+    better = [r["length"] for r in ood if r["lo"] > 0]
+    worse = [r["length"] for r in ood if r["hi"] < 0]
+    if ood and len(better) == len(ood):
+        return "yes, at every N > training"
+    if better:
+        return f"only at N = {better}" + (f"; worse at N = {worse}" if worse else "")
+    return f"no (worse at N = {worse})" if worse else "no (no significant difference)"
+
+
+def claims(acc, edits, cfg):
+    """The verdicts as data: one dict per (task, variant or edit) against its baseline (none, or the
+    same model unedited): claim, task, what, setting, the comparison at the longest N (compare())
+    and the verdict over all N. The printed summary and the README tables come from these."""
+    out, top = [], max(cfg.test_lengths)
+    for task in TASKS:
+        t_acc = C.select(acc, task=task)
+        for v in [v for v in VARIANTS if v != "none" and C.select(t_acc, variant=v)]:
+            out.append({"claim": CLAIMS[v], "task": task, "what": v, "baseline": "none",
+                        "setting": f"trained at N = {cfg.train_len}, tested at N = {top}",
+                        **compare(t_acc, "accuracy", v, "none", top, "variant"),
+                        "verdict": verdict(C.paired_diff_ci(t_acc, "accuracy", v, "none"), cfg.train_len)})
+        t_edit = edit_table(t_acc, C.select(edits, task=task))
+        for e in [e for e in EDITS if C.select(t_edit, edit=e)]:
+            out.append({"claim": CLAIMS[e], "task": task, "what": f"none + {e} (test time)",
+                        "baseline": "the same none model, unedited",
+                        "setting": f"none trained at N = {cfg.train_len}, edited at N = {top}",
+                        **compare(t_edit, "accuracy", e, "no edit", top, "edit"),
+                        "verdict": verdict(C.paired_diff_ci(t_edit, "accuracy", e, "no edit", by="edit"),
+                                           cfg.train_len)})
+    return out
+
+
+def seed_dots(ax, x, values, color, width=0.25, seed=0):
+    """One dot per seed at x (jittered), with the mean ± 95% t-interval as a bar."""
+    v = np.asarray(values, dtype=float)
+    if not len(v):
+        return
+    jitter = np.random.default_rng(seed).uniform(-width / 2, width / 2, len(v))
+    ax.scatter(x + jitter, v, s=10, color=color, alpha=0.6, lw=0)
+    half = C.T975[max(k for k in C.T975 if k <= max(1, len(v) - 1))] * v.std(ddof=1) / math.sqrt(len(v)) \
+        if len(v) > 1 else 0.0
+    ax.errorbar(x + width * 0.8, v.mean(), yerr=half, fmt="s", ms=5, color=color, capsize=3)
+
+
+def fig_accuracy(acc, tasks, cfg, out):
+    """accuracy.png: accuracy vs N per variant (mean ± std), and the paired difference to none per
+    seed (dots) with its 95% CI."""
+    plt = C.pyplot()
     fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
         C.plot_vs_length(C.select(acc, task=task), "accuracy", None, cfg.train_len, chance=1 / cfg.n_classes,
                          ax=axes[0, j], title=f"{task}: accuracy (mean ± std over seeds)", style=style)
-        ax = axes[1, j]
-        for v in [v for v in VARIANTS if v != "none" and C.select(acc, task=task, variant=v)]:
-            d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
-            if d:
-                xs = [r["length"] for r in d]
-                line, = ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − none", color=COLORS[v])
-                ax.fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=line.get_color(), alpha=0.2)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.axvline(cfg.train_len, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_len}")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="test length N", ylabel="accuracy difference to none",
-               title=f"{task}: paired difference per seed, 95% CI")
-        C.legend_outside(ax)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
+        _paired_panel(axes[1, j], C.select(acc, task=task), "variant", "none",
+                      [v for v in VARIANTS if v != "none"], cfg, f"{task}: paired difference to none, "
+                      "per seed (dots), 95% CI")
+    _save(fig, out / "accuracy.png")
 
-    # Fig. 1: per-component std vs N, with theory; one row per layer
-    th = theory(lengths)
+
+def _paired_panel(ax, rows, by, base, others, cfg, title):
+    """Paired difference of each of `others` to `base` vs N: a line with its 95% CI band, and a dot
+    per seed."""
+    for v in [v for v in others if C.select(rows, **{by: v})]:
+        d = C.paired_diff_ci(rows, "accuracy", v, base, by=by)
+        if not d:
+            continue
+        xs = [r["length"] for r in d]
+        ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − {base} (n={d[0]['n']})", color=COLORS[v])
+        ax.fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=COLORS[v], alpha=0.15)
+        b = {(r["seed"], r["length"]): r["accuracy"] for r in C.select(rows, **{by: base})}
+        pts = [(r["length"], r["accuracy"] - b[r["seed"], r["length"]]) for r in C.select(rows, **{by: v})
+               if (r["seed"], r["length"]) in b]
+        ax.scatter([x * (1 + 0.04 * (others.index(v) - len(others) / 2)) for x, _ in pts], [y for _, y in pts],
+                   s=6, color=COLORS[v], alpha=0.4, lw=0)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(cfg.train_len, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_len}")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="test length N", ylabel=f"accuracy difference to {base}", title=title)
+    C.legend_outside(ax)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    C.pyplot().close(fig)
+
+
+def fig_variance(probe, tasks, cfg, out, th):
+    """variance.png (the paper's Fig. 1): per-component std of the attention output vs N, one row per
+    layer, with the theory curves scaled to none at the shortest N. Returns {(task, variant, where,
+    layer): (log-log slope, std(N_max) / std(N_min))}."""
+    plt = C.pyplot()
     layers = sorted({r["layer"] for r in probe}) or [0]
+    lengths = sorted({r["length"] for r in probe}) or list(cfg.test_lengths)
     fig, axes = plt.subplots(len(layers), len(tasks), figsize=(8 * len(tasks), 4.5 * len(layers)), squeeze=False)
     slopes = {}
     for j, task in enumerate(tasks):
@@ -465,11 +558,14 @@ def report(records, cfg, out):
                                    f"at N={lengths[0]})")
             for key, (xs, m, _, _) in C.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
                 slopes[(task,) + key] = (slope(xs, m), m[-1] / m[0])
-    fig.tight_layout()
-    fig.savefig(out / "variance.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "variance.png")
+    return slopes
 
-    # Fig. 3: per-vector mean and variance, none vs layernorm
+
+def fig_shift(probe, tasks, cfg, out):
+    """shift.png (the paper's Fig. 3): per-vector mean and variance of the layer-0 attention output,
+    none vs layernorm before and after the norm."""
+    plt = C.pyplot()
     fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
         p = [r for r in C.select(probe, task=task, layer=0)  # for none, 'post' is 'pre' again
@@ -478,77 +574,117 @@ def report(records, cfg, out):
                          title=f"{task}: per-vector mean of the attention output (layer 0)")
         C.plot_vs_length(p, "vec_var", None, cfg.train_len, group=("variant", "where"), ax=axes[1, j], logy=True,
                          style=style, title=f"{task}: per-vector variance (layer 0)")
-    fig.tight_layout()
-    fig.savefig(out / "shift.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "shift.png")
 
-    # Fig. 2: distribution of one component at a few N (seed 0)
+
+def fig_distributions(records, tasks, out):
+    """distributions.png (the paper's Fig. 2): one component of the layer-0 attention output at a few
+    N, none and layernorm after the norm (seed 0)."""
+    plt = C.pyplot()
     kept = {(rec["cell"].get("task"), rec["cell"].get("variant")): rec["kept"] for rec in records if rec.get("kept")}
     panels = [(t, v, w) for t in tasks for v, w in (("none", "pre"), ("layernorm", "post")) if (t, v) in kept]
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-        for ax, (t, v, w) in zip(axes[0], panels):
-            for L in sorted({int(k.split("/")[0]) for k in kept[t, v]}):
-                vals = kept[t, v].get(f"{L}/0/{w}")
-                if vals:
-                    ax.hist(vals, bins=40, density=True, histtype="step", label=f"N={L}")
-            ax.set(title=f"{t}, {v} ({'before' if w == 'pre' else 'after'} the norm): component 0",
-                   xlabel="value of attention-output component 0", ylabel="density")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "distributions.png", dpi=110)
-        plt.close(fig)
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (t, v, w) in zip(axes[0], panels):
+        for L in sorted({int(k.split("/")[0]) for k in kept[t, v]}):
+            vals = kept[t, v].get(f"{L}/0/{w}")
+            if vals:
+                ax.hist(vals, bins=40, density=True, histtype="step", label=f"N={L}")
+        ax.set(title=f"{t}, {v} ({'before' if w == 'pre' else 'after'} the norm): component 0",
+               xlabel="value of attention-output component 0", ylabel="density")
+        ax.legend(fontsize=7)
+    _save(fig, out / "distributions.png")
 
-    # why: dispersion of attention and mass on the answer
+
+def fig_why(acc, probe, tasks, cfg, out):
+    """why.png: the dispersion of the query's attention, exp(H) in layer 0, and its mass on the
+    answering item, vs N per variant."""
+    plt = C.pyplot()
+    lengths = np.array(sorted({r["length"] for r in acc}) or cfg.test_lengths, dtype=float)
     fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
         C.plot_vs_length(C.select(probe, task=task, layer=0, where="pre"), "eff_n", None, cfg.train_len,
-                         logy=True, ax=axes[0, j], extra=[(np.array(lengths), np.array(lengths) + 1.0, "all N+1 tokens")],
+                         logy=True, ax=axes[0, j], extra=[(lengths, lengths + 1.0, "all N+1 tokens")],
                          style=style, title=f"{task}: effective number of attended tokens exp(H) (layer 0)")
         C.plot_vs_length(C.select(acc, task=task), "target_mass", None, cfg.train_len, ax=axes[1, j], style=style,
                          title=f"{task}: attention mass on the answering item (max over heads)")
-    fig.tight_layout()
-    fig.savefig(out / "why.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "why.png")
 
-    # printed summary
-    say(f"\n=== vanishing_variance: {sum(r['status'] == 'ok' for r in records)} runs ok, "
-        f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
-    for k, (x, y) in th.items():
-        say(f"theory  {k:<34} log-log slope of std vs N: {slope(x, y):+.3f}")
-    say("\ntrained models: per-component std of the attention output, slope and std(N_max)/std(N_min)")
-    for (task, variant, where, layer), (sl, ratio) in sorted(slopes.items()):
-        say(f"  {task:<7} {variant:<12} {where:<4} layer {layer}: slope {sl:+.3f}, ratio {ratio:.3f}")
-    verdicts = {}
-    for task in tasks:
-        recs = [{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records
-                if rec["cell"].get("task") == task]
-        say(f"\n--- {task} ---")
-        table = C.summarize(recs, "accuracy", cfg.train_len, say=say)
-        for v in [v for v in VARIANTS if v != "none" and v in table]:
-            d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
-            better = [r["length"] for r in d if r["length"] > cfg.train_len and r["lo"] > 0]
-            worse = [r["length"] for r in d if r["length"] > cfg.train_len and r["hi"] < 0]
-            say(f"  {v} − none, paired over seeds (95% CI): " +
-                ", ".join(f"N={r['length']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for r in d))
-            ood = [r for r in d if r["length"] > cfg.train_len]
-            verdict = ("yes" if ood and len(better) == len(ood) else
-                       f"only at N = {better}" + (f", worse at N = {worse}" if worse else "") if better else
-                       f"no (worse at N = {worse})" if worse else "no (no significant difference)")
-            verdicts[task, v] = (verdict, better, worse)
-            say(f"  significantly better than none at N = {better}" if better else
-                "  significantly better than none: at no N")
-            say(f"  significantly worse than none at N = {worse}" if worse else
-                "  significantly worse than none: at no N")
-    for rec in records[:1] + [r for r in records if r["cell"].get("task") != records[0]["cell"].get("task")][:1]:
-        for m in rec.get("mistakes", []):
-            say(f"mistake ({rec['cell'].get('task')}/{rec['cell'].get('variant')}/seed {rec['cell'].get('seed')}): {m}")
-    say_headline(acc, probe, say)
-    say(f"\npaper's claim: {CLAIM}")
-    say(f"{'task':<8} {'variant':<12} reproduced?")
-    for (task, v), (verdict, better, worse) in verdicts.items():
-        say(f"{task:<8} {v:<12} {verdict}")
-    say.write(out)
+
+def std_ratios(heads, cfg):
+    """{(task, variant, layer): [per seed: mean over heads of std(N_max) / std(N_train)]} of each
+    head's output at the query (head_std rows)."""
+    top, out = max(cfg.test_lengths), {}
+    by = {(r["task"], r["variant"], r["seed"], r["layer"], r["head"], r["length"]): r["std"] for r in heads}
+    for (task, v, seed, layer, head, length), std in by.items():
+        if length == top and (task, v, seed, layer, head, cfg.train_len) in by:
+            out.setdefault((task, v, layer, seed), []).append(std / by[task, v, seed, layer, head, cfg.train_len])
+    ratios = {}
+    for (task, v, layer, seed), r in sorted(out.items()):
+        ratios.setdefault((task, v, layer), []).append(float(np.mean(r)))
+    return ratios
+
+
+def fig_ladder(acc, heads, tasks, cfg, out):
+    """ladder.png: every variant at the longest N, a dot per seed and the mean ± 95% CI: accuracy,
+    the paired difference to none, the attention mass on the answer, and the per-head output std
+    ratio std(N_max) / std(N_train) in layer 0."""
+    plt = C.pyplot()
+    top = max(cfg.test_lengths)
+    ratios = std_ratios(heads, cfg)
+    fig, axes = plt.subplots(4, len(tasks), figsize=(6.5 * len(tasks), 13), squeeze=False)
+    for j, task in enumerate(tasks):
+        t_acc = C.select(acc, task=task, length=top)
+        variants = [v for v in VARIANTS if C.select(t_acc, variant=v)]
+        none = C.per_seed(t_acc, "accuracy", variant="none")
+        for i, v in enumerate(variants):
+            a = C.per_seed(t_acc, "accuracy", variant=v)
+            seed_dots(axes[0, j], i, list(a.values()), COLORS[v])
+            if v != "none":
+                seed_dots(axes[1, j], i, [a[s] - none[s] for s in a if s in none], COLORS[v])
+            seed_dots(axes[2, j], i, list(C.per_seed(t_acc, "target_mass", variant=v).values()), COLORS[v])
+            seed_dots(axes[3, j], i, ratios.get((task, v, 0), []), COLORS[v])
+        titles = (f"accuracy at N = {top} (trained at N = {cfg.train_len})", "paired difference to none",
+                  "attention mass on the answering item", f"head output std(N = {top}) / std(N = {cfg.train_len}), "
+                                                          "layer 0, mean over heads")
+        for i, ax in enumerate(axes[:, j]):
+            ax.set_xticks(range(len(variants)), variants)
+            ax.set_title(f"{task}: {titles[i]}\n(dots: seeds; squares: mean ± 95% CI)", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0, j].axhline(1 / cfg.n_classes, color="red", ls=":", lw=1, label="chance")
+        axes[1, j].axhline(0, color="k", lw=0.8)
+        axes[3, j].axhline(1, color="k", lw=0.8)
+        axes[3, j].set_yscale("log")
+    _save(fig, out / "ladder.png")
+
+
+def fig_edits(acc, edits, tasks, cfg, out):
+    """edits.png: the test-time edits of the none models vs N: accuracy, the paired difference to the
+    same model unedited (dots: seeds; band: 95% CI), and the attention mass on the answering item."""
+    plt = C.pyplot()
+    fig, axes = plt.subplots(3, len(tasks), figsize=(7.5 * len(tasks), 11.5), squeeze=False)
+    for j, task in enumerate(tasks):
+        rows = edit_table(C.select(acc, task=task), C.select(edits, task=task))
+        C.plot_vs_length(rows, "accuracy", None, cfg.train_len, group="edit", chance=1 / cfg.n_classes, ax=axes[0, j],
+                         style=style, title=f"{task}: none models edited at test time (mean ± std over seeds)")
+        _paired_panel(axes[1, j], rows, "edit", "no edit", list(EDITS), cfg,
+                      f"{task}: edited − unedited, per seed (dots), 95% CI")
+        C.plot_vs_length(rows, "target_mass", None, cfg.train_len, group="edit", ax=axes[2, j], style=style,
+                         title=f"{task}: attention mass on the answering item")
+    _save(fig, out / "edits.png")
+
+
+def say_claims(rows, say):
+    """The claims as a markdown table (pasted into the README as printed)."""
+    say("\n| task | variant or edit | claim | accuracy at the longest N: it / baseline (mean ± std, median) "
+        "| paired difference [95% CI] | seeds where it beats the baseline [95% CI] | verdict over N |")
+    say("|---|---|---|---|---|---|---|")
+    for r in rows:
+        a, b = r["a"], r["b"]
+        say(f"| {r['task']} | {r['what']} | {r['claim']} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) / "
+            f"{b['mean']:.3f} ± {b['std']:.3f} ({b['median']:.3f}) | {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+            f"{r['wins']}/{r['n']} [{r['wins_ci'][0]:.2f}, {r['wins_ci'][1]:.2f}] | {r['verdict']} |")
 
 
 def say_headline(acc, probe, say):
@@ -569,6 +705,73 @@ def say_headline(acc, probe, say):
                 continue
             say(f"  {task:<7} {v:<12} accuracy {a[1][0]:.3f} -> {a[1][-1]:.3f} ± {a[2][-1]:.3f}   "
                 f"exp(H) {h[1][0]:.1f} -> {h[1][-1]:.1f}   mass on the answer {m[1][0]:.2f} -> {m[1][-1]:.2f}")
+
+
+def say_details(records, acc, heads, slopes, th, cfg, say):
+    """Theory slopes, the trained models' std slopes and head std ratios, per-task tables with the
+    paired differences by N, and a few decoded mistakes."""
+    for k, (x, y) in th.items():
+        say(f"theory  {k:<34} log-log slope of std vs N: {slope(x, y):+.3f}")
+    say("\ntrained models: per-component std of the attention output, slope and std(N_max)/std(N_min)")
+    for (task, variant, where, layer), (sl, ratio) in sorted(slopes.items()):
+        say(f"  {task:<7} {variant:<12} {where:<4} layer {layer}: slope {sl:+.3f}, ratio {ratio:.3f}")
+    ratios = std_ratios(heads, cfg)
+    if ratios:
+        say(f"\nper-head output std(N = {max(cfg.test_lengths)}) / std(N = {cfg.train_len}) at the query, mean over "
+            "heads, then mean ± std over seeds")
+        for (task, v, layer), r in ratios.items():
+            say(f"  {task:<7} {v:<12} layer {layer}: {np.mean(r):.3f} ± {np.std(r):.3f}")
+    for task in TASKS:
+        recs = [{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records
+                if rec["cell"].get("task") == task]
+        if not C.select(acc, task=task):
+            continue
+        say(f"\n--- {task} ---")
+        table = C.summarize(recs, "accuracy", cfg.train_len, say=say)
+        for v in [v for v in VARIANTS if v != "none" and v in table]:
+            d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
+            say(f"  {v} − none, paired over seeds (95% CI): " +
+                ", ".join(f"N={r['length']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for r in d))
+    firsts = {}
+    for rec in records:
+        firsts.setdefault(rec["cell"].get("task"), rec)
+    for rec in firsts.values():
+        for m in rec.get("mistakes", []):
+            say(f"mistake ({rec['cell'].get('task')}/{rec['cell'].get('variant')}/seed {rec['cell'].get('seed')}): {m}")
+
+
+def report(records, cfg, out):
+    """Figures, claims.json and the printed summary, from the cell records alone."""
+    out = Path(out)
+    rows = [r for rec in records for r in rec["rows"]]
+    acc, probe = C.select(rows, table="accuracy"), C.select(rows, table="probe")
+    heads, edits = C.select(rows, table="head_std"), C.select(rows, table="edit")
+    tasks = [t for t in TASKS if C.select(acc, task=t)]
+    say = C.Summary()
+    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
+        return say.write(out)
+    th = theory(sorted({r["length"] for r in acc}) or list(cfg.test_lengths))
+    fig_accuracy(acc, tasks, cfg, out)
+    slopes = fig_variance(probe, tasks, cfg, out, th)
+    fig_shift(probe, tasks, cfg, out)
+    fig_distributions(records, tasks, out)
+    fig_why(acc, probe, tasks, cfg, out)
+    fig_ladder(acc, heads, tasks, cfg, out)
+    if edits:
+        fig_edits(acc, edits, tasks, cfg, out)
+    verdicts = claims(acc, edits, cfg)
+    C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    say(f"\n=== vanishing_variance: {sum(r['status'] == 'ok' for r in records)} runs ok, "
+        f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
+    say_details(records, acc, heads, slopes, th, cfg, say)
+    say_headline(acc, probe, say)
+    say(f"\npaper's claim: {CLAIMS['layernorm']}")
+    say(f"{'task':<8} {'variant or edit':<28} reproduced?")
+    for r in verdicts:
+        say(f"{r['task']:<8} {r['what']:<28} {r['verdict']}")
+    say_claims(verdicts, say)
+    say.write(out)
+
 
 
 EXPERIMENTS = {  # what --experiment changes, unless the flag itself is given

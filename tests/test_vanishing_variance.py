@@ -86,7 +86,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     for r in std:
         by_len.setdefault(r["length"], []).append(r["comp_std"])
     assert np.mean(by_len[256]) < np.mean(by_len[16])  # the variance vanishes with N
-    figs = ["accuracy.png", "variance.png", "shift.png", "distributions.png", "why.png"]
+    figs = ["accuracy.png", "variance.png", "shift.png", "distributions.png", "why.png", "ladder.png"]
     for f in figs:
         assert (tmp_path / f).stat().st_size > 10_000, f
         (tmp_path / f).unlink()
@@ -101,3 +101,122 @@ def test_smoke_preset_end_to_end(tmp_path):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert tables and sorted(line for line in p.stdout.splitlines() if "±" in line or "paired" in line) == tables
+
+
+# ------------------------------------------------------------------ test-time edits (--experiment fixes)
+
+def one_block(task="lookup", seed=0):
+    torch.manual_seed(seed)
+    cfg = VV.Config(n_layer=1, test_lengths=(16, 64))
+    model = VV.build_model(task, "none", cfg).eval()
+    with torch.no_grad():  # a trained model's attention is not uniform: make the logits matter
+        model.blocks[0].attn.c_attn.weight.mul_(20)
+    return model, VV.calibration(VV.sampler(task, cfg), 64, torch.device("cpu"))
+
+
+def answer(model, idx):
+    return model(idx, at=torch.full((idx.size(0), 1), idx.size(1) - 1))[0]
+
+
+def test_sharpen_edit_equals_scaling_the_query_weights():
+    """One block read at the query: q times s at the query alone == q times s everywhere (only the
+    query's row reaches the answer), which is W_q, b_q times s."""
+    model, idx = one_block()
+    with VV.edited(model, sharpen=2.5):
+        edited = answer(model, idx)
+    plain = answer(model, idx)
+    C = model.cfg.n_embd
+    with torch.no_grad():
+        model.blocks[0].attn.c_attn.weight[:C] *= 2.5
+        model.blocks[0].attn.c_attn.bias[:C] *= 2.5
+    assert (edited - plain).abs().max() > 1e-3  # the edit does something
+    assert torch.allclose(edited, answer(model, idx), atol=1e-5)
+
+
+def test_scale_edit_equals_scaling_w_o_columns():
+    model, idx = one_block(seed=1)
+    factors = torch.tensor([[0.5, 2.0, 1.0, 3.0]])
+    with VV.edited(model, head_scale=factors):
+        edited = answer(model, idx)
+    hs = model.cfg.n_embd // model.cfg.n_head
+    with torch.no_grad():
+        model.blocks[0].attn.c_proj.weight.mul_(factors[0].repeat_interleave(hs)[None, :])  # column block h
+    assert torch.allclose(edited, answer(model, idx), atol=1e-5)
+
+
+def test_edits_are_removed_on_exit_and_identity_at_one():
+    model, idx = one_block(seed=2)
+    before = answer(model, idx)
+    with VV.edited(model, 1.0, torch.ones(1, 4)):
+        assert torch.equal(answer(model, idx), before)
+    with VV.edited(model, 3.0, torch.full((1, 4), 2.0)):
+        assert not torch.allclose(answer(model, idx), before)
+    assert torch.equal(answer(model, idx), before)
+
+
+def test_restore_scale_brings_every_block_back_to_the_reference():
+    """Two blocks: block 1's factors are measured after block 0 is rescaled, so both match."""
+    torch.manual_seed(0)
+    cfg = VV.Config(test_lengths=(16, 256))
+    model = VV.build_model("lookup", "none", cfg).eval()
+    sample = VV.sampler("lookup", cfg)
+    ref = VV.head_std(model, VV.calibration(sample, 16, torch.device("cpu")))
+    idx = VV.calibration(sample, 256, torch.device("cpu"))
+    assert (VV.head_std(model, idx) < 0.8 * ref).all()  # the heads' outputs shrink with N
+    for sharpen in (1.0, 2.0):
+        scale = VV.restore_scale(model, ref, idx, sharpen)
+        with VV.edited(model, sharpen, scale):
+            assert torch.allclose(VV.head_std(model, idx), ref, rtol=1e-4)
+
+
+def test_head_std_oracle():
+    """head_std == the std over examples of each head's slice of W_O's input at the query, recomputed
+    by the manual path."""
+    model, idx = one_block(seed=3)
+    seen = {}
+    h = model.blocks[0].attn.c_proj.register_forward_hook(lambda m, a, o: seen.setdefault("y", a[0]))
+    model(idx, manual=True)
+    h.remove()
+    y = seen["y"][:, -1].double().view(idx.size(0), 4, -1)  # (B, nh, hs)
+    assert torch.allclose(VV.head_std(model, idx)[0].double(), y.var(0).mean(-1).sqrt(), rtol=1e-4)
+
+
+def test_claims_oracle():
+    """compare() and verdict() on rows built by hand: layernorm = none + 0.10 or + 0.12 beyond training."""
+    cfg = VV.Config(test_lengths=(16, 64))
+    gain = lambda v, s, L: 0.1 + 0.02 * (s % 2) if v != "none" and L > 16 else 0.0
+    rows = [{"task": "lookup", "variant": v, "seed": s, "length": L, "accuracy": 0.5 + 0.01 * s + gain(v, s, L)}
+            for v in ("none", "layernorm") for s in range(10) for L in (16, 64)]
+    (c,) = VV.claims(rows, [], cfg)
+    assert c["what"] == "layernorm" and c["n"] == 10 and c["wins"] == 10
+    assert abs(c["diff"] - 0.11) < 1e-12 and 0.1 < c["lo"] < 0.11 < c["hi"] < 0.12
+    assert c["verdict"].startswith("yes") and c["wins_ci"][0] > 0.7
+    assert abs(c["a"]["median"] - (0.545 + 0.11)) < 1e-12 and abs(c["b"]["mean"] - 0.545) < 1e-12
+
+
+def test_wilson_interval():
+    from common import wilson_ci
+    lo, hi = wilson_ci(10, 10)
+    assert abs(lo - 0.7225) < 1e-3 and hi == 1.0
+    lo, hi = wilson_ci(5, 10)
+    assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
+
+
+def test_fixes_experiment_end_to_end(tmp_path):
+    cmd = [sys.executable, str(Path(VV.__file__)), "--preset", "smoke", "--experiment", "fixes", "--seeds", "2",
+           "--variants", "none,ssmax", "--tasks", "lookup", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    edits = [r for r in res["rows"] if r["table"] == "edit"]
+    assert {r["variant"] for r in edits} == {"none"} and {r["edit"] for r in edits} == set(VV.EDITS)
+    assert len(edits) == 2 * 3 * 3  # seeds x edits x lengths
+    assert all(r["sharpen"] == 1.0 for r in edits if r["edit"] == "scale" or r["length"] == 16)
+    assert all(abs(r["sharpen"] - np.log(r["length"]) / np.log(16)) < 1e-9 for r in edits if r["edit"] != "scale")
+    heads = [r for r in res["rows"] if r["table"] == "head_std"]
+    assert len(heads) == 2 * 2 * 2 * 4 * 3  # variants x seeds x layers x heads x lengths
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert [c["what"] for c in claims] == ["ssmax"] + [f"none + {e} (test time)" for e in VV.EDITS]
+    for f in ("ladder.png", "edits.png", "accuracy.png"):
+        assert (tmp_path / f).stat().st_size > 10_000, f
+    assert "| lookup | none + select (test time) |" in (tmp_path / "summary.txt").read_text()
