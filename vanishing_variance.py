@@ -21,6 +21,13 @@ What this script does (`python vanishing_variance.py`, the `quick` preset):
   * compares layernorm and standardize against none per seed, paired on identical test sets, with a
     95% confidence interval, and prints the paper's claim next to what was measured.
 
+Beyond the paper (`--experiment fixes`): is the failure at long N one of scale (the paper's account)
+or of selection (the query's attention spreads out)? A fix ladder, retrained with 10 seeds: none,
+layernorm, headnorm and gate act on the attention output; ssmax and logn act on the logits
+(common.GPTConfig.attn_out_norm / attn_logits, their formulas and sources there). And test-time
+edits of the trained none models, no retraining (edited()): restore each head's output scale, sharpen
+the query's logits, or both.
+
 Tasks (order-invariant; the model has no positional encoding). Every input token is one item
 (a, b) embedded as A(a) + B(b); b = n_classes marks the query token. The answer is read at the query.
   argmax retrieval  N items (priority a, payload b): distinct priorities from a grid of 2^30 values,
@@ -707,6 +714,29 @@ def say_headline(acc, probe, say):
                 f"exp(H) {h[1][0]:.1f} -> {h[1][-1]:.1f}   mass on the answer {m[1][0]:.2f} -> {m[1][-1]:.2f}")
 
 
+def predictors(acc, probe, cfg, variants=VARIANTS):
+    """Which measurement tracks accuracy beyond the training length? Pearson r, per task, over every
+    (cell, N > N_train) point of the given variants, between accuracy and: the attention mass on the
+    answering item, log exp(H) in layer 0, and the layer-0 attention-output std relative to the same
+    cell's at N_train (the paper's quantity, before any norm). Returns {task: {name: (r, points)}}."""
+    out = {}
+    acc = [r for r in acc if r["variant"] in variants]
+    for task in TASKS:
+        key = lambda r: (r["variant"], r["seed"])
+        base = {key(r): r["comp_std"] for r in C.select(probe, task=task, layer=0, where="pre", length=cfg.train_len)}
+        pr = {key(r) + (r["length"],): r for r in C.select(probe, task=task, layer=0, where="pre")}
+        pts = [(r["accuracy"], r["target_mass"], math.log(pr[key(r) + (r["length"],)]["eff_n"]),
+                pr[key(r) + (r["length"],)]["comp_std"] / base[key(r)])
+               for r in C.select(acc, task=task) if r["length"] > cfg.train_len and key(r) + (r["length"],) in pr
+               and key(r) in base]
+        if len(pts) < 3:
+            continue
+        a = np.array(pts)
+        out[task] = {name: (float(np.corrcoef(a[:, 0], a[:, i])[0, 1]), len(a)) for i, name in
+                     enumerate(("mass on the answer", "log exp(H), layer 0", "std(N) / std(N_train), layer 0"), 1)}
+    return out
+
+
 def say_details(records, acc, heads, slopes, th, cfg, say):
     """Theory slopes, the trained models' std slopes and head std ratios, per-task tables with the
     paired differences by N, and a few decoded mistakes."""
@@ -765,6 +795,11 @@ def report(records, cfg, out):
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
     say_details(records, acc, heads, slopes, th, cfg, say)
     say_headline(acc, probe, say)
+    say(f"\nwhat tracks accuracy beyond N = {cfg.train_len}: Pearson r over every (cell, N) point")
+    for models, variants in (("none models", ("none",)), ("all models", VARIANTS)):
+        for task, rs in predictors(acc, probe, cfg, variants).items():
+            say(f"  {task:<7} {models:<12} " + ", ".join(f"{name}: r = {r:+.2f}" for name, (r, n) in rs.items()) +
+                f" ({next(iter(rs.values()))[1]} points)")
     say(f"\npaper's claim: {CLAIMS['layernorm']}")
     say(f"{'task':<8} {'variant or edit':<28} reproduced?")
     for r in verdicts:
