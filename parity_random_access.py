@@ -64,6 +64,7 @@ The exact token layouts above, the ablations' details (cyclic period 4; misalign
 the scratchpad) and the '$' stopping rule are our choices.
 """
 import functools
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -480,42 +481,53 @@ def best_head(mass, hi):
     return np.unravel_index(m.argmax(), m.shape)
 
 
-def report(records, cfg, out):
-    """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
-    plt = C.pyplot()
-    out = Path(out)
+def labelled(records):
+    """Copies of the records, each with its `label` and its rows' `variant` set to it (the caller's
+    records are left as they were)."""
     budgets = {(rec["cell"]["config"].get("pretrain_steps"), rec["cell"]["config"]["steps"]) for rec in records}
+    out = []
     for rec in records:  # one label per (format, position encoding, training position ids[, steps])
-        rec["label"] = label(rec, steps=len(budgets) > 1)
-        for r in rec["rows"]:
-            r["variant"] = rec["label"]
-    rows = [r for rec in records for r in rec["rows"]]
-    acc, steps, probe = (C.select(rows, table=t) for t in ("accuracy", "step", "probe"))
+        lab = label(rec, steps=len(budgets) > 1)
+        out.append({**rec, "label": lab, "rows": [{**r, "variant": lab} for r in rec["rows"]]})
+    return out
+
+
+def length_groups(acc, cfg):
+    """[(formats, longest training length, chance, what the x axis counts)]: parity, then addition."""
     parity = [f for f in PARITY_FORMATS if C.select(acc, fmt=f)]
     adds = [f for f in ADD_FORMATS if C.select(acc, fmt=f)]
-    palette = C.Palette(r["variant"] for r in rows)  # one colour per format / setting in every figure
-    say = C.Summary()
-    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
-        return say.write(out)
-
-    # accuracy and exact match vs n
     groups = [(parity, cfg.train_max, 0.5, "bits n"), (adds, cfg.add_train_max, None, "operand digits")]
-    groups = [g for g in groups if g[0]]
+    return [g for g in groups if g[0]]
+
+
+def fig_accuracy(acc, groups, palette, out):
+    """accuracy.png: final-answer accuracy and exact match vs n, mean ± std over seeds, a dot per seed."""
+    plt = C.pyplot()
     fig, axes = plt.subplots(len(groups), 2, figsize=(15, 4.5 * len(groups)), squeeze=False)
     for i, (fmts, hi, chance, what) in enumerate(groups):
         sel = [r for r in acc if r["fmt"] in fmts]
-        C.plot_vs_length(sel, "accuracy", None, hi, chance=chance, ax=axes[i, 0], ylabel="final-answer accuracy",
-                         style=palette,
-                         title=f"final answer, greedy (mean ± std over seeds); x: {what}")
-        C.plot_vs_length(sel, "exact", None, hi, ax=axes[i, 1], ylabel="exact match", style=palette,
-                         title=f"exact match of everything produced; x: {what}")
-        for ax in axes[i]:
+        for ax, metric, ylabel, title in ((axes[i, 0], "accuracy", "final-answer accuracy", "final answer, greedy"),
+                                          (axes[i, 1], "exact", "exact match", "exact match of everything produced")):
+            C.plot_vs_length(sel, metric, None, hi, chance=chance if metric == "accuracy" else None, ax=ax,
+                             ylabel=ylabel, style=palette, title=f"{title} (mean ± std, dots: seeds); x: {what}")
+            labels = sorted({r["variant"] for r in sel})
+            for k, g in enumerate(labels):  # a dot per seed, each setting a little to the side
+                pts = [r for r in sel if r["variant"] == g and metric in r]
+                ax.scatter([r["length"] * (1 + 0.03 * (k - len(labels) / 2)) for r in pts], [r[metric] for r in pts],
+                           s=7, alpha=0.5, lw=0, color=palette.colors.get(g))
             ticks_at(ax, sorted({r["length"] for r in sel}))
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "accuracy.png")
 
-    # per-step accuracy at the longest length
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    C.pyplot().close(fig)
+
+
+def fig_steps(acc, steps, groups, palette, out):
+    """steps.png: the accuracy of each scratchpad step i at the longest test length."""
+    plt = C.pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 4.2), squeeze=False)
     for ax, (fmts, hi, chance, what) in zip(axes[0], groups):
         L = max(r["length"] for r in acc if r["fmt"] in fmts)
@@ -530,83 +542,92 @@ def report(records, cfg, out):
                title=f"per-step accuracy at {what} = {L}")
         C.legend_outside(ax)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "steps.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "steps.png")
 
-    # attention: maps of the retrieving layer for seed 0, and mass on the right bit vs step
-    with_maps = [rec for rec in records if rec.get("maps")]
-    mass_recs = [rec for rec in records if rec.get("mass") and rec["cell"]["fmt"] in RETRIEVING]
-    if with_maps:
-        def acc_at_map(rec):  # final-answer accuracy at the test length nearest map_length
-            rows = C.select(rec["rows"], table="accuracy")
-            return min(rows, key=lambda r: abs(r["length"] - cfg.map_length))["accuracy"] if rows else 0.0
-        show = []
-        for f in ("scratchpad", "mnemonic"):  # per format and setting, the seed that did best (labelled)
-            for lab in sorted({rec["label"] for rec in with_maps if rec["cell"]["fmt"] == f}):
-                recs = [rec for rec in with_maps if rec["label"] == lab]
-                show.append((max(recs, key=acc_at_map), len(recs)))
-        show = show or [(with_maps[0], 1)]
-        nh = len(show[0][0]["maps"][0])
-        fig, axes = plt.subplots(len(show) + 1, nh, figsize=(3.1 * nh, 3.0 * (len(show) + 1)), squeeze=False)
-        for i, (rec, of) in enumerate(show):
-            layer, _ = best_head(rec["mass"], cfg.train_max)
-            for h in range(nh):
-                ax = axes[i, h]
-                ax.imshow(np.asarray(rec["maps"][layer][h]), cmap="viridis", vmin=0, aspect="auto",
-                          interpolation="nearest")
-                ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-                ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-                ax.set(title=f"layer {layer} head {h}", xlabel="input bit j", ylabel="step i")
-                if h == 0:
-                    best = f" (best of {of})" if of > 1 else ""
-                    ax.set_ylabel(f"{rec['label']}\nseed {rec['cell']['seed']}{best}\nstep i", fontsize=7)
-                ax.title.set_fontsize(8)
-        gs = axes[-1, 0].get_gridspec()
-        for ax in axes[-1]:
-            ax.remove()
-        ax = fig.add_subplot(gs[-1, :])
-        curves = []
-        for rec in mass_recs:
+
+def retrieval_mass(records, cfg):
+    """Per retrieving format's record: its label and the attention from step i to bit i of its
+    retrieving head (best_head), one value per step at n = map_length."""
+    out = []
+    for rec in records:
+        if rec.get("mass") and rec["cell"]["fmt"] in RETRIEVING:
             layer, head = best_head(rec["mass"], cfg.train_max)
-            m = rec["mass"][layer][head]
-            curves += [{"variant": rec["label"], "step": i + 1, "mass": v}
-                       for i, v in enumerate(m)]
-        for g, (xs, m, s, n) in sorted(C.mean_std_by(curves, "step", "mass", "variant").items()):
-            line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})", color=palette.colors.get(g))
-            ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
-        ax.axvline(cfg.train_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_max}")
-        ax.set(xlabel="step i", ylabel="attention on bit i", ylim=(0, 1.02),
-               title=f"attention mass from step i to input bit i, n = {cfg.map_length} (retrieving head: "
-                     f"the best within the training length; mean ± std over seeds)")
-        ax.title.set_fontsize(9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.suptitle(f"attention from scratchpad step i (rows) to input bit j (columns), one example with "
-                     f"n = {cfg.map_length}, layer of the retrieving head; dashed: training length", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out / "attention.png", dpi=110)
-        plt.close(fig)
+            out.append((rec["label"], np.asarray(rec["mass"][layer][head], dtype=float)))
+    return out
 
-    # attention-output variance at the query that writes the final answer
+
+def fig_attention(records, cfg, palette, out):
+    """attention.png: the maps of the retrieving layer (per format and setting, the seed that did best
+    at map_length), and the mass from step i to bit i vs i, mean ± std over seeds."""
+    plt = C.pyplot()
+    with_maps = [rec for rec in records if rec.get("maps")]
+    if not with_maps:
+        return
+
+    def acc_at_map(rec):  # final-answer accuracy at the test length nearest map_length
+        rows = C.select(rec["rows"], table="accuracy")
+        return min(rows, key=lambda r: abs(r["length"] - cfg.map_length))["accuracy"] if rows else 0.0
+
+    show = []
+    for f in ("scratchpad", "mnemonic"):
+        for lab in sorted({rec["label"] for rec in with_maps if rec["cell"]["fmt"] == f}):
+            recs = [rec for rec in with_maps if rec["label"] == lab]
+            show.append((max(recs, key=acc_at_map), len(recs)))
+    show = show or [(with_maps[0], 1)]
+    nh = len(show[0][0]["maps"][0])
+    fig, axes = plt.subplots(len(show) + 1, nh, figsize=(3.1 * nh, 3.0 * (len(show) + 1)), squeeze=False)
+    for i, (rec, of) in enumerate(show):
+        layer, _ = best_head(rec["mass"], cfg.train_max)
+        for h in range(nh):
+            ax = axes[i, h]
+            ax.imshow(np.asarray(rec["maps"][layer][h]), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+            ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
+            ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
+            ax.set(title=f"layer {layer} head {h}", xlabel="input bit j", ylabel="step i")
+            if h == 0:
+                best = f" (best of {of})" if of > 1 else ""
+                ax.set_ylabel(f"{rec['label']}\nseed {rec['cell']['seed']}{best}\nstep i", fontsize=7)
+            ax.title.set_fontsize(8)
+    gs = axes[-1, 0].get_gridspec()
+    for ax in axes[-1]:
+        ax.remove()
+    ax = fig.add_subplot(gs[-1, :])
+    curves = [{"variant": lab, "step": i + 1, "mass": v} for lab, m in retrieval_mass(records, cfg)
+              for i, v in enumerate(m)]
+    for g, (xs, m, s, n) in sorted(C.mean_std_by(curves, "step", "mass", "variant").items()):
+        line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})", color=palette.colors.get(g))
+        ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+    ax.axvline(cfg.train_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_max}")
+    ax.set(xlabel="step i", ylabel="attention on bit i", ylim=(0, 1.02),
+           title=f"attention mass from step i to input bit i, n = {cfg.map_length} (retrieving head: "
+                 f"the best within the training length; mean ± std over seeds)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"attention from scratchpad step i (rows) to input bit j (columns), one example with "
+                 f"n = {cfg.map_length}, layer of the retrieving head; dashed: training length", fontsize=10)
+    _save(fig, out / "attention.png")
+
+
+def fig_variance(probe, groups, palette, out):
+    """variance.png: the attention-output std at the query that writes the final answer, per layer."""
+    plt = C.pyplot()
     layers = sorted({r["layer"] for r in probe})
-    if layers:
-        fig, axes = plt.subplots(len(groups), len(layers), figsize=(7 * len(layers), 4.2 * len(groups)),
-                                 squeeze=False)
-        for i, (fmts, hi, _, what) in enumerate(groups):
-            for j, layer in enumerate(layers):
-                sel = [r for r in probe if r["fmt"] in fmts and r["layer"] == layer]
-                C.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j], style=palette,
-                                 title=f"layer {layer}: attention-output std\nat the answer query; x: {what}")
-                ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
-        fig.tight_layout()
-        fig.savefig(out / "variance.png", dpi=110)
-        plt.close(fig)
+    if not layers:
+        return
+    fig, axes = plt.subplots(len(groups), len(layers), figsize=(7 * len(layers), 4.2 * len(groups)), squeeze=False)
+    for i, (fmts, hi, _, what) in enumerate(groups):
+        for j, layer in enumerate(layers):
+            sel = [r for r in probe if r["fmt"] in fmts and r["layer"] == layer]
+            C.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j], style=palette,
+                             title=f"layer {layer}: attention-output std\nat the answer query; x: {what}")
+            ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
+    _save(fig, out / "variance.png")
 
-    # printed summary
-    say(f"\n=== parity_random_access: {sum(r['status'] == 'ok' for r in records)} runs ok, "
-        f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
-    final = {}
+
+def say_tables(records, acc, probe, groups, cfg, say):
+    """Per group: ID vs OOD tables of every metric, final-answer accuracy by length; then the
+    attention-output std ratio, the retrieval mass, and a few decoded examples."""
     for fmts, hi, _, what in groups:
         recs = [{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records if rec["cell"]["fmt"] in fmts]
         for metric in ("accuracy", "exact", "stop_early", "stop_late"):
@@ -618,74 +639,134 @@ def report(records, cfg, out):
         for g, (xs, m, s, n) in sorted(C.mean_std_by([r for r in acc if r["fmt"] in fmts], "length", "accuracy",
                                                      "variant").items()):
             say(f"  {g:<28}" + "".join(f"{a:>6.2f}±{b:<5.2f}" for a, b in zip(m, s)))
-            final[g] = dict(zip(xs.tolist(), zip(m.tolist(), s.tolist())))
     if probe:
         say("\nattention-output std at the answer query, std(longest n) / std(shortest n), mean over seeds:")
         for g, (xs, m, _, _) in sorted(C.mean_std_by(probe, "length", "comp_std", ("variant", "layer")).items()):
             say(f"  {g[0]:<28} layer {g[1]}: {m[-1] / m[0]:.2f}  (n = {xs[0]} -> {xs[-1]})")
-    mass = {}
-    if mass_recs:
+    mass = retrieval_mass(records, cfg)
+    if mass:
         say(f"\nattention mass from step i to bit i at n = {cfg.map_length} (retrieving head), mean over seeds:")
-        by = {}
-        for rec in mass_recs:
-            layer, head = best_head(rec["mass"], cfg.train_max)
-            m = np.asarray(rec["mass"][layer][head])
-            by.setdefault(rec["label"], []).append(
-                (m[:cfg.train_max].mean(), m[cfg.train_max:].mean(), m[-1]))
-        for g, v in sorted(by.items()):
-            mass[g] = np.array(v).mean(0)
-            say(f"  {g:<28} steps <= {cfg.train_max}: {mass[g][0]:.2f}   steps > {cfg.train_max}: "
-                f"{mass[g][1]:.2f}   last step: {mass[g][2]:.2f}")
+        for g, (inside, beyond, last) in mass_table(mass, cfg).items():
+            say(f"  {g:<28} steps <= {cfg.train_max}: {inside:.2f}   steps > {cfg.train_max}: {beyond:.2f}   "
+                f"last step: {last:.2f}")
     for rec in records:
         if rec["cell"]["seed"] == 0 and rec.get("examples"):
             say(f"\nexamples ({rec['label']}, seed 0):")
             for e in rec["examples"][:4]:
                 say(f"  {e if len(e) < 400 else e[:400] + ' ...'}")
+
+
+def mass_table(mass, cfg):
+    """{label: (mean mass of steps within the training length, beyond it, at the last step)} over seeds."""
+    by = {}
+    for lab, m in mass:
+        by.setdefault(lab, []).append((m[:cfg.train_max].mean(), m[cfg.train_max:].mean(), m[-1]))
+    return {g: tuple(np.array(v).mean(0)) for g, v in sorted(by.items())}
+
+
+GENERALIZES = 0.95  # a seed generalizes: final-answer accuracy >= this at GENERALIZE_X x the longest training length
+GENERALIZE_X = 3
+
+
+def report(records, cfg, out):
+    """Figures, claims.json and the printed summary, from the cell records alone (so --plot-only
+    redraws them)."""
+    out = Path(out)
+    records = labelled(records)
+    rows = [r for rec in records for r in rec["rows"]]
+    acc, steps, probe = (C.select(rows, table=t) for t in ("accuracy", "step", "probe"))
+    palette = C.Palette(r["variant"] for r in rows)  # one colour per format / setting in every figure
+    say = C.Summary()
+    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
+        return say.write(out)
+    groups = length_groups(acc, cfg)
+    fig_accuracy(acc, groups, palette, out)
+    fig_steps(acc, steps, groups, palette, out)
+    fig_attention(records, cfg, palette, out)
+    fig_variance(probe, groups, palette, out)
+    say(f"\n=== parity_random_access: {sum(r['status'] == 'ok' for r in records)} runs ok, "
+        f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
+    say_tables(records, acc, probe, groups, cfg, say)
+    verdicts = claims(acc, mass_table(retrieval_mass(records, cfg), cfg), cfg)
+    C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\nthe paper's claims next to what was measured (final-answer accuracy, mean ± std over seeds; "
-        f"[position encoding, training position ids]; {cfg.pretrain_steps} copy pre-training steps)")
-    for line in claims(final, mass, cfg):
-        say(line)
+        f"[position encoding, training position ids]; {cfg.pretrain_steps} copy pre-training steps; a seed "
+        f"generalizes when its accuracy is >= {GENERALIZES} at {GENERALIZE_X}x the longest training length, "
+        "or at the longest tested length below that)")
+    for c in verdicts:
+        say(claim_line(c))
     say.write(out)
 
 
-def claims(final, mass, cfg):
-    """The paper's claims next to what was measured, one line each, from the accuracy table
-    final[{fmt}, {pos}] = {length: (mean, std)} and the attention masses."""
-    lines, hi = [], cfg.train_max
-    at = lambda g, L: final[g].get(L, (float("nan"), 0))[0]
-    show = lambda g, L: f"{at(g, L):.2f} ± {final[g].get(L, (0, float('nan')))[1]:.2f}"
-    for pos in sorted({g.split(", ", 1)[1] for g in final}):
-        def row(fmt, claim, test):
-            g = f"{fmt}, {pos}"
-            if g not in final:
-                return
-            top = max(final[g])
-            lines.append(f"  [{pos}] {claim}: {fmt} n={hi if fmt not in ADD_FORMATS else cfg.add_train_max} "
-                         f"{show(g, hi if fmt not in ADD_FORMATS else cfg.add_train_max)}, n={top} {show(g, top)} "
-                         f"-> {test(at(g, hi if fmt not in ADD_FORMATS else cfg.add_train_max), at(g, top))}")
-        yes = lambda ok, why="": "reproduced" if ok else f"NOT reproduced{why}"
-        row("scratchpad", "(1) scratchpad learns in distribution, collapses beyond",
+def seeds_generalizing(acc, g, at):
+    """(k, n, (lo, hi)): seeds of setting g whose final-answer accuracy at length `at` is >= GENERALIZES,
+    with the 95% Wilson interval."""
+    v = C.per_seed(acc, "accuracy", variant=g, length=at)
+    k = sum(x >= GENERALIZES for x in v.values())
+    return k, len(v), C.wilson_ci(k, len(v))
+
+
+def claims(acc, mass, cfg):
+    """The paper's claims as data, one dict per (claim, setting): claim, setting, fmt, the training
+    and test lengths, final-answer accuracy there (mean, std, median over seeds), the seeds that
+    generalize, and the verdict. mass: mass_table()."""
+    out = []
+    settings = sorted({r["variant"] for r in acc})
+    yes = lambda ok, why="": "reproduced" if ok else f"NOT reproduced{why}"
+
+    def row(fmt, pos, claim, test, extra=None):
+        g = f"{fmt}, {pos}"
+        if g not in settings:
+            return None
+        hi = cfg.add_train_max if fmt in ADD_FORMATS else cfg.train_max
+        tested = sorted({r["length"] for r in C.select(acc, variant=g)})
+        top, gen_at = tested[-1], max([L for L in tested if L <= GENERALIZE_X * hi] or [tested[-1]])
+        inside = C.seed_stats(list(C.per_seed(acc, "accuracy", variant=g, length=hi).values()))
+        beyond = C.seed_stats(list(C.per_seed(acc, "accuracy", variant=g, length=top).values()))
+        k, n, ci = seeds_generalizing(acc, g, gen_at)
+        c = {"claim": claim, "setting": pos, "fmt": fmt, "train_max": hi, "test_max": top, "inside": inside,
+             "beyond": beyond, "generalize_at": gen_at, "seeds_ok": k, "seeds": n, "seeds_ok_ci": ci,
+             "verdict": test(inside["mean"], beyond["mean"]), **(extra or {})}
+        out.append(c)
+        return c
+
+    for pos in sorted({g.split(", ", 1)[1] for g in settings}):
+        row("scratchpad", pos, "(1) scratchpad learns in distribution, collapses beyond",
             lambda i, o: yes(i >= 0.95 and o <= 0.6))
-        row("none", "(1) no scratchpad: no length-general rule", lambda i, o: yes(o <= 0.6))
-        row("interleaved", "(2) interleaved (no indexing) generalizes",
+        row("none", pos, "(1) no scratchpad: no length-general rule", lambda i, o: yes(o <= 0.6))
+        row("interleaved", pos, "(2) interleaved (no indexing) generalizes",
             lambda i, o: yes(o >= 0.95, " (partly)" if o > 0.6 else ""))
-        row("mnemonic", "(3) mnemonic anchors generalize", lambda i, o: yes(o >= 0.95, " (partly)" if o > 0.6 else ""))
-        mn = final.get(f"mnemonic, {pos}")
-        ref = mn[max(mn)][0] if mn else float("nan")  # mnemonic at its longest n (nan: not run)
+        mn = row("mnemonic", pos, "(3) mnemonic anchors generalize",
+                 lambda i, o: yes(o >= 0.95, " (partly)" if o > 0.6 else ""))
+        ref = mn["beyond"]["mean"] if mn else float("nan")  # mnemonic at its longest n (nan: not run)
         for fmt in ("constant", "cyclic", "misaligned"):
-            row(fmt, "(3) without a unique key it fails",
+            row(fmt, pos, "(3) without a unique key it fails",
                 lambda i, o: yes(o <= 0.6 and o < ref - 0.2) + ("" if mn else " (no mnemonic run to compare)"))
         for fmt in ("scratchpad", "mnemonic"):
             if f"{fmt}, {pos}" in mass:
-                m = mass[f"{fmt}, {pos}"]
-                lines.append(f"  [{pos}] (4) attention of step i on bit i, {fmt}: {m[0]:.2f} within the training "
-                             f"length, {m[1]:.2f} beyond it (n = {cfg.map_length})")
-        if f"add, {pos}" in final and f"add-mnemonic, {pos}" in final:
-            L = max(final[f"add, {pos}"])
-            lines.append(f"  [{pos}] (5) addition at {L} digits (trained <= {cfg.add_train_max}): plain "
-                         f"{show(f'add, {pos}', L)}, mnemonic {show(f'add-mnemonic, {pos}', L)} -> "
-                         f"{yes(at(f'add-mnemonic, {pos}', L) > at(f'add, {pos}', L) + 0.1)}")
-    return lines
+                inside, beyond, _ = mass[f"{fmt}, {pos}"]
+                out.append({"claim": "(4) step i attends to bit i", "setting": pos, "fmt": fmt,
+                            "mass_inside": float(inside), "mass_beyond": float(beyond), "map_length": cfg.map_length,
+                            "verdict": "measured"})
+        add = row("add", pos, "(5) addition, plain", lambda i, o: "measured")
+        mnem = row("add-mnemonic", pos, "(5) addition with mnemonics generalizes further than plain",
+                   lambda i, o: "measured (no plain add run to compare)")
+        if add and mnem:
+            mnem["verdict"] = yes(mnem["beyond"]["mean"] > add["beyond"]["mean"] + 0.1)
+    return out
+
+
+def claim_line(c):
+    """One printed line of a claim."""
+    if "mass_inside" in c:
+        return (f"  [{c['setting']}] {c['claim']}, {c['fmt']}: {c['mass_inside']:.2f} within the training length, "
+                f"{c['mass_beyond']:.2f} beyond it (n = {c['map_length']})")
+    i, o = c["inside"], c["beyond"]
+    return (f"  [{c['setting']}] {c['claim']}: {c['fmt']} n={c['train_max']} {i['mean']:.2f} ± {i['std']:.2f}, "
+            f"n={c['test_max']} {o['mean']:.2f} ± {o['std']:.2f} (median {o['median']:.2f}); seeds >= {GENERALIZES} "
+            f"at n={c['generalize_at']}: {c['seeds_ok']}/{c['seeds']} [{c['seeds_ok_ci'][0]:.2f}, "
+            f"{c['seeds_ok_ci'][1]:.2f}] -> {c['verdict']}")
+
 
 
 def main():

@@ -182,10 +182,32 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert (tmp_path / f).stat().st_size > 10_000, f
         (tmp_path / f).unlink()
     assert "claim" in (tmp_path / "summary.txt").read_text()
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert {c["fmt"] for c in claims} == {"scratchpad", "mnemonic", "add-mnemonic"}
+    assert all(c["seeds"] == 2 for c in claims if "seeds" in c)
     p = subprocess.run([sys.executable, SCRIPT, "--plot-only", str(tmp_path)], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert all((tmp_path / f).exists() for f in figs)
+
+
+def test_claims_oracle():
+    """claims() on rows built by hand: mnemonic generalizes on 7 of 10 seeds, scratchpad on none."""
+    cfg = P.Config(test_lengths=(20, 40, 60, 100))
+    acc = []
+    for s in range(10):
+        for L in cfg.test_lengths:
+            acc.append({"variant": "mnemonic, rope, random", "seed": s, "length": L,
+                        "accuracy": 1.0 if L == 20 or s < 7 else 0.6})
+            acc.append({"variant": "scratchpad, rope, random", "seed": s, "length": L,
+                        "accuracy": 1.0 if L == 20 else 0.5})
+    by = {c["fmt"]: c for c in P.claims(acc, {}, cfg)}
+    mn, sp = by["mnemonic"], by["scratchpad"]
+    assert mn["generalize_at"] == 60 and mn["test_max"] == 100  # 3 x the longest training length (20)
+    assert (mn["seeds_ok"], mn["seeds"]) == (7, 10) and mn["seeds_ok_ci"] == C.wilson_ci(7, 10)
+    assert abs(mn["beyond"]["mean"] - 0.88) < 1e-12 and mn["beyond"]["median"] == 1.0
+    assert mn["verdict"] == "NOT reproduced (partly)"
+    assert sp["seeds_ok"] == 0 and sp["inside"]["mean"] == 1.0 and sp["verdict"] == "reproduced"
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
