@@ -460,6 +460,8 @@ def verdict(d_rows, train_len):
     worse = [r["length"] for r in ood if r["hi"] < 0]
     if ood and len(better) == len(ood):
         return "yes, at every N > training"
+    if better and not worse and better == [r["length"] for r in ood][-len(better):]:
+        return f"yes, at every N >= {better[0]}"
     if better:
         return f"only at N = {better}" + (f"; worse at N = {worse}" if worse else "")
     return f"no (worse at N = {worse})" if worse else "no (no significant difference)"
@@ -694,6 +696,55 @@ def say_claims(rows, say):
             f"{r['wins']}/{r['n']} [{r['wins_ci'][0]:.2f}, {r['wins_ci'][1]:.2f}] | {r['verdict']} |")
 
 
+def say_ladder(acc, probe, heads, verdicts, cfg, say):
+    """The ladder as a markdown table, per task and variant: accuracy at N_train and at the longest N
+    (mean ± std, median), the paired difference to none with its 95% CI, the seeds where it beats
+    none, and at the longest N: exp(H) of the query in layer 0, its mass on the answering item and the
+    per-head output std ratio (layer 0)."""
+    top, lo = max(cfg.test_lengths), cfg.train_len
+    ratios = std_ratios(heads, cfg)
+    by = {(c["task"], c["what"]): c for c in verdicts}
+    say(f"\n| task | variant | accuracy at N = {lo} | accuracy at N = {top} (median) | − none, paired [95% CI] | "
+        f"seeds better than none [95% CI] | exp(H), layer 0 | mass on the answer | head std ratio {top}/{lo} |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    for task in TASKS:
+        for v in [v for v in VARIANTS if C.select(acc, task=task, variant=v)]:
+            a_lo = C.seed_stats(list(C.per_seed(acc, "accuracy", task=task, variant=v, length=lo).values()))
+            a = C.seed_stats(list(C.per_seed(acc, "accuracy", task=task, variant=v, length=top).values()))
+            h = C.seed_stats(list(C.per_seed(probe, "eff_n", task=task, variant=v, length=top, layer=0,
+                                             where="pre").values()))
+            m = C.seed_stats(list(C.per_seed(acc, "target_mass", task=task, variant=v, length=top).values()))
+            r = C.seed_stats(ratios.get((task, v, 0), []))
+            c = by.get((task, v))
+            diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
+            wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
+            say(f"| {task} | {v} | {a_lo['mean']:.3f} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) | {diff} | "
+                f"{wins} | {h['mean']:.1f} | {m['mean']:.2f} | {r['mean']:.2f} |")
+
+
+def say_edits(acc, probe, edits, verdicts, cfg, say):
+    """The test-time edits as a markdown table, per task: at the longest N, accuracy (mean ± std,
+    median), the paired difference to the same model unedited with its 95% CI, the seeds it helps,
+    exp(H) of the query in layer 0, its mass on the answering item, and the mean layer-0 head factor."""
+    top = max(cfg.test_lengths)
+    by = {(c["task"], c["what"]): c for c in verdicts}
+    say(f"\n| task | none models at N = {top} | accuracy (median) | − unedited, paired [95% CI] | seeds it helps "
+        "[95% CI] | exp(H), layer 0 | mass on the answer | layer-0 head factor |")
+    say("|---|---|---|---|---|---|---|---|")
+    for task in TASKS:
+        rows = [r for r in edit_table(C.select(acc, task=task), C.select(edits, task=task)) if r["length"] == top]
+        for e in [e for e in ("no edit",) + EDITS if C.select(rows, edit=e)]:
+            stat = lambda m: C.seed_stats([r[m] for r in C.select(rows, edit=e) if m in r])
+            a, c = stat("accuracy"), by.get((task, f"none + {e} (test time)"))
+            diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
+            wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
+            eff = stat("eff_n") if e != "no edit" else C.seed_stats(list(C.per_seed(
+                probe, "eff_n", task=task, variant="none", length=top, layer=0, where="pre").values()))
+            fac = f"{stat('factor')['mean']:.2f}" if e != "no edit" else "1"
+            say(f"| {task} | {e} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) | {diff} | {wins} | {eff['mean']:.1f} | "
+                f"{stat('target_mass')['mean']:.2f} | {fac} |")
+
+
 def say_headline(acc, probe, say):
     """The README's headline numbers: at the training N and the longest N, per task and variant,
     accuracy (mean ± std over seeds), exp(H) of the query's layer-0 attention, and its attention mass
@@ -805,6 +856,9 @@ def report(records, cfg, out):
     for r in verdicts:
         say(f"{r['task']:<8} {r['what']:<28} {r['verdict']}")
     say_claims(verdicts, say)
+    say_ladder(acc, probe, heads, verdicts, cfg, say)
+    if edits:
+        say_edits(acc, probe, edits, verdicts, cfg, say)
     say.write(out)
 
 
