@@ -42,6 +42,7 @@ Token id = a * (n_classes + 1) + b.
 Commands and measured run times (2-core CPU, this repository's machine):
   python vanishing_variance.py                          # quick: 10.2 min on 2 CPU cores (sweep: 571 s)
   python vanishing_variance.py --preset smoke           # ~15 s: what the tests run
+  python vanishing_variance.py --experiment fixes       # the fix ladder and the edits, 10 seeds: 96 min
   python vanishing_variance.py --device cuda --preset paper   # N to 16384, 5 seeds (not yet run on a GPU)
   python vanishing_variance.py --n-layer 1              # one block: 205 s (sweep)
   python vanishing_variance.py --n-layer 1 --mlp false  # one attention-only block (see README)
