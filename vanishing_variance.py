@@ -240,7 +240,8 @@ def run_cell(cell):
                                                 extra=target_mass, keep=cfg.keep_lengths)
     out = {"train": result, "rows": [{"table": "accuracy", **r} for r in rows] +
                                     [{"table": "probe", **r} for r in probes]}
-    out["rows"] += head_std_rows(model, sample, cfg, device)
+    if cell.get("heads"):  # --experiment fixes (~10 s a cell at these lengths: kept out of the main job)
+        out["rows"] += head_std_rows(model, sample, cfg, device)
     if cell.get("edits"):  # --experiment fixes, on the `none` models
         out["rows"] += edit_rows(model, sample, cfg, device)
     out["mistakes"] = mistakes(model, sample, max(cfg.test_lengths), device, cfg.n_classes)
@@ -643,7 +644,8 @@ def fig_ladder(acc, heads, tasks, cfg, out):
     plt = C.pyplot()
     top = max(cfg.test_lengths)
     ratios = std_ratios(heads, cfg)
-    fig, axes = plt.subplots(4, len(tasks), figsize=(6.5 * len(tasks), 13), squeeze=False)
+    n_rows = 4 if ratios else 3  # per-head stds: --experiment fixes only
+    fig, axes = plt.subplots(n_rows, len(tasks), figsize=(6.5 * len(tasks), 3.3 * n_rows), squeeze=False)
     for j, task in enumerate(tasks):
         t_acc = C.select(acc, task=task, length=top)
         variants = [v for v in VARIANTS if C.select(t_acc, variant=v)]
@@ -654,7 +656,8 @@ def fig_ladder(acc, heads, tasks, cfg, out):
             if v != "none":
                 seed_dots(axes[1, j], i, [a[s] - none[s] for s in a if s in none], COLORS[v])
             seed_dots(axes[2, j], i, list(C.per_seed(t_acc, "target_mass", variant=v).values()), COLORS[v])
-            seed_dots(axes[3, j], i, ratios.get((task, v, 0), []), COLORS[v])
+            if ratios:
+                seed_dots(axes[3, j], i, ratios.get((task, v, 0), []), COLORS[v])
         titles = (f"accuracy at N = {top} (trained at N = {cfg.train_len})", "paired difference to none",
                   "attention mass on the answering item", f"head output std(N = {top}) / std(N = {cfg.train_len}), "
                                                           "layer 0, mean over heads")
@@ -664,8 +667,9 @@ def fig_ladder(acc, heads, tasks, cfg, out):
             ax.grid(alpha=0.3)
         axes[0, j].axhline(1 / cfg.n_classes, color="red", ls=":", lw=1, label="chance")
         axes[1, j].axhline(0, color="k", lw=0.8)
-        axes[3, j].axhline(1, color="k", lw=0.8)
-        axes[3, j].set_yscale("log")
+        if ratios:
+            axes[3, j].axhline(1, color="k", lw=0.8)
+            axes[3, j].set_yscale("log")
     _save(fig, out / "ladder.png")
 
 
@@ -899,8 +903,10 @@ def main():
                          task=cfg.tasks, variant=cfg.variants)  # seed by seed: a stopped run has whole seeds
     for c in cells:
         c["compile"] = args.compile
-        if args.experiment == "fixes" and c["variant"] == "none":
-            c["edits"] = True  # these cells also measure the test-time edits (their own cell files)
+        if args.experiment == "fixes":  # these cells also measure per-head stds, and the none cells the
+            c["heads"] = True            # test-time edits (so they have cell files of their own)
+            if c["variant"] == "none":
+                c["edits"] = True
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
     C.write_results(out, records, cfg, C.environment(device, precision))
     report(records, cfg, out)
