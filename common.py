@@ -975,6 +975,14 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}  # Student t, two-sided 95%
 
 
+def t_half_width(values):
+    """Half-width of the 95% t-interval of the mean of `values` (nan with fewer than two)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float("nan")
+    return T975[max(k for k in T975 if k <= len(v) - 1)] * v.std(ddof=1) / math.sqrt(len(v))
+
+
 def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
     """Per x: mean over seeds of metric(a) - metric(b), paired by seed on identical test sets, with a
     95% t-interval over seeds. Returns [{x, diff, lo, hi, n}] (lo = hi = nan with one seed)."""
@@ -984,8 +992,7 @@ def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
         d = np.array([val[a, s, xv] - val[b, s, xv] for (v, s, xx) in val if v == a and xx == xv and (b, s, xv) in val])
         if len(d) == 0:
             continue
-        half = T975[max(k for k in T975 if k <= max(1, len(d) - 1))] * d.std(ddof=1) / math.sqrt(len(d)) \
-            if len(d) > 1 else float("nan")
+        half = t_half_width(d)
         out.append({x: xv, "diff": float(d.mean()), "lo": float(d.mean() - half), "hi": float(d.mean() + half),
                     "n": len(d)})
     return out
@@ -1070,6 +1077,19 @@ def training_report(records, out, say):
     if len(bad) == len(records):
         say("no cell finished training: no accuracy or variance figures (training.png shows the losses)")
     return len(bad) < len(records)
+
+
+def ticks_at(ax, xs):
+    """Label a log-scaled x axis at the values themselves (e.g. the test lengths)."""
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+
+
+def save_figure(fig, path):
+    """tight_layout, save as PNG and close."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def pyplot():

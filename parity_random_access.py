@@ -460,12 +460,6 @@ def examples(model, test, lengths, device, k=3):
 
 # ---------------------------------------------------------------------------------------- report
 
-def ticks_at(ax, xs):
-    """Label the log-scaled x axis at the test lengths themselves."""
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.minorticks_off()
-
-
 def label(rec, steps=False):
     """'format, position encoding, training position ids' of a cell, e.g. 'mnemonic, rope, random',
     and with steps=True the steps too ('..., 1000+1000 steps': copy pre-training + task)."""
@@ -515,14 +509,8 @@ def fig_accuracy(acc, groups, palette, out):
                 pts = [r for r in sel if r["variant"] == g and metric in r]
                 ax.scatter([r["length"] * (1 + 0.03 * (k - len(labels) / 2)) for r in pts], [r[metric] for r in pts],
                            s=7, alpha=0.5, lw=0, color=palette.colors.get(g))
-            ticks_at(ax, sorted({r["length"] for r in sel}))
-    _save(fig, out / "accuracy.png")
-
-
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    C.pyplot().close(fig)
+            C.ticks_at(ax, sorted({r["length"] for r in sel}))
+    C.save_figure(fig, out / "accuracy.png")
 
 
 def fig_steps(acc, steps, groups, palette, out):
@@ -542,7 +530,7 @@ def fig_steps(acc, steps, groups, palette, out):
                title=f"per-step accuracy at {what} = {L}")
         C.legend_outside(ax)
         ax.grid(alpha=0.3)
-    _save(fig, out / "steps.png")
+    C.save_figure(fig, out / "steps.png")
 
 
 def retrieval_mass(records, cfg):
@@ -606,7 +594,7 @@ def fig_attention(records, cfg, palette, out):
     ax.grid(alpha=0.3)
     fig.suptitle(f"attention from scratchpad step i (rows) to input bit j (columns), one example with "
                  f"n = {cfg.map_length}, layer of the retrieving head; dashed: training length", fontsize=10)
-    _save(fig, out / "attention.png")
+    C.save_figure(fig, out / "attention.png")
 
 
 def fig_variance(probe, groups, palette, out):
@@ -621,8 +609,8 @@ def fig_variance(probe, groups, palette, out):
             sel = [r for r in probe if r["fmt"] in fmts and r["layer"] == layer]
             C.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j], style=palette,
                              title=f"layer {layer}: attention-output std\nat the answer query; x: {what}")
-            ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
-    _save(fig, out / "variance.png")
+            C.ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
+    C.save_figure(fig, out / "variance.png")
 
 
 def say_tables(records, acc, probe, groups, cfg, say):

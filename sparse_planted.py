@@ -412,11 +412,6 @@ def spearman_ci(points, n_boot=2000, seed=0):
     return rho, float(lo), float(hi)
 
 
-def ticks_at(ax, xs):
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.minorticks_off()
-
-
 POS_COLORS = {"nope": "C0", "rope": "C1", "coupled": "C2", "oracle": "C2", "ppc": "C3"}  # in every figure
 
 
@@ -437,12 +432,6 @@ def accuracy_axes(ax, xlabel, title):
     ax.title.set_fontsize(9)
     C.legend_outside(ax)
     ax.grid(alpha=0.3)
-
-
-def finish(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    C.pyplot().close(fig)
 
 
 def say_table(say, rows, metric, group, x="l", label=str, width=20):
@@ -481,8 +470,8 @@ def report(records, cfg, out):
             C.plot_vs_length([r for r in sp if r["family"] == fam], "accuracy", None, L, group="k", chance=0.5, ax=ax,
                              title=f"{fam}:\none line per k (legend: k, seeds)", style=k_palette)
             ax.set(xlabel="bits l", ylim=(0, 1.05))
-            ticks_at(ax, sorted({r["length"] for r in sp}))
-        finish(fig, out / "sparsity_by_length.png")
+            C.ticks_at(ax, sorted({r["length"] for r in sp}))
+        C.save_figure(fig, out / "sparsity_by_length.png")
         ood = sorted({r["length"] for r in sp if r["length"] > L})
         fig, axes = plt.subplots(1, max(1, len(ood)), figsize=(6.5 * max(1, len(ood)), 4), squeeze=False)
         for ax, length in zip(axes[0], ood or [L]):
@@ -494,7 +483,7 @@ def report(records, cfg, out):
                            color=palette.colors[fam])
             accuracy_axes(ax, "k (planted bits)",
                           f"l = {length} ({length / L:g} x the training length {L}); mean ± std, dots: seeds")
-        finish(fig, out / "sparsity_vs_k.png")
+        C.save_figure(fig, out / "sparsity_vs_k.png")
         say(f"\n(1) sparse parity, accuracy by k and length l (trained on l <= {L}); mean ± std over seeds")
         for fam in fams:
             found[fam] = say_table(say, [r for r in sp if r["family"] == fam], "accuracy", "k",
@@ -516,14 +505,14 @@ def report(records, cfg, out):
             C.plot_vs_length([r for r in loc if r["W"] == w], "accuracy", None, L, group="pos", chance=0.5, ax=ax,
                              title=f"planted bits in the last W = {w} bits\n(k = {cfg.loc_k})", style=pos_style)
             ax.set(xlabel="bits l", ylim=(0, 1.05))
-            ticks_at(ax, sorted({r["length"] for r in loc}))
+            C.ticks_at(ax, sorted({r["length"] for r in loc}))
         top = max(r["length"] for r in loc)
         ax = axes[0, -1]
         pts = [{**r, "w": Ws.index(r["W"])} for r in loc if r["length"] == top]
         line_with_band(ax, pts, "w", "accuracy", "pos", colors=POS_COLORS)
         ax.set_xticks(range(len(Ws)), Ws)
         accuracy_axes(ax, "window W (locality)", f"accuracy at l = {top} (mean ± std over seeds)")
-        finish(fig, out / "locality.png")
+        C.save_figure(fig, out / "locality.png")
         say(f"\n(2) locality (k = {cfg.loc_k} planted bits among the last W before '='): accuracy, mean ± std over seeds")
         found["loc"] = {g: a[max(a)] for g, a in say_table(say, loc, "accuracy", "variant").items()}
     ppc = [r for r in acc if r["exp"] == "ppc"]
@@ -540,10 +529,10 @@ def report(records, cfg, out):
             ax.axvline(cfg.ppc_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.ppc_max}")
             ax.set(xlabel="cells n", ylabel=C.METRIC_LABELS.get(m, m), ylim=(0, 1.05), title=titles[m] + " (mean ± std)")
             ax.set_xscale("log", base=2)
-            ticks_at(ax, sorted({r["length"] for r in ppc}))
+            C.ticks_at(ax, sorted({r["length"] for r in ppc}))
             C.legend_outside(ax)
             ax.grid(alpha=0.3)
-        finish(fig, out / "ppc.png")
+        C.save_figure(fig, out / "ppc.png")
         say("\n(3) pointer-chasing copy, greedy decoding; mean ± std over seeds")
         for m in metrics:
             say(f"  {m}:")
@@ -557,8 +546,8 @@ def report(records, cfg, out):
             C.plot_vs_length(C.select(shown, layer=layer), "comp_std", None, L, logy=True, ax=ax, style=palette,
                              title=f"layer {layer}: attention-output std\nat the query '='")
             ax.set_xlabel("bits l")
-            ticks_at(ax, sorted({r["length"] for r in probe}))
-        finish(fig, out / "variance.png")
+            C.ticks_at(ax, sorted({r["length"] for r in probe}))
+        C.save_figure(fig, out / "variance.png")
         say("\n(4) attention-output std at '=', std(longest l) / std(shortest l), mean over seeds:")
         for g, (xs, m, _, _) in sorted(C.mean_std_by(probe, "length", "comp_std", ("variant", "layer")).items()):
             say(f"  {g[0]:<20} layer {g[1]}: {m[-1] / m[0]:.2f}  (l = {xs[0]} -> {xs[-1]})")

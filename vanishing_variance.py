@@ -499,8 +499,7 @@ def seed_dots(ax, x, values, color, width=0.25, seed=0):
         return
     jitter = np.random.default_rng(seed).uniform(-width / 2, width / 2, len(v))
     ax.scatter(x + jitter, v, s=10, color=color, alpha=0.6, lw=0)
-    half = C.T975[max(k for k in C.T975 if k <= max(1, len(v) - 1))] * v.std(ddof=1) / math.sqrt(len(v)) \
-        if len(v) > 1 else 0.0
+    half = C.t_half_width(v) if len(v) > 1 else 0.0
     ax.errorbar(x + width * 0.8, v.mean(), yerr=half, fmt="s", ms=5, color=color, capsize=3)
 
 
@@ -515,7 +514,7 @@ def fig_accuracy(acc, tasks, cfg, out):
         _paired_panel(axes[1, j], C.select(acc, task=task), "variant", "none",
                       [v for v in VARIANTS if v != "none"], cfg, f"{task}: paired difference to none, "
                       "per seed (dots), 95% CI")
-    _save(fig, out / "accuracy.png")
+    C.save_figure(fig, out / "accuracy.png")
 
 
 def _paired_panel(ax, rows, by, base, others, cfg, title):
@@ -541,12 +540,6 @@ def _paired_panel(ax, rows, by, base, others, cfg, title):
     ax.grid(alpha=0.3)
 
 
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    C.pyplot().close(fig)
-
-
 def fig_variance(probe, tasks, cfg, out, th):
     """variance.png (the paper's Fig. 1): per-component std of the attention output vs N, one row per
     layer, with the theory curves scaled to none at the shortest N. Returns {(task, variant, where,
@@ -569,7 +562,7 @@ def fig_variance(probe, tasks, cfg, out, th):
                                    f"at N={lengths[0]})")
             for key, (xs, m, _, _) in C.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
                 slopes[(task,) + key] = (slope(xs, m), m[-1] / m[0])
-    _save(fig, out / "variance.png")
+    C.save_figure(fig, out / "variance.png")
     return slopes
 
 
@@ -585,7 +578,7 @@ def fig_shift(probe, tasks, cfg, out):
                          title=f"{task}: per-vector mean of the attention output (layer 0)")
         C.plot_vs_length(p, "vec_var", None, cfg.train_len, group=("variant", "where"), ax=axes[1, j], logy=True,
                          style=style, title=f"{task}: per-vector variance (layer 0)")
-    _save(fig, out / "shift.png")
+    C.save_figure(fig, out / "shift.png")
 
 
 def fig_distributions(records, tasks, out):
@@ -605,7 +598,7 @@ def fig_distributions(records, tasks, out):
         ax.set(title=f"{t}, {v} ({'before' if w == 'pre' else 'after'} the norm): component 0",
                xlabel="value of attention-output component 0", ylabel="density")
         ax.legend(fontsize=7)
-    _save(fig, out / "distributions.png")
+    C.save_figure(fig, out / "distributions.png")
 
 
 def fig_why(acc, probe, tasks, cfg, out):
@@ -620,7 +613,7 @@ def fig_why(acc, probe, tasks, cfg, out):
                          style=style, title=f"{task}: effective number of attended tokens exp(H) (layer 0)")
         C.plot_vs_length(C.select(acc, task=task), "target_mass", None, cfg.train_len, ax=axes[1, j], style=style,
                          title=f"{task}: attention mass on the answering item (max over heads)")
-    _save(fig, out / "why.png")
+    C.save_figure(fig, out / "why.png")
 
 
 def std_ratios(heads, cfg):
@@ -670,7 +663,7 @@ def fig_ladder(acc, heads, tasks, cfg, out):
         if ratios:
             axes[3, j].axhline(1, color="k", lw=0.8)
             axes[3, j].set_yscale("log")
-    _save(fig, out / "ladder.png")
+    C.save_figure(fig, out / "ladder.png")
 
 
 def fig_edits(acc, edits, tasks, cfg, out):
@@ -686,7 +679,7 @@ def fig_edits(acc, edits, tasks, cfg, out):
                       f"{task}: edited − unedited, per seed (dots), 95% CI")
         C.plot_vs_length(rows, "target_mass", None, cfg.train_len, group="edit", ax=axes[2, j], style=style,
                          title=f"{task}: attention mass on the answering item")
-    _save(fig, out / "edits.png")
+    C.save_figure(fig, out / "edits.png")
 
 
 def say_claims(rows, say):
