@@ -702,7 +702,7 @@ def claims(acc, mass, cfg):
     settings = sorted({r["variant"] for r in acc})
     yes = lambda ok, why="": "reproduced" if ok else f"NOT reproduced{why}"
 
-    def row(fmt, pos, claim, test, extra=None):
+    def row(fmt, pos, claim, test):
         g = f"{fmt}, {pos}"
         if g not in settings:
             return None
@@ -714,7 +714,7 @@ def claims(acc, mass, cfg):
         k, n, ci = seeds_generalizing(acc, g, gen_at)
         c = {"claim": claim, "setting": pos, "fmt": fmt, "train_max": hi, "test_max": top, "inside": inside,
              "beyond": beyond, "generalize_at": gen_at, "seeds_ok": k, "seeds": n, "seeds_ok_ci": ci,
-             "verdict": test(inside["mean"], beyond["mean"]), **(extra or {})}
+             "verdict": test(inside["mean"], beyond["mean"])}
         out.append(c)
         return c
 

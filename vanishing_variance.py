@@ -442,12 +442,13 @@ def edit_table(acc, edits):
     return plain + edits
 
 
-def compare(rows, metric, a, b, length, by):
+def compare(rows, metric, a, b, length, by, diffs):
     """a vs b at one length, paired by seed: per-seed stats of a and b, the paired difference with a 95%
-    CI, and the fraction of seeds where a beats b with its 95% Wilson interval."""
+    CI (from diffs, paired_diff_ci's rows), and the fraction of seeds where a beats b with its 95%
+    Wilson interval."""
     va, vb = C.per_seed(rows, metric, length=length, **{by: a}), C.per_seed(rows, metric, length=length, **{by: b})
     seeds = sorted(set(va) & set(vb))
-    d = [r for r in C.paired_diff_ci(rows, metric, a, b, by=by) if r["length"] == length]
+    d = [r for r in diffs if r["length"] == length]
     wins = sum(va[s] > vb[s] for s in seeds)
     return {"a": C.seed_stats([va[s] for s in seeds]), "b": C.seed_stats([vb[s] for s in seeds]),
             "diff": d[0]["diff"] if d else float("nan"), "lo": d[0]["lo"] if d else float("nan"),
@@ -477,18 +478,19 @@ def claims(acc, edits, cfg):
     for task in TASKS:
         t_acc = C.select(acc, task=task)
         for v in [v for v in VARIANTS if v != "none" and C.select(t_acc, variant=v)]:
+            d = C.paired_diff_ci(t_acc, "accuracy", v, "none")
             out.append({"claim": CLAIMS[v], "task": task, "what": v, "baseline": "none",
                         "setting": f"trained at N = {cfg.train_len}, tested at N = {top}",
-                        **compare(t_acc, "accuracy", v, "none", top, "variant"),
-                        "verdict": verdict(C.paired_diff_ci(t_acc, "accuracy", v, "none"), cfg.train_len)})
+                        **compare(t_acc, "accuracy", v, "none", top, "variant", d),
+                        "verdict": verdict(d, cfg.train_len)})
         t_edit = edit_table(t_acc, C.select(edits, task=task))
         for e in [e for e in EDITS if C.select(t_edit, edit=e)]:
+            d = C.paired_diff_ci(t_edit, "accuracy", e, "no edit", by="edit")
             out.append({"claim": CLAIMS[e], "task": task, "what": f"none + {e} (test time)",
                         "baseline": "the same none model, unedited",
                         "setting": f"none trained at N = {cfg.train_len}, edited at N = {top}",
-                        **compare(t_edit, "accuracy", e, "no edit", top, "edit"),
-                        "verdict": verdict(C.paired_diff_ci(t_edit, "accuracy", e, "no edit", by="edit"),
-                                           cfg.train_len)})
+                        **compare(t_edit, "accuracy", e, "no edit", top, "edit", d),
+                        "verdict": verdict(d, cfg.train_len)})
     return out
 
 
@@ -630,13 +632,12 @@ def std_ratios(heads, cfg):
     return ratios
 
 
-def fig_ladder(acc, heads, tasks, cfg, out):
+def fig_ladder(acc, ratios, tasks, cfg, out):
     """ladder.png: every variant at the longest N, a dot per seed and the mean ± 95% CI: accuracy,
     the paired difference to none, the attention mass on the answer, and the per-head output std
-    ratio std(N_max) / std(N_train) in layer 0."""
+    ratio std(N_max) / std(N_train) in layer 0 (ratios: std_ratios())."""
     plt = C.pyplot()
     top = max(cfg.test_lengths)
-    ratios = std_ratios(heads, cfg)
     n_rows = 4 if ratios else 3  # per-head stds: --experiment fixes only
     fig, axes = plt.subplots(n_rows, len(tasks), figsize=(6.5 * len(tasks), 3.3 * n_rows), squeeze=False)
     for j, task in enumerate(tasks):
@@ -694,13 +695,12 @@ def say_claims(rows, say):
             f"{r['wins']}/{r['n']} [{r['wins_ci'][0]:.2f}, {r['wins_ci'][1]:.2f}] | {r['verdict']} |")
 
 
-def say_ladder(acc, probe, heads, verdicts, cfg, say):
+def say_ladder(acc, probe, ratios, verdicts, cfg, say):
     """The ladder as a markdown table, per task and variant: accuracy at N_train and at the longest N
     (mean ± std, median), the paired difference to none with its 95% CI, the seeds where it beats
     none, and at the longest N: exp(H) of the query in layer 0, its mass on the answering item and the
     per-head output std ratio (layer 0)."""
     top, lo = max(cfg.test_lengths), cfg.train_len
-    ratios = std_ratios(heads, cfg)
     by = {(c["task"], c["what"]): c for c in verdicts}
     say(f"\n| task | variant | accuracy at N = {lo} | accuracy at N = {top} (median) | − none, paired [95% CI] | "
         f"seeds better than none [95% CI] | exp(H), layer 0 | mass on the answer | head std ratio {top}/{lo} |")
@@ -786,7 +786,7 @@ def predictors(acc, probe, cfg, variants=VARIANTS):
     return out
 
 
-def say_details(records, acc, heads, slopes, th, cfg, say):
+def say_details(records, acc, ratios, slopes, th, cfg, say):
     """Theory slopes, the trained models' std slopes and head std ratios, per-task tables with the
     paired differences by N, and a few decoded mistakes."""
     for k, (x, y) in th.items():
@@ -794,7 +794,6 @@ def say_details(records, acc, heads, slopes, th, cfg, say):
     say("\ntrained models: per-component std of the attention output, slope and std(N_max)/std(N_min)")
     for (task, variant, where, layer), (sl, ratio) in sorted(slopes.items()):
         say(f"  {task:<7} {variant:<12} {where:<4} layer {layer}: slope {sl:+.3f}, ratio {ratio:.3f}")
-    ratios = std_ratios(heads, cfg)
     if ratios:
         say(f"\nper-head output std(N = {max(cfg.test_lengths)}) / std(N = {cfg.train_len}) at the query, mean over "
             "heads, then mean ± std over seeds")
@@ -835,14 +834,15 @@ def report(records, cfg, out):
     fig_shift(probe, tasks, cfg, out)
     fig_distributions(records, tasks, out)
     fig_why(acc, probe, tasks, cfg, out)
-    fig_ladder(acc, heads, tasks, cfg, out)
+    ratios = std_ratios(heads, cfg)  # per-head output std(N_max) / std(N_train), per seed
+    fig_ladder(acc, ratios, tasks, cfg, out)
     if edits:
         fig_edits(acc, edits, tasks, cfg, out)
     verdicts = claims(acc, edits, cfg)
     C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\n=== vanishing_variance: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
-    say_details(records, acc, heads, slopes, th, cfg, say)
+    say_details(records, acc, ratios, slopes, th, cfg, say)
     say_headline(acc, probe, say)
     say(f"\nwhat tracks accuracy beyond N = {cfg.train_len}: Pearson r over every (cell, N) point")
     for models, variants in (("none models", ("none",)), ("all models", VARIANTS)):
@@ -854,7 +854,7 @@ def report(records, cfg, out):
     for r in verdicts:
         say(f"{r['task']:<8} {r['what']:<28} {r['verdict']}")
     say_claims(verdicts, say)
-    say_ladder(acc, probe, heads, verdicts, cfg, say)
+    say_ladder(acc, probe, ratios, verdicts, cfg, say)
     if edits:
         say_edits(acc, probe, edits, verdicts, cfg, say)
     say.write(out)
