@@ -433,11 +433,15 @@ def run_cell(cell):
                                           cfg.probe_examples, device)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
     out = {"train": result, "pretrain": pre, "rows": rows, "examples": examples(model, test, lengths, device)}
-    if fmt in RETRIEVING:  # attention from step i to bit i at n = map_length
+    if fmt in RETRIEVING:  # attention from step i to bit i: per step at n = map_length, and per n
         b = C.to_device(next(C.eval_batches(test, cfg.map_length, 64)), device)
         mass, maps = attention_on_bits(model, b)
         out["mass"] = np.round(mass.cpu().numpy(), 4).tolist()  # (L, nh, S)
         out["maps"] = np.round(maps.cpu().numpy(), 3).tolist()  # (L, nh, S, n), example 0
+        by_n = {n: attention_on_bits(model, C.to_device(next(C.eval_batches(test, n, 32)), device)) for n in lengths}
+        out["mass_by_n"] = {str(n): np.round(m.mean(-1).cpu().numpy(), 4).tolist() for n, (m, _) in by_n.items()}  # (L, nh)
+        if cfg.train_max in by_n:  # the maps of one example inside the training length, next to n = map_length
+            out["maps_train"] = np.round(by_n[cfg.train_max][1].cpu().numpy(), 3).tolist()  # (L, nh, S, n)
     return out
 
 
@@ -539,9 +543,32 @@ def retrieval_mass(records, cfg):
     out = []
     for rec in records:
         if rec.get("mass") and rec["cell"]["fmt"] in RETRIEVING:
-            layer, head = best_head(rec["mass"], cfg.train_max)
+            layer, head = retrieving_head(rec, cfg)
             out.append((rec["label"], np.asarray(rec["mass"][layer][head], dtype=float)))
     return out
+
+
+def retrieving_head(rec, cfg):
+    """(layer, head) that reads bit i best at the longest tested n within the training length (from
+    mass_by_n), or, for records without it, within the first train_max steps at n = map_length."""
+    by_n = rec.get("mass_by_n")
+    inside = [int(n) for n in by_n or () if int(n) <= cfg.train_max]
+    if not inside:
+        return best_head(rec["mass"], cfg.train_max)
+    m = np.asarray(by_n[str(max(inside))])  # (L, nh)
+    return np.unravel_index(m.argmax(), m.shape)
+
+
+def mass_rows(records, cfg):
+    """Tidy rows {variant, seed, length, mass}: attention from the query of step i to bit i, averaged
+    over steps and 32 examples of length n, in each record's retrieving head."""
+    rows = []
+    for rec in records:
+        if rec.get("mass_by_n"):
+            layer, head = retrieving_head(rec, cfg)
+            rows += [{"variant": rec["label"], "seed": rec["cell"]["seed"], "length": int(n), "mass": m[layer][head]}
+                     for n, m in rec["mass_by_n"].items()]
+    return rows
 
 
 def fig_attention(records, cfg, palette, out):
@@ -552,26 +579,31 @@ def fig_attention(records, cfg, palette, out):
     if not with_maps:
         return
 
-    def acc_at_map(rec):  # final-answer accuracy at the test length nearest map_length
+    def learned(rec):  # final-answer accuracy at the longest training length, then nearest map_length
         rows = C.select(rec["rows"], table="accuracy")
-        return min(rows, key=lambda r: abs(r["length"] - cfg.map_length))["accuracy"] if rows else 0.0
+        near = lambda L: min(rows, key=lambda r: abs(r["length"] - L))["accuracy"] if rows else 0.0
+        return near(cfg.train_max), near(cfg.map_length)
 
-    show = []
+    show = []  # (record, seeds it was chosen from, which maps, their n)
     for f in ("scratchpad", "mnemonic"):
         for lab in sorted({rec["label"] for rec in with_maps if rec["cell"]["fmt"] == f}):
             recs = [rec for rec in with_maps if rec["label"] == lab]
-            show.append((max(recs, key=acc_at_map), len(recs)))
-    show = show or [(with_maps[0], 1)]
+            rec = max(recs, key=learned)  # the seed that learned the task best: a map of a model that failed
+            if rec.get("maps_train"):     # in distribution would show nothing about length
+                show.append((rec, len(recs), "maps_train", cfg.train_max))
+            show.append((rec, len(recs), "maps", cfg.map_length))
+    show = show or [(with_maps[0], 1, "maps", cfg.map_length)]
     nh = len(show[0][0]["maps"][0])
     fig, axes = plt.subplots(len(show) + 1, nh, figsize=(3.1 * nh, 3.0 * (len(show) + 1)), squeeze=False)
-    for i, (rec, of) in enumerate(show):
-        layer, _ = best_head(rec["mass"], cfg.train_max)
+    for i, (rec, of, key, n) in enumerate(show):
+        layer, _ = retrieving_head(rec, cfg)
         for h in range(nh):
             ax = axes[i, h]
-            ax.imshow(np.asarray(rec["maps"][layer][h]), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
-            ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-            ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-            ax.set(title=f"layer {layer} head {h}", xlabel="input bit j", ylabel="step i")
+            ax.imshow(np.asarray(rec[key][layer][h]), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+            if n > cfg.train_max:
+                ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
+                ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
+            ax.set(title=f"n = {n}: layer {layer} head {h}", xlabel="input bit j", ylabel="step i")
             if h == 0:
                 best = f" (best of {of})" if of > 1 else ""
                 ax.set_ylabel(f"{rec['label']}\nseed {rec['cell']['seed']}{best}\nstep i", fontsize=7)
@@ -579,7 +611,8 @@ def fig_attention(records, cfg, palette, out):
     gs = axes[-1, 0].get_gridspec()
     for ax in axes[-1]:
         ax.remove()
-    ax = fig.add_subplot(gs[-1, :])
+    by_n = mass_rows(records, cfg)
+    ax = fig.add_subplot(gs[-1, :nh // 2 if by_n else nh])
     curves = [{"variant": lab, "step": i + 1, "mass": v} for lab, m in retrieval_mass(records, cfg)
               for i, v in enumerate(m)]
     for g, (xs, m, s, n) in sorted(C.mean_std_by(curves, "step", "mass", "variant").items()):
@@ -587,13 +620,22 @@ def fig_attention(records, cfg, palette, out):
         ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
     ax.axvline(cfg.train_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_max}")
     ax.set(xlabel="step i", ylabel="attention on bit i", ylim=(0, 1.02),
-           title=f"attention mass from step i to input bit i, n = {cfg.map_length} (retrieving head: "
-                 f"the best within the training length; mean ± std over seeds)")
+           title=f"per step, n = {cfg.map_length} (mean ± std over seeds)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.suptitle(f"attention from scratchpad step i (rows) to input bit j (columns), one example with "
-                 f"n = {cfg.map_length}, layer of the retrieving head; dashed: training length", fontsize=10)
+    if by_n:
+        ax = fig.add_subplot(gs[-1, nh // 2:])
+        C.plot_vs_length(by_n, "mass", None, cfg.train_max, ax=ax, style=palette, ylabel="attention on bit i",
+                         title="vs n, averaged over the steps (mean ± std, dots: seeds)")
+        for r in by_n:
+            ax.scatter(r["length"], r["mass"], s=7, alpha=0.5, lw=0, color=palette.colors.get(r["variant"]))
+        ax.set_ylim(0, 1.02)
+        C.ticks_at(ax, sorted({r["length"] for r in by_n}))
+        ax.title.set_fontsize(9)
+    fig.suptitle("attention from scratchpad step i (rows) to input bit j (columns), one example, layer of the retrieving "
+                 "head\n(the head that reads bit i best within the training length); dashed: training length. "
+                 "Bottom: the mass that head puts on bit i", fontsize=10)
     C.save_figure(fig, out / "attention.png")
 
 
@@ -654,6 +696,7 @@ def mass_table(mass, cfg):
 
 GENERALIZES = 0.95  # a seed generalizes: final-answer accuracy >= this at GENERALIZE_X x the longest training length
 GENERALIZE_X = 3
+LEARNED = 0.98  # a seed learned the task: final-answer accuracy >= this at every tested n within the training lengths
 
 
 def report(records, cfg, out):
@@ -675,7 +718,7 @@ def report(records, cfg, out):
     say(f"\n=== parity_random_access: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
     say_tables(records, acc, probe, groups, cfg, say)
-    verdicts = claims(acc, mass_table(retrieval_mass(records, cfg), cfg), cfg)
+    verdicts = claims(acc, mass_rows(records, cfg), cfg)
     C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\nthe paper's claims next to what was measured (final-answer accuracy, mean ± std over seeds; "
         f"[position encoding, training position ids]; {cfg.pretrain_steps} copy pre-training steps; a seed "
@@ -694,10 +737,19 @@ def seeds_generalizing(acc, g, at):
     return k, len(v), C.wilson_ci(k, len(v))
 
 
-def claims(acc, mass, cfg):
+def seeds_learned(acc, g, hi):
+    """(k, n, (lo, hi)): seeds of setting g with final-answer accuracy >= LEARNED at every tested length
+    <= hi (the task learned in distribution), with the 95% Wilson interval."""
+    rows = [r for r in C.select(acc, variant=g) if r["length"] <= hi]
+    seeds = sorted({r["seed"] for r in C.select(acc, variant=g)})
+    k = sum(all(r["accuracy"] >= LEARNED for r in rows if r["seed"] == s) for s in seeds)
+    return k, len(seeds), C.wilson_ci(k, len(seeds))
+
+
+def claims(acc, by_n, cfg):
     """The paper's claims as data, one dict per (claim, setting): claim, setting, fmt, the training
     and test lengths, final-answer accuracy there (mean, std, median over seeds), the seeds that
-    generalize, and the verdict. mass: mass_table()."""
+    learned the task and that generalize, and the verdict. by_n: mass_rows()."""
     out = []
     settings = sorted({r["variant"] for r in acc})
     yes = lambda ok, why="": "reproduced" if ok else f"NOT reproduced{why}"
@@ -712,9 +764,10 @@ def claims(acc, mass, cfg):
         inside = C.seed_stats(list(C.per_seed(acc, "accuracy", variant=g, length=hi).values()))
         beyond = C.seed_stats(list(C.per_seed(acc, "accuracy", variant=g, length=top).values()))
         k, n, ci = seeds_generalizing(acc, g, gen_at)
+        kl, _, cil = seeds_learned(acc, g, hi)
         c = {"claim": claim, "setting": pos, "fmt": fmt, "train_max": hi, "test_max": top, "inside": inside,
-             "beyond": beyond, "generalize_at": gen_at, "seeds_ok": k, "seeds": n, "seeds_ok_ci": ci,
-             "verdict": test(inside["mean"], beyond["mean"])}
+             "beyond": beyond, "seeds_learned": kl, "seeds_learned_ci": cil, "generalize_at": gen_at,
+             "seeds_ok": k, "seeds": n, "seeds_ok_ci": ci, "verdict": test(inside["mean"], beyond["mean"])}
         out.append(c)
         return c
 
@@ -730,11 +783,16 @@ def claims(acc, mass, cfg):
         for fmt in ("constant", "cyclic", "misaligned"):
             row(fmt, pos, "(3) without a unique key it fails",
                 lambda i, o: yes(o <= 0.6 and o < ref - 0.2) + ("" if mn else " (no mnemonic run to compare)"))
-        for fmt in ("scratchpad", "mnemonic"):
-            if f"{fmt}, {pos}" in mass:
-                inside, beyond, _ = mass[f"{fmt}, {pos}"]
-                out.append({"claim": "(4) step i attends to bit i", "setting": pos, "fmt": fmt,
-                            "mass_inside": float(inside), "mass_beyond": float(beyond), "map_length": cfg.map_length,
+        for fmt in ("scratchpad", "mnemonic"):  # the retrieving head's mass on bit i, at n = train_max and 3x
+            rows = C.select(by_n, variant=f"{fmt}, {pos}")
+            if rows:
+                tested = sorted({r["length"] for r in rows})
+                at_in = max([L for L in tested if L <= cfg.train_max] or tested[:1])
+                at_out = max([L for L in tested if L <= GENERALIZE_X * cfg.train_max] or tested[-1:])
+                out.append({"claim": "(4) step i attends to bit i", "setting": pos, "fmt": fmt, "n_inside": at_in,
+                            "n_beyond": at_out,
+                            "mass_inside": C.seed_stats(list(C.per_seed(rows, "mass", length=at_in).values())),
+                            "mass_beyond": C.seed_stats(list(C.per_seed(rows, "mass", length=at_out).values())),
                             "verdict": "measured"})
         add = row("add", pos, "(5) addition, plain", lambda i, o: "measured")
         mnem = row("add-mnemonic", pos, "(5) addition with mnemonics generalizes further than plain",
@@ -747,13 +805,15 @@ def claims(acc, mass, cfg):
 def claim_line(c):
     """One printed line of a claim."""
     if "mass_inside" in c:
-        return (f"  [{c['setting']}] {c['claim']}, {c['fmt']}: {c['mass_inside']:.2f} within the training length, "
-                f"{c['mass_beyond']:.2f} beyond it (n = {c['map_length']})")
-    i, o = c["inside"], c["beyond"]
+        i, o = c["mass_inside"], c["mass_beyond"]
+        return (f"  [{c['setting']}] {c['claim']}, {c['fmt']} (retrieving head, mean ± std over seeds): "
+                f"n={c['n_inside']} {i['mean']:.2f} ± {i['std']:.2f}, n={c['n_beyond']} {o['mean']:.2f} ± {o['std']:.2f}")
+    i, o, ci, cl = c["inside"], c["beyond"], c["seeds_ok_ci"], c["seeds_learned_ci"]
     return (f"  [{c['setting']}] {c['claim']}: {c['fmt']} n={c['train_max']} {i['mean']:.2f} ± {i['std']:.2f}, "
-            f"n={c['test_max']} {o['mean']:.2f} ± {o['std']:.2f} (median {o['median']:.2f}); seeds >= {GENERALIZES} "
-            f"at n={c['generalize_at']}: {c['seeds_ok']}/{c['seeds']} [{c['seeds_ok_ci'][0]:.2f}, "
-            f"{c['seeds_ok_ci'][1]:.2f}] -> {c['verdict']}")
+            f"n={c['test_max']} {o['mean']:.2f} ± {o['std']:.2f} (median {o['median']:.2f}); learned (>= {LEARNED} "
+            f"at every n <= {c['train_max']}): {c['seeds_learned']}/{c['seeds']} [{cl[0]:.2f}, {cl[1]:.2f}]; "
+            f"generalize (>= {GENERALIZES} at n={c['generalize_at']}): {c['seeds_ok']}/{c['seeds']} "
+            f"[{ci[0]:.2f}, {ci[1]:.2f}] -> {c['verdict']}")
 
 
 
@@ -769,8 +829,8 @@ def main():
     for fmt in cfg.formats:
         ex = sample_batch(np.random.default_rng(0), 1, 4, fmt, cfg.anchors, cfg.cycle)
         print(f"{fmt:>13} (n=4): {decode(ex['idx'][0].tolist())}")
-    cells = C.make_cells(cfg, device, precision, sweep_fields=("seeds", "formats", "pos"), fmt=cfg.formats, pos=cfg.pos,
-                         seed=range(cfg.seeds))
+    cells = C.make_cells(cfg, device, precision, sweep_fields=("seeds", "formats", "pos"), seed=range(cfg.seeds),
+                         fmt=cfg.formats, pos=cfg.pos)  # seed-major: a stopped run holds whole seeds
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)

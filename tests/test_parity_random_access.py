@@ -201,13 +201,20 @@ def test_claims_oracle():
                         "accuracy": 1.0 if L == 20 or s < 7 else 0.6})
             acc.append({"variant": "scratchpad, rope, random", "seed": s, "length": L,
                         "accuracy": 1.0 if L == 20 else 0.5})
-    by = {c["fmt"]: c for c in P.claims(acc, {}, cfg)}
+    mass = [{"variant": "scratchpad, rope, random", "seed": s, "length": L, "mass": 0.9 if L == 20 else 0.1 * s}
+            for s in range(10) for L in cfg.test_lengths]
+    out = P.claims(acc, mass, cfg)
+    by = {c["fmt"]: c for c in out if "seeds" in c}
     mn, sp = by["mnemonic"], by["scratchpad"]
     assert mn["generalize_at"] == 60 and mn["test_max"] == 100  # 3 x the longest training length (20)
     assert (mn["seeds_ok"], mn["seeds"]) == (7, 10) and mn["seeds_ok_ci"] == C.wilson_ci(7, 10)
     assert abs(mn["beyond"]["mean"] - 0.88) < 1e-12 and mn["beyond"]["median"] == 1.0
     assert mn["verdict"] == "NOT reproduced (partly)"
     assert sp["seeds_ok"] == 0 and sp["inside"]["mean"] == 1.0 and sp["verdict"] == "reproduced"
+    assert (mn["seeds_learned"], sp["seeds_learned"]) == (10, 10)  # 1.0 at n = 20 for every seed
+    att, = [c for c in out if "mass_inside" in c]
+    assert (att["fmt"], att["n_inside"], att["n_beyond"]) == ("scratchpad", 20, 60)
+    assert att["mass_inside"]["mean"] == 0.9 and abs(att["mass_beyond"]["mean"] - 0.45) < 1e-12
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
