@@ -898,10 +898,11 @@ def load_results(out_dir):
     return recs
 
 
-def saved_run(out_dir, config_cls, fallback):
+def saved_run(out_dir, config_cls, fallback, mixed=False):
     """(records, config) of a saved run, for --plot-only: plots use the config the results came from.
     Refuses results that another script wrote (their config has fields this script does not know).
-    Where cells of several configs of this script share the folder, the newest config's are shown."""
+    Where cells of several configs of this script share the folder, the newest config's are shown,
+    unless mixed (a run whose cells each have a config of their own): then all, with the first's config."""
     recs, script = load_results(out_dir), script_of(config_cls)
     names = {f.name for f in fields(config_cls)}
     mine = [r for r in recs if set(r["cell"].get("config", {})) <= names and r.get("script") in (None, script)]
@@ -910,7 +911,7 @@ def saved_run(out_dir, config_cls, fallback):
     if len(mine) < len(recs):
         print(f"note: {len(recs) - len(mine)} result(s) in {out_dir} come from another script; ignored")
     config = lambda r: json.dumps(r["cell"]["config"], sort_keys=True)
-    if len({config(r) for r in mine}) > 1:  # cells keep their files: the newest file's config wins
+    if len({config(r) for r in mine}) > 1 and not mixed:  # cells keep their files: the newest file's config wins
         mtime = lambda r: (Path(out_dir) / "cells" / f"{cell_key(r['cell'])}.json").stat().st_mtime
         newest = config(max(mine, key=mtime))
         kept = [r for r in mine if config(r) == newest]

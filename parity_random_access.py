@@ -335,6 +335,31 @@ PRESETS = {
 }
 
 
+# --experiment claims: the runs behind the README's claim table, 10 seeds each unless --seeds is given.
+# (formats, position encodings, what the run changes in the config). Every cell keeps its own config,
+# so one folder holds them all, a stopped run resumes, and one report compares them.
+CLAIMS_TEST = (10, 15, 20, 25, 30, 40, 50, 60, 80, 100)  # 5x the longest training length
+MNEMONIC_BUDGET = dict(pretrain_steps=2000, steps=3000, test_lengths=CLAIMS_TEST)
+CLAIMS_RUNS = (
+    (("scratchpad",), ("rope",), dict(positions="plain", steps=8000, test_lengths=CLAIMS_TEST[:8])),  # learns n <= 20
+    (("interleaved",), ("rope",), dict(pretrain_steps=0, steps=2000, test_lengths=CLAIMS_TEST)),
+    (("mnemonic",), ("rope", "none"), MNEMONIC_BUDGET),
+    (("constant", "cyclic"), ("rope",), MNEMONIC_BUDGET),
+    (("misaligned",), ("rope",), {**MNEMONIC_BUDGET, "anchors": 2 * CLAIMS_TEST[-1]}),  # 2n fresh anchors
+)
+
+
+def claims_cells(cfg, device, precision):
+    """The cells of --experiment claims: CLAIMS_RUNS, each on top of cfg."""
+    cells = []
+    for formats, pos, change in CLAIMS_RUNS:
+        run = replace(cfg, formats=formats, pos=pos, **change)
+        validate(run)
+        cells += C.make_cells(run, device, precision, sweep_fields=("seeds", "formats", "pos"), seed=range(run.seeds),
+                              fmt=run.formats, pos=run.pos)
+    return cells
+
+
 def lengths_of(fmt, cfg):
     """(train range, test lengths) of a format: bits for parity, operand digits for addition."""
     if fmt in ADD_FORMATS:
@@ -720,8 +745,10 @@ def report(records, cfg, out):
     say_tables(records, acc, probe, groups, cfg, say)
     verdicts = claims(acc, mass_rows(records, cfg), cfg)
     C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    budget = ", copy pre-training + task steps]" if any(rec["label"].endswith(" steps") for rec in records) \
+        else f"]; {cfg.pretrain_steps} copy pre-training steps"
     say(f"\nthe paper's claims next to what was measured (final-answer accuracy, mean ± std over seeds; "
-        f"[position encoding, training position ids]; {cfg.pretrain_steps} copy pre-training steps; a seed "
+        f"[position encoding, training position ids{budget}; a seed "
         f"generalizes when its accuracy is >= {GENERALIZES} at {GENERALIZE_X}x the longest training length, "
         "or at the longest tested length below that)")
     for c in verdicts:
@@ -819,18 +846,28 @@ def claim_line(c):
 
 def main():
     parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
+    parser.add_argument("--experiment", default="main", choices=("main", "claims"),
+                        help="main: the formats and settings the flags give; claims: the runs behind the README's "
+                             "claim table (CLAIMS_RUNS: each format in its own setting, 10 seeds, n to 100), in "
+                             "<out>-claims")
     args = parser.parse_args()
     cfg = C.parse_config(args, Config, PRESETS)
+    claims_run = args.experiment == "claims"
+    if claims_run and not hasattr(args, "seeds"):
+        cfg = replace(cfg, seeds=10)
     if args.plot_only:
-        recs, cfg = C.saved_run(args.plot_only, Config, cfg)
+        recs, cfg = C.saved_run(args.plot_only, Config, cfg, mixed=claims_run)
         return report(recs, cfg, Path(args.plot_only))
     validate(cfg)
+    if claims_run and args.out == parser.get_default("out"):
+        args.out += "-claims"
     device, precision, jobs, shard, out = C.setup_run(args, "parity_random_access")
     for fmt in cfg.formats:
         ex = sample_batch(np.random.default_rng(0), 1, 4, fmt, cfg.anchors, cfg.cycle)
         print(f"{fmt:>13} (n=4): {decode(ex['idx'][0].tolist())}")
-    cells = C.make_cells(cfg, device, precision, sweep_fields=("seeds", "formats", "pos"), seed=range(cfg.seeds),
-                         fmt=cfg.formats, pos=cfg.pos)  # seed-major: a stopped run holds whole seeds
+    cells = claims_cells(cfg, device, precision) if claims_run else \
+        C.make_cells(cfg, device, precision, sweep_fields=("seeds", "formats", "pos"), seed=range(cfg.seeds),
+                     fmt=cfg.formats, pos=cfg.pos)  # seed-major: a stopped run holds whole seeds
     for c in cells:
         c["compile"] = args.compile
     records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)

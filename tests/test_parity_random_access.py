@@ -221,3 +221,35 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--anchors", "8", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "anchors" in p.stderr and "Traceback" not in p.stderr
+
+
+def cells_of(argv, claims=False):
+    """The cells main() would run for these flags (no training)."""
+    parser = C.make_parser("x", P.Config, P.PRESETS)
+    cfg = C.parse_config(parser.parse_args(argv), P.Config, P.PRESETS)
+    if claims:
+        return P.claims_cells(P.replace(cfg, seeds=10), torch.device("cpu"), None)
+    return C.make_cells(cfg, torch.device("cpu"), None, sweep_fields=("seeds", "formats", "pos"),
+                        seed=range(cfg.seeds), fmt=cfg.formats, pos=cfg.pos)
+
+
+def test_claims_experiment_reuses_the_standalone_commands_cells():
+    """--experiment claims runs each CLAIMS_RUNS setting with its own config; its cells are exactly those
+    of the standalone commands the README documents, so either reuses the other's results."""
+    cells = cells_of([], claims=True)
+    assert len(cells) == 10 * (1 + 1 + 2 + 2 + 1)  # scratchpad, interleaved, mnemonic x 2 pos, constant, cyclic, misaligned
+    keys = {C.cell_key(c) for c in cells}
+    L = ",".join(map(str, P.CLAIMS_TEST))
+    standalone = [
+        ["--formats", "scratchpad", "--positions", "plain", "--steps", "8000", "--test-lengths", L[:L.index(",80")]],
+        ["--formats", "interleaved", "--pretrain-steps", "0", "--steps", "2000", "--test-lengths", L],
+        ["--formats", "mnemonic,constant,cyclic", "--pos", "rope,none", "--pretrain-steps", "2000", "--steps", "3000",
+         "--test-lengths", L],
+        ["--formats", "misaligned", "--pretrain-steps", "2000", "--steps", "3000", "--test-lengths", L, "--anchors", "200"],
+    ]
+    found = set()
+    for argv in standalone:
+        found |= {C.cell_key(c) for c in cells_of(argv + ["--seeds", "10"])} & keys
+    assert found == keys
+    by = {(c["fmt"], c["pos"]): c["config"] for c in cells}
+    assert by[("scratchpad", "rope")]["positions"] == "plain" and by[("mnemonic", "none")]["steps"] == 3000
