@@ -346,6 +346,7 @@ CLAIMS_RUNS = (
     (("mnemonic",), ("rope", "none"), MNEMONIC_BUDGET),
     (("constant", "cyclic"), ("rope",), MNEMONIC_BUDGET),
     (("misaligned",), ("rope",), {**MNEMONIC_BUDGET, "anchors": 2 * CLAIMS_TEST[-1]}),  # 2n fresh anchors
+    (("none",), ("rope",), dict(test_lengths=CLAIMS_TEST)),  # no scratchpad: the quick budget
 )
 
 

@@ -237,7 +237,7 @@ def test_claims_experiment_reuses_the_standalone_commands_cells():
     """--experiment claims runs each CLAIMS_RUNS setting with its own config; its cells are exactly those
     of the standalone commands the README documents, so either reuses the other's results."""
     cells = cells_of([], claims=True)
-    assert len(cells) == 10 * (1 + 1 + 2 + 2 + 1)  # scratchpad, interleaved, mnemonic x 2 pos, constant, cyclic, misaligned
+    assert len(cells) == 10 * (1 + 1 + 2 + 2 + 1 + 1)  # scratchpad, interleaved, mnemonic x 2, constant, cyclic, misaligned, none
     keys = {C.cell_key(c) for c in cells}
     L = ",".join(map(str, P.CLAIMS_TEST))
     standalone = [
@@ -246,6 +246,7 @@ def test_claims_experiment_reuses_the_standalone_commands_cells():
         ["--formats", "mnemonic,constant,cyclic", "--pos", "rope,none", "--pretrain-steps", "2000", "--steps", "3000",
          "--test-lengths", L],
         ["--formats", "misaligned", "--pretrain-steps", "2000", "--steps", "3000", "--test-lengths", L, "--anchors", "200"],
+        ["--formats", "none", "--test-lengths", L],
     ]
     found = set()
     for argv in standalone:
