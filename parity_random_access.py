@@ -56,6 +56,8 @@ Commands and measured run times (2-core CPU, 2 cells at a time):
       1.00 at every n up to 60 for 3 of 3 seeds (the quick budget: 1 seed in 3; see README)
   python parity_random_access.py --device cuda --preset paper   # every format, RoPE and NoPE, n to 100, 5 seeds
                                                                  # (not yet run: no GPU was available)
+  python parity_random_access.py --experiment claims   # the claim table: CLAIMS_RUNS, each format in the setting
+      # where it learns, 10 seeds, n to 100, one resumable folder (times per setting in the README)
 
 Deviations: no code was released and the paper's body could not be read here; the protocol follows
 SPEC.md. Our models are small transformers trained from scratch; the paper's were most likely
