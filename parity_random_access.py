@@ -756,6 +756,7 @@ def report(records, cfg, out):
         "or at the longest tested length below that)")
     for c in verdicts:
         say(claim_line(c))
+    say_claim_table(verdicts, say)
     say.write(out)
 
 
@@ -791,12 +792,12 @@ def claims(acc, by_n, cfg):
         hi = cfg.add_train_max if fmt in ADD_FORMATS else cfg.train_max
         tested = sorted({r["length"] for r in C.select(acc, variant=g)})
         top, gen_at = tested[-1], max([L for L in tested if L <= GENERALIZE_X * hi] or [tested[-1]])
-        inside = C.seed_stats(list(C.per_seed(acc, "accuracy", variant=g, length=hi).values()))
-        beyond = C.seed_stats(list(C.per_seed(acc, "accuracy", variant=g, length=top).values()))
+        inside, at_gen, beyond = (C.seed_stats(list(C.per_seed(acc, "accuracy", variant=g, length=L).values()))
+                                  for L in (hi, gen_at, top))
         k, n, ci = seeds_generalizing(acc, g, gen_at)
         kl, _, cil = seeds_learned(acc, g, hi)
         c = {"claim": claim, "setting": pos, "fmt": fmt, "train_max": hi, "test_max": top, "inside": inside,
-             "beyond": beyond, "seeds_learned": kl, "seeds_learned_ci": cil, "generalize_at": gen_at,
+             "at_generalize": at_gen, "beyond": beyond, "seeds_learned": kl, "seeds_learned_ci": cil, "generalize_at": gen_at,
              "seeds_ok": k, "seeds": n, "seeds_ok_ci": ci, "verdict": test(inside["mean"], beyond["mean"])}
         out.append(c)
         return c
@@ -830,6 +831,26 @@ def claims(acc, by_n, cfg):
         if add and mnem:
             mnem["verdict"] = yes(mnem["beyond"]["mean"] > add["beyond"]["mean"] + 0.1)
     return out
+
+
+def say_claim_table(verdicts, say):
+    """The accuracy claims as a markdown table (pasted into the README as printed): final-answer
+    accuracy mean ± std (median) over seeds at the longest training length, at 3x and at the longest
+    tested length; the seeds that learned the task and that generalize, with 95% Wilson intervals."""
+    rows = [c for c in verdicts if "inside" in c]
+    if not rows:
+        return
+    say(f"\n| claim | format | setting | longest training n | at 3x | longest n | "
+        f"seeds that learned it (>= {LEARNED} at every n within training) [95% CI] | seeds that generalize "
+        f"(>= {GENERALIZES} at 3x) [95% CI] | verdict |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    stat = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f} ({s['median']:.2f})"
+    for c in rows:
+        cl, cg = c["seeds_learned_ci"], c["seeds_ok_ci"]
+        say(f"| {c['claim']} | `{c['fmt']}` | {c['setting']} | n = {c['train_max']}: {stat(c['inside'])} | "
+            f"n = {c['generalize_at']}: "
+            f"{stat(c['at_generalize'])} | n = {c['test_max']}: {stat(c['beyond'])} | {c['seeds_learned']}/{c['seeds']} "
+            f"[{cl[0]:.2f}, {cl[1]:.2f}] | {c['seeds_ok']}/{c['seeds']} [{cg[0]:.2f}, {cg[1]:.2f}] | {c['verdict']} |")
 
 
 def claim_line(c):
