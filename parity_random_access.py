@@ -346,9 +346,9 @@ CLAIMS_RUNS = (
     (("scratchpad",), ("rope",), dict(positions="plain", steps=8000, test_lengths=CLAIMS_TEST[:8])),  # learns n <= 20
     (("interleaved",), ("rope",), dict(pretrain_steps=0, steps=2000, test_lengths=CLAIMS_TEST)),
     (("mnemonic",), ("rope", "none"), MNEMONIC_BUDGET),
+    (("none",), ("rope",), dict(test_lengths=CLAIMS_TEST)),  # no scratchpad: the quick budget
     (("constant", "cyclic"), ("rope",), MNEMONIC_BUDGET),
     (("misaligned",), ("rope",), {**MNEMONIC_BUDGET, "anchors": 2 * CLAIMS_TEST[-1]}),  # 2n fresh anchors
-    (("none",), ("rope",), dict(test_lengths=CLAIMS_TEST)),  # no scratchpad: the quick budget
 )
 
 
