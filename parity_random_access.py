@@ -58,7 +58,7 @@ Commands and measured run times (2-core CPU, 2 cells at a time):
                                                                  # (not yet run: no GPU was available)
   python parity_random_access.py --experiment claims   # the claim table: CLAIMS_RUNS, each format in the setting
       # where it learns, 10 seeds, n to 100, one resumable folder. Measured: scratchpad 43.5 min, interleaved
-      # 8.5 min, mnemonic RoPE + NoPE 75 min; the ablations and `none` not yet run
+      # 8.5 min, mnemonic RoPE + NoPE 75 min, none 8.7 min; the ablations not yet run
 
 Deviations: no code was released and the paper's body could not be read here; the protocol follows
 SPEC.md. Our models are small transformers trained from scratch; the paper's were most likely
