@@ -508,13 +508,17 @@ def best_head(mass, hi):
     return np.unravel_index(m.argmax(), m.shape)
 
 
+def mixed_budgets(records):
+    """Whether the records' cells differ in their (copy pre-training, task) steps."""
+    return len({(rec["cell"]["config"].get("pretrain_steps"), rec["cell"]["config"]["steps"]) for rec in records}) > 1
+
+
 def labelled(records):
     """Copies of the records, each with its `label` and its rows' `variant` set to it (the caller's
     records are left as they were)."""
-    budgets = {(rec["cell"]["config"].get("pretrain_steps"), rec["cell"]["config"]["steps"]) for rec in records}
-    out = []
+    out, steps = [], mixed_budgets(records)
     for rec in records:  # one label per (format, position encoding, training position ids[, steps])
-        lab = label(rec, steps=len(budgets) > 1)
+        lab = label(rec, steps=steps)
         out.append({**rec, "label": lab, "rows": [{**r, "variant": lab} for r in rec["rows"]]})
     return out
 
@@ -749,7 +753,7 @@ def report(records, cfg, out):
     say_tables(records, acc, probe, groups, cfg, say)
     verdicts = claims(acc, mass_rows(records, cfg), cfg)
     C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
-    budget = ", copy pre-training + task steps]" if any(rec["label"].endswith(" steps") for rec in records) \
+    budget = ", copy pre-training + task steps]" if mixed_budgets(records) \
         else f"]; {cfg.pretrain_steps} copy pre-training steps"
     say(f"\nthe paper's claims next to what was measured (final-answer accuracy, mean ± std over seeds; "
         f"[position encoding, training position ids{budget}; a seed "
