@@ -319,8 +319,9 @@ class Config(C.TrainConfig):
     train_min: int = C.arg(10, "fewest bits in training (parity)", min=1)
     train_max: int = C.arg(20, "most bits in training (parity)", min=1)
     test_lengths: tuple = C.arg((10, 15, 20, 25, 30, 40, 50, 60), "bits n at test (parity)", min=1)
-    add_train_max: int = C.arg(10, "addition: operands of 1..add_train_max digits in training", min=1)
-    add_test_lengths: tuple = C.arg((5, 10, 15, 20, 30), "addition: operand digits at test", min=1)
+    add_train_max: int = C.arg(5, "addition: operands of 1..add_train_max digits in training (each example its own)",
+                               min=1)
+    add_test_lengths: tuple = C.arg((3, 5, 8, 10, 15), "addition: operand digits at test", min=1)
     anchors: int = C.arg(128, "anchor pool size (mnemonic formats); >= the largest n (2n for misaligned)", min=1)
     cycle: int = C.arg(4, "period of the anchors in the cyclic format", min=1)
     pretrain_steps: int = C.arg(1000, "steps of generic copy pre-training (sample_copy, 5-40 tokens) before the task; "
@@ -350,6 +351,7 @@ CLAIMS_RUNS = (
     (("none",), ("rope",), dict(test_lengths=CLAIMS_TEST)),  # no scratchpad: the quick budget
     (("constant", "cyclic"), ("rope",), MNEMONIC_BUDGET),
     (("misaligned",), ("rope",), {**MNEMONIC_BUDGET, "anchors": 2 * CLAIMS_TEST[-1]}),  # 2n fresh anchors
+    (("add", "add-mnemonic"), ("rope",), dict(pretrain_steps=2000, steps=4000)),  # 1..5 digits, tested to 15
 )
 
 
@@ -417,12 +419,35 @@ def sample_answer_only(rng, B, n, test):
 
 
 def samplers(fmt, cfg, max_pos):
-    """(train(rng, B), test(rng, B, n)): training draws n ~ U[lo, hi] per batch. test is a
-    functools.partial, so every cell of a run shares one test set per n."""
+    """(train(rng, B), test(rng, B, n)): parity training draws n ~ U[lo, hi] per batch, addition per
+    example (sample_mixed). test is a functools.partial, so every cell of a run shares one test set per n."""
     (lo, hi), _ = lengths_of(fmt, cfg)
     test = functools.partial(sample_test, fmt=fmt, anchors=cfg.anchors, cycle=cfg.cycle,
                              max_pos=max_pos if cfg.positions == "random" else 0)
+    if fmt in ADD_FORMATS:
+        return functools.partial(sample_mixed, lo=lo, hi=hi, sample=test), test
     return (lambda rng, B: test(rng, B, int(rng.integers(lo, hi + 1)))), test
+
+
+def sample_mixed(rng, batch_size, lo, hi, sample):
+    """A training batch whose examples have n ~ U[lo, hi] each (one draw per example, not per batch):
+    sample(rng, b, n) for each n drawn, right-padded with '$' to the longest row. A shorter row's extra
+    scored positions repeat its last one with target -1, which the loss ignores; its padding sits after
+    its own tokens, which causal attention never lets them see. With one n per batch, addition's loss
+    swings between digit counts from step to step (SPEC.md pilots); a mixed batch averages them."""
+    ns = rng.integers(lo, hi + 1, batch_size)
+    parts = [sample(rng, int((ns == n).sum()), int(n)) for n in np.unique(ns)]
+    T, P = max(b["idx"].shape[1] for b in parts), max(b["at"].shape[1] for b in parts)
+
+    def right(x, width, fill=None):  # (b, t) -> (b, width): pad with `fill`, or repeat the last column
+        tail = x[:, -1:].expand(-1, width - x.shape[1]) if fill is None else x.new_full((len(x), width - x.shape[1]), fill)
+        return torch.cat([x, tail], 1)
+    out = {"idx": torch.cat([right(b["idx"], T, EOS) for b in parts]),
+           "at": torch.cat([right(b["at"], P) for b in parts]),
+           "targets": torch.cat([right(b["targets"], P, -1) for b in parts])}
+    if "position_ids" in parts[0]:  # ids of the padding: the row's last id again (never attended to)
+        out["position_ids"] = torch.cat([right(b["position_ids"], T) for b in parts])
+    return out
 
 
 def answer_only(batch):

@@ -76,6 +76,30 @@ def test_addition_oracle(fmt, d):
             assert (idx[i, plus + inputs - 1] == a).all() and (idx[i, steps - 1] == a).all()
 
 
+@pytest.mark.parametrize("positions", ["plain", "random"])
+def test_mixed_addition_batch_pads_without_changing_any_row(positions):
+    """Addition trains on batches of mixed digit counts: every row's scored logits equal those of the
+    row alone (the '$' padding and the ignored targets change nothing), and its labels are its sums."""
+    cfg = P.Config(formats=("add",), positions=positions, add_train_max=5, add_test_lengths=(5,))
+    model = tiny("add")
+    train, _ = P.samplers("add", cfg, model.cfg.block_size)
+    b = train(np.random.default_rng(0), 48)
+    rows = (b["targets"] >= 0).sum(1)  # m + 1 answer digits and '$' per row
+    assert len(set(rows.tolist())) == 5 and (b["targets"][:, 0] >= 0).all()  # 5 digit counts in one batch
+    with torch.no_grad():
+        logits, _ = model(b["idx"], None, b.get("position_ids"), b["at"])
+        for i in (0, 20, 47):
+            k, t = int(rows[i]), int(b["at"][i, rows[i] - 1]) + 2  # the row's own tokens end with its '$'
+            assert b["idx"][i, t - 1] == P.EOS and (b["targets"][i, :k] == b["idx"][i, b["at"][i, :k] + 1]).all()
+            alone = b["position_ids"][i:i + 1, :t] if positions == "random" else None
+            ref, _ = model(b["idx"][i:i + 1, :t], None, alone, b["at"][i:i + 1, :k])
+            assert torch.allclose(logits[i, :k], ref[0], atol=1e-5)
+            w = k - 1  # digits per operand and in the sum: ^ x(w) + y(w) = s(w) $, LSD first
+            x, y, z = (b["idx"][i, 1 + j * (w + 1):1 + j * (w + 1) + w].numpy() for j in range(3))
+            num = lambda d: int(sum(int(v) * 10 ** e for e, v in enumerate(d)))
+            assert b["idx"][i, w + 1] == P.PLUS and num(x) + num(y) == num(z)
+
+
 def test_copy_pretraining_oracle():
     b = P.sample_copy(np.random.default_rng(0), 16, 7, pool=32)
     idx, at = b["idx"].numpy(), b["at"].numpy()
@@ -237,7 +261,8 @@ def test_claims_experiment_reuses_the_standalone_commands_cells():
     """--experiment claims runs each CLAIMS_RUNS setting with its own config; its cells are exactly those
     of the standalone commands the README documents, so either reuses the other's results."""
     cells = cells_of([], claims=True)
-    assert len(cells) == 10 * (1 + 1 + 2 + 2 + 1 + 1)  # scratchpad, interleaved, mnemonic x 2, constant, cyclic, misaligned, none
+    assert len(cells) == 10 * (1 + 1 + 2 + 2 + 1 + 1 + 2)  # scratchpad, interleaved, mnemonic x 2, constant, cyclic,
+    # misaligned, none, add, add-mnemonic
     keys = {C.cell_key(c) for c in cells}
     L = ",".join(map(str, P.CLAIMS_TEST))
     standalone = [
@@ -247,6 +272,7 @@ def test_claims_experiment_reuses_the_standalone_commands_cells():
          "--test-lengths", L],
         ["--formats", "misaligned", "--pretrain-steps", "2000", "--steps", "3000", "--test-lengths", L, "--anchors", "200"],
         ["--formats", "none", "--test-lengths", L],
+        ["--formats", "add,add-mnemonic", "--pretrain-steps", "2000", "--steps", "4000"],
     ]
     found = set()
     for argv in standalone:
