@@ -44,7 +44,8 @@ flag, so their effect can be measured (README):
   * randomized position ids (`--positions random`, Ruoss et al. 2023, the default): each example's
     positions are a sorted random subset of 0..T_test-1, in training and at test, so a model trained on
     20 bits has seen the distances a 60-bit example uses. `--positions plain` uses 0..T-1.
-Training lengths: n ~ U[10, 20] bits per batch (addition: 1..10 digits); tests: n = 10 ... 60.
+Training lengths: n ~ U[10, 20] bits per batch; tests: n = 10 ... 60. Addition: 1..5 digits, each example
+its own (one batch mixes digit counts, sample_mixed); tests: 3 ... 15 digits.
 
 Commands and measured run times (2-core CPU, 2 cells at a time):
   python parity_random_access.py                       # quick: scratchpad, interleaved, mnemonic, 3 seeds: 13.8 min
@@ -434,7 +435,7 @@ def sample_mixed(rng, batch_size, lo, hi, sample):
     sample(rng, b, n) for each n drawn, right-padded with '$' to the longest row. A shorter row's extra
     scored positions repeat its last one with target -1, which the loss ignores; its padding sits after
     its own tokens, which causal attention never lets them see. With one n per batch, addition's loss
-    swings between digit counts from step to step (SPEC.md pilots); a mixed batch averages them."""
+    swung between digit counts from step to step, and neither format learned 5 digits (README's pilot)."""
     ns = rng.integers(lo, hi + 1, batch_size)
     parts = [sample(rng, int((ns == n).sum()), int(n)) for n in np.unique(ns)]
     T, P = max(b["idx"].shape[1] for b in parts), max(b["at"].shape[1] for b in parts)
@@ -518,12 +519,12 @@ def examples(model, test, lengths, device, k=3):
 
 # ---------------------------------------------------------------------------------------- report
 
-def label(rec, steps=False):
-    """'format, position encoding, training position ids' of a cell, e.g. 'mnemonic, rope, random',
-    and with steps=True the steps too ('..., 1000+1000 steps': copy pre-training + task)."""
-    c, conf = rec["cell"], rec["cell"]["config"]
+def setting(rec, steps=False):
+    """'position encoding, training position ids' of a cell, e.g. 'rope, random', and with steps=True
+    the steps too ('rope, random, 1000+1000 steps': copy pre-training + task)."""
+    conf = rec["cell"]["config"]
     more = f", {conf.get('pretrain_steps', 0)}+{conf['steps']} steps" if steps else ""
-    return f"{c['fmt']}, {c['pos']}, {conf.get('positions', 'plain')}{more}"
+    return f"{rec['cell']['pos']}, {conf.get('positions', 'plain')}{more}"
 
 
 def best_head(mass, hi):
@@ -543,8 +544,10 @@ def labelled(records):
     records are left as they were)."""
     out, steps = [], mixed_budgets(records)
     for rec in records:  # one label per (format, position encoding, training position ids[, steps])
-        lab = label(rec, steps=steps)
-        out.append({**rec, "label": lab, "rows": [{**r, "variant": lab} for r in rec["rows"]]})
+        where = setting(rec, steps=steps)
+        lab = f"{rec['cell']['fmt']}, {where}"
+        out.append({**rec, "label": lab, "setting": where,
+                    "rows": [{**r, "variant": lab, "setting": where} for r in rec["rows"]]})
     return out
 
 
@@ -618,13 +621,14 @@ def retrieving_head(rec, cfg):
 
 
 def mass_rows(records, cfg):
-    """Tidy rows {variant, seed, length, mass}: attention from the query of step i to bit i, averaged
+    """Tidy rows {variant, fmt, setting, seed, length, mass}: attention from the query of step i to bit i, averaged
     over steps and 32 examples of length n, in each record's retrieving head."""
     rows = []
     for rec in records:
         if rec.get("mass_by_n"):
             layer, head = retrieving_head(rec, cfg)
-            rows += [{"variant": rec["label"], "seed": rec["cell"]["seed"], "length": int(n), "mass": m[layer][head]}
+            rows += [{"variant": rec["label"], "fmt": rec["cell"]["fmt"], "setting": rec["setting"],
+                      "seed": rec["cell"]["seed"], "length": int(n), "mass": m[layer][head]}
                      for n, m in rec["mass_by_n"].items()]
     return rows
 
@@ -813,12 +817,11 @@ def claims(acc, by_n, cfg):
     learned the task and that generalize, and the verdict, judged at GENERALIZE_X x the longest
     training length (the paper's 20 -> 60). by_n: mass_rows()."""
     out = []
-    settings = sorted({r["variant"] for r in acc})
     yes = lambda ok, why="": "reproduced" if ok else f"NOT reproduced{why}"
 
     def row(fmt, pos, claim, test):
-        g = f"{fmt}, {pos}"
-        if g not in settings:
+        g = next((r["variant"] for r in acc if r["fmt"] == fmt and r["setting"] == pos), None)
+        if g is None:
             return None
         hi = cfg.add_train_max if fmt in ADD_FORMATS else cfg.train_max
         tested = sorted({r["length"] for r in C.select(acc, variant=g)})
@@ -833,7 +836,7 @@ def claims(acc, by_n, cfg):
         out.append(c)
         return c
 
-    for pos in sorted({g.split(", ", 1)[1] for g in settings}):
+    for pos in sorted({r["setting"] for r in acc}):
         row("scratchpad", pos, "(1) scratchpad learns in distribution, collapses beyond",
             lambda i, o: yes(i >= 0.95 and o <= 0.6))
         row("none", pos, "(1) no scratchpad: no length-general rule", lambda i, o: yes(o <= 0.6))
@@ -846,7 +849,7 @@ def claims(acc, by_n, cfg):
             row(fmt, pos, "(3) without a unique key it fails",
                 lambda i, o: yes(o <= 0.6 and o < ref - 0.2) + ("" if mn else " (no mnemonic run to compare)"))
         for fmt in ("scratchpad", "mnemonic"):  # the retrieving head's mass on bit i, at n = train_max and 3x
-            rows = C.select(by_n, variant=f"{fmt}, {pos}")
+            rows = C.select(by_n, fmt=fmt, setting=pos)
             if rows:
                 tested = sorted({r["length"] for r in rows})
                 at_in = max([L for L in tested if L <= cfg.train_max] or tested[:1])

@@ -216,17 +216,21 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 
 def test_claims_oracle():
-    """claims() on rows built by hand: mnemonic generalizes on 7 of 10 seeds, scratchpad on none."""
-    cfg = P.Config(test_lengths=(20, 40, 60, 100))
+    """claims() on rows built by hand: mnemonic generalizes on 7 of 10 seeds, scratchpad on none;
+    addition with anchors beats plain addition at 3x the longest training length (5 digits)."""
+    cfg = P.Config(test_lengths=(20, 40, 60, 100), add_test_lengths=(5, 15))
+    where = "rope, random"
+    row = lambda fmt, s, L, a: {"variant": f"{fmt}, {where}", "fmt": fmt, "setting": where, "seed": s, "length": L,
+                                "accuracy": a}
     acc = []
     for s in range(10):
         for L in cfg.test_lengths:
-            acc.append({"variant": "mnemonic, rope, random", "seed": s, "length": L,
-                        "accuracy": 1.0 if L == 20 or s < 7 else 0.6})
-            acc.append({"variant": "scratchpad, rope, random", "seed": s, "length": L,
-                        "accuracy": 1.0 if L == 20 else 0.5})
-    mass = [{"variant": "scratchpad, rope, random", "seed": s, "length": L, "mass": 0.9 if L == 20 else 0.1 * s}
-            for s in range(10) for L in cfg.test_lengths]
+            acc.append(row("mnemonic", s, L, 1.0 if L == 20 or s < 7 else 0.6))
+            acc.append(row("scratchpad", s, L, 1.0 if L == 20 else 0.5))
+        acc += [row("add", s, 5, 0.99), row("add", s, 15, 0.2), row("add-mnemonic", s, 5, 1.0),
+                row("add-mnemonic", s, 15, min(1.0, 0.9 + 0.02 * s))]
+    mass = [{"variant": f"scratchpad, {where}", "fmt": "scratchpad", "setting": where, "seed": s, "length": L,
+             "mass": 0.9 if L == 20 else 0.1 * s} for s in range(10) for L in cfg.test_lengths]
     out = P.claims(acc, mass, cfg)
     by = {c["fmt"]: c for c in out if "seeds" in c}
     mn, sp = by["mnemonic"], by["scratchpad"]
@@ -239,6 +243,9 @@ def test_claims_oracle():
     att, = [c for c in out if "mass_inside" in c]
     assert (att["fmt"], att["n_inside"], att["n_beyond"]) == ("scratchpad", 20, 60)
     assert att["mass_inside"]["mean"] == 0.9 and abs(att["mass_beyond"]["mean"] - 0.45) < 1e-12
+    add, am = by["add"], by["add-mnemonic"]
+    assert (add["train_max"], add["generalize_at"], add["seeds_learned"]) == (5, 15, 10)
+    assert am["seeds_ok"] == 7 and am["verdict"] == "reproduced"  # seeds 3..9 >= 0.95 at 15 digits; plain: 0.2
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
