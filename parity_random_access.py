@@ -352,7 +352,7 @@ CLAIMS_RUNS = (
     (("none",), ("rope",), dict(test_lengths=CLAIMS_TEST)),  # no scratchpad: the quick budget
     (("constant", "cyclic"), ("rope",), MNEMONIC_BUDGET),
     (("misaligned",), ("rope",), {**MNEMONIC_BUDGET, "anchors": 2 * CLAIMS_TEST[-1]}),  # 2n fresh anchors
-    (("add", "add-mnemonic"), ("rope",), dict(pretrain_steps=2000, steps=4000)),  # 1..5 digits, tested to 15
+    (("add", "add-mnemonic"), ("rope",), dict(pretrain_steps=2000, steps=6000)),  # 1..5 digits, tested to 15
 )
 
 

@@ -279,7 +279,7 @@ def test_claims_experiment_reuses_the_standalone_commands_cells():
          "--test-lengths", L],
         ["--formats", "misaligned", "--pretrain-steps", "2000", "--steps", "3000", "--test-lengths", L, "--anchors", "200"],
         ["--formats", "none", "--test-lengths", L],
-        ["--formats", "add,add-mnemonic", "--pretrain-steps", "2000", "--steps", "4000"],
+        ["--formats", "add,add-mnemonic", "--pretrain-steps", "2000", "--steps", "6000"],
     ]
     found = set()
     for argv in standalone:
