@@ -863,7 +863,8 @@ def claims(acc, by_n, cfg):
         mnem = row("add-mnemonic", pos, "(5) addition with mnemonics generalizes further than plain",
                    lambda i, o: "measured (no plain add run to compare)")
         if add and mnem:
-            mnem["verdict"] = yes(mnem["beyond"]["mean"] > add["beyond"]["mean"] + 0.1)
+            mnem["verdict"] = yes(mnem["beyond"]["mean"] > add["beyond"]["mean"] + 0.1) + \
+                ("" if add["seeds_learned"] else " (plain add never learned the training range)")
     return out
 
 
