@@ -52,8 +52,8 @@ Commands and measured run times (2-core CPU, 2 cells at a time):
   python parity_random_access.py --preset smoke        # ~30 s: what the tests run
   python parity_random_access.py --formats none,constant,cyclic,misaligned   # the anchor ablations, 12 cells: 24.6 min
   python parity_random_access.py --formats add,add-mnemonic                   # addition at the quick budget
-      # (1..5 digits since the switch to mixed digit counts; not re-timed; too short to learn it)
-  (the last two shared the 2 cores with each other for part of the time)
+      # (1..5 digits since the switch to mixed digit counts; not re-run: 4000 task steps were not enough, README)
+  (the ablations' 24.6 min shared the 2 cores with an addition run for part of the time)
   python parity_random_access.py --formats mnemonic --pretrain-steps 2000 --steps 3000   # 17.2 min:
       1.00 at every n up to 60 for 3 of 3 seeds (the quick budget: 1 seed in 3; see README)
   python parity_random_access.py --device cuda --preset paper   # every format, RoPE and NoPE, n to 100, 5 seeds
