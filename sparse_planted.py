@@ -12,19 +12,27 @@ Generalization in Transformers" (ICML 2025: "...in LLMs"), arXiv 2502.16792. The
 The experiments (`--experiments`, any subset):
   sparsity   one model per K in --k-train, trained on k ~ U[1, K]; each k tested at lengths L..8L
   fixed      the control: one model per k in --fixed-k, trained on that k alone
-  locality   the k planted bits lie within the last W bits before '=' (W in --windows; 0 = anywhere);
-             NoPE, RoPE, and RoPE with coupled position ids
+  locality   unmarked bits; the label is the parity of the k bits at fixed distances before '=', spread
+             over the last W (W in --windows); NoPE, RoPE, and RoPE with coupled position ids
   ppc        pointer-chasing copy: NoPE, RoPE, and a learned-position model trained on coupled ids with
              a position-id head, tested with the gold ids ('oracle') and with its own ('ppc')
 
-Sparse parity D^sp(l, k) (sparsity, fixed, locality). Tokens 0 1 (bits), 0* 1* (planted bits), '=',
-'^' (start). l bits, k of them planted (marked) at random places; the label after '=' is the parity of
-the planted bits; loss and accuracy on that one token (chance 0.5). l = 10, k = 3:
+Sparse parity D^sp(l, k) (sparsity, fixed). Tokens 0 1 (bits), 0* 1* (planted bits), '=', '^' (start).
+l bits, k of them planted (marked) at random places; the label after '=' is the parity of the planted
+bits; loss and accuracy on that one token (chance 0.5). l = 10, k = 3:
     ^ 1 0 1* 0 0* 1 1 1* 0 0 =   ->  0          (1 + 0 + 1 = 2: even)
-Locality W = 4 puts the planted bits among the last 4 before '='. Coupled position ids give every
-planted bit the id of '=' (everything else keeps its index), so under RoPE the query sees them at
-relative distance 0 wherever they lie:
-    ^ 1 0 1 0* 1 1* 1 0 =     ids 0 1 2 3 9 5 9 7 8 9
+The marks let a model find the planted bits by content at any distance, so no window can matter here.
+
+The locality task (locality) is found by position only: the same bits without marks, and the label is
+the parity of the k bits that lie W, ..., 1 places before '=' (spread_offsets: evenly over the last
+W; k = 3, W = 8: the bits 8, 4 and 1 places back). l = 10, W = 8 (the planted bits in brackets only
+here, for the reader; the model sees plain 0 and 1):
+    ^ 1 0 [1] 0 0 0 [1] 1 0 [0] =   ->  0          (1 + 1 + 0 = 2: even)
+Every W trains on the same lengths (l from --loc-min to L) and is tested on the same bit strings, so
+W is the only difference between two runs and the comparison can be paired. Coupled position ids
+give the planted bits the id of '=' (everything else keeps its index), so under RoPE the query sees
+them at relative distance 0 whatever W is:
+    ^ 1 0 1 0 0 0 1 1 0 0 =    ids 0 1 2 11 4 5 6 11 8 9 11 11
 
 Pointer-chasing copy (ppc). n cells, each a value (0-9) and a jump (>1 >2 >3, or E in the last cell).
 Starting at cell 0, copy the cell's value and move by its jump until the last cell, then write '$'.
@@ -58,6 +66,7 @@ coupled model evaluated two ways (oracle / ppc) instead of two models. The paper
 experiment (C4) is out of scope: nothing is downloaded here.
 """
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,30 +88,50 @@ PPC_VARIANTS = ("nope", "rope", "coupled")  # 'coupled' is evaluated as 'oracle'
 
 # ---------------------------------------------------------------------------------------- tasks
 
-def sample_sparse(rng, batch_size, length, k, window=0, coupled=False):
+def sample_sparse(rng, batch_size, length, k):
     """Sparse parity D^sp(length, k), see the module docstring. k: an int, or an array (B,) of per-example
-    k. window > 0: the planted bits lie among the last `window` bits. Returns idx (B, length + 2),
-    at = targets' position ('=', the last), targets (B, 1), planted (B, length + 2) bool, and with
-    coupled=True position_ids where planted bits share the id of '='."""
+    k. Returns idx (B, length + 2), at = targets' position ('=', the last), targets (B, 1) and planted
+    (B, length + 2) bool."""
     B, T = batch_size, length + 2
     k = np.broadcast_to(np.asarray(k), (B,))
-    C.check(k.min() >= 1 and k.max() <= (window or length), f"cannot plant k={k.max()} bits among "
-            f"{window or length}")
+    C.check(k.min() >= 1 and k.max() <= length, f"cannot plant k={k.max()} bits among {length}")
     bits = rng.integers(0, 2, (B, length))
-    r = rng.random((B, length))
-    if window:
-        r[:, :length - window] = np.inf  # only the last `window` bits can be planted
-    rank = r.argsort(1).argsort(1)  # (B, length): the order of each bit's random number
-    planted = rank < k[:, None]  # the k smallest: k distinct random places in the window
+    rank = rng.random((B, length)).argsort(1).argsort(1)  # (B, length): the order of each bit's random number
+    planted = rank < k[:, None]  # the k smallest: k distinct random places
     idx = np.full((B, T), SEP)
     idx[:, 0] = BOS
     idx[:, 1:-1] = bits + 2 * planted  # 0 1 0* 1*
+    return {"idx": torch.from_numpy(idx), "at": torch.full((B, 1), T - 1),
+            "targets": torch.from_numpy((bits * planted).sum(1, keepdims=True) % 2),
+            "planted": torch.from_numpy(np.pad(planted, ((0, 0), (1, 1))))}
+
+
+def spread_offsets(k, window):
+    """How far before '=' the k planted bits of the locality task lie: spread evenly over 1..W, the
+    farthest exactly W back (k = 3, W = 8: 8, 4, 1)."""
+    return np.round(np.linspace(window, 1, k)).astype(int)
+
+
+def sample_local(rng, batch_size, length, k, window, coupled=False):
+    """The locality task, see the module docstring: plain bits (nothing marks the planted ones), label
+    the parity of the bits spread_offsets(k, window) places before '='. The bits are the generator's
+    first draw, so one seed gives the same bit strings for every W (paired test sets). Returns idx
+    (B, length + 2), at, targets (B, 1), planted (B, length + 2) bool, and with coupled=True
+    position_ids where the planted bits share the id of '='."""
+    B, T = batch_size, length + 2
+    C.check(1 <= k <= window <= length, f"the locality task needs k={k} <= W={window} <= l={length}")
+    bits = rng.integers(0, 2, (B, length))
+    idx = np.full((B, T), SEP)
+    idx[:, 0] = BOS
+    idx[:, 1:-1] = bits
+    where = T - 1 - spread_offsets(k, window)  # positions in idx
+    planted = np.zeros((B, T), bool)
+    planted[:, where] = True
     out = {"idx": torch.from_numpy(idx), "at": torch.full((B, 1), T - 1),
-           "targets": torch.from_numpy((bits * planted).sum(1, keepdims=True) % 2),
-           "planted": torch.from_numpy(np.pad(planted, ((0, 0), (1, 1))))}
+           "targets": torch.from_numpy(idx[:, where].sum(1, keepdims=True) % 2),
+           "planted": torch.from_numpy(planted)}
     if coupled:
-        pid = np.where(out["planted"].numpy(), T - 1, np.arange(T))
-        out["position_ids"] = torch.from_numpy(pid)
+        out["position_ids"] = torch.from_numpy(np.where(planted, T - 1, np.arange(T)))
     return out
 
 
@@ -192,8 +221,30 @@ def score_pointer(ids):
             valued = torch.zeros_like(produced)
             valued[:, 1:] = batch["pos_targets"][:, :-1] >= 0
             out["id_acc"] = ((pred == batch["position_ids"]) & valued).sum(1) / valued.sum(1)
+            out.update(first_drift(pred, batch["position_ids"], valued))
         return out
     return score
+
+
+def first_drift(pred, gold, valued):
+    """Where the predicted ids first leave the gold ones. pred, gold (B, T) ids; valued (B, T) the
+    positions whose id was predicted. Per example: ids_ok, how many ids came out right before the
+    first wrong one (all of them if none is wrong); and per jump length j = 1, 2, 3 (gold id minus the
+    id before it; the step to the end id counts as 1) tries_j, the predictions up to and including
+    the first wrong one, and fails_j, 1 if the first wrong one is a jump of j. Over a test set,
+    mean(fails_j) / mean(tries_j) is the chance that a jump of j is where the chain first drifts."""
+    T = pred.shape[1]
+    t = torch.arange(T, device=pred.device).expand_as(pred)
+    wrong = (pred != gold) & valued
+    first = torch.where(wrong, t, T).amin(1, keepdim=True)  # (B, 1): T when nothing is wrong
+    jump = torch.zeros_like(gold)
+    jump[:, 1:] = gold[:, 1:] - gold[:, :-1]
+    upto = valued & (t <= first)
+    out = {"ids_ok": (valued & (t < first)).sum(1).float()}
+    for j in (1, 2, 3):
+        out[f"tries_j{j}"] = (upto & (jump == j)).sum(1).float()
+        out[f"fails_j{j}"] = (wrong & (t == first) & (jump == j)).sum(1).float()
+    return out
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -209,7 +260,9 @@ class Config(C.TrainConfig):
     train_min: int = C.arg(8, "fewest bits l in training (at least the largest k)", min=1)
     train_max: int = C.arg(20, "most bits l in training: L", min=1)
     test_lengths: tuple = C.arg((20, 40, 80, 160), "bits l at test (L, 2L, 4L, 8L)", min=1)
-    windows: tuple = C.arg((4, 8, 0), "locality: the planted bits lie among the last W bits (0 = anywhere)", min=0)
+    windows: tuple = C.arg((4, 8, 16), "locality: the planted bits are spread over the last W bits", min=1)
+    loc_min: int = C.arg(16, "locality: fewest bits in training, the same for every W (at least the largest W)",
+                         min=1)
     loc_k: int = C.arg(3, "locality: planted bits per example", min=1)
     loc_variants: tuple = C.arg(LOCALITY_VARIANTS, "locality: position encodings", choices=LOCALITY_VARIANTS)
     loc_steps: int = C.arg(2000, "locality: optimizer steps per run", min=1)
@@ -224,12 +277,12 @@ class Config(C.TrainConfig):
 
 PRESETS = {
     "smoke": dict(seeds=2, steps=30, loc_steps=30, ppc_steps=30, experiments=EXPERIMENTS, k_train=(3,),
-                  fixed_k=(2,), windows=(4, 0), test_lengths=(20, 40), ppc_test=(10, 20), eval_examples=32,
+                  fixed_k=(2,), windows=(4, 8), test_lengths=(20, 40), ppc_test=(10, 20), eval_examples=32,
                   probe_examples=16),
     "quick": dict(seeds=5, steps=3000, lr=3e-3, eval_examples=500),
     "paper": dict(seeds=5, steps=10000, loc_steps=10000, ppc_steps=30000, lr=1e-3, experiments=EXPERIMENTS,
                   k_train=(4, 6, 8, 10, 12), fixed_k=(1, 2, 3, 4, 5, 6, 8), train_min=12, train_max=40,
-                  test_lengths=(40, 80, 160, 320), windows=(4, 8, 16, 0), ppc_test=(10, 20, 40, 80, 160)),
+                  test_lengths=(40, 80, 160, 320), windows=(4, 8, 16, 32), ppc_test=(10, 20, 40, 80, 160)),
 }
 
 
@@ -240,41 +293,36 @@ def validate(cfg):
     C.check_model_shape(cfg.n_embd, cfg.n_head, bool(rope))
     C.check(cfg.train_min <= cfg.train_max, f"--train-min {cfg.train_min} > --train-max {cfg.train_max}")
     C.check(cfg.ppc_min <= cfg.ppc_max, f"--ppc-min {cfg.ppc_min} > --ppc-max {cfg.ppc_max}")
-    C.check("locality" not in cfg.experiments or max(cfg.windows) <= cfg.train_max,
-            f"--windows {max(cfg.windows)} longer than the training sequences (--train-max {cfg.train_max})")
+    C.check("locality" not in cfg.experiments or max(cfg.windows) <= cfg.loc_min <= cfg.train_max,
+            f"the locality task trains on l = --loc-min {cfg.loc_min} .. --train-max {cfg.train_max}, which must "
+            f"hold the largest window {max(cfg.windows)}")
     ks = (cfg.k_train if "sparsity" in cfg.experiments else ()) + (cfg.fixed_k if "fixed" in cfg.experiments else ())
     C.check(not ks or max(ks) <= cfg.train_max, f"k={max(ks + (0,))} planted bits need train_max >= k")
     C.check(min(cfg.test_lengths) >= max(ks + (cfg.loc_k,)), "every test length must hold the largest k")
-    C.check("locality" not in cfg.experiments or all(w == 0 or w >= cfg.loc_k for w in cfg.windows),
-            f"a window must hold loc_k={cfg.loc_k} planted bits (or be 0 = anywhere)")
+    C.check("locality" not in cfg.experiments or min(cfg.windows) >= cfg.loc_k,
+            f"a window must hold loc_k={cfg.loc_k} planted bits")
 
 
-def variants_of(exp, cfg):
-    if exp == "sparsity":
-        return [f"K={K}" for K in cfg.k_train]
-    if exp == "fixed":
-        return [f"k={k}" for k in cfg.fixed_k]
-    if exp == "locality":
-        return [f"{v}, W={w or 'all'}" for w in cfg.windows for v in cfg.loc_variants]
-    return list(cfg.ppc_variants)
+def axes_of(exp, cfg):
+    """The cell fields of one experiment, structured (no strings to parse back): sparsity K, fixed k_only,
+    locality W and pos, ppc variant."""
+    return {"sparsity": dict(K=cfg.k_train), "fixed": dict(k_only=cfg.fixed_k),
+            "locality": dict(W=cfg.windows, pos=cfg.loc_variants), "ppc": dict(variant=cfg.ppc_variants)}[exp]
 
 
 # ---------------------------------------------------------------------------------------- one cell
 
-def sparse_samplers(exp, variant, cfg):
+def sparse_samplers(cell, cfg):
     """(train(rng, B), test_k(k) -> test(rng, B, l), probe test(rng, B, l), ks tested, steps, pos)."""
-    if exp == "locality":
-        pos, w = variant.split(", W=")
-        w = 0 if w == "all" else int(w)
-        k = cfg.loc_k
-        test_k = lambda kk: functools.partial(sample_sparse, k=kk, window=w, coupled=pos == "coupled")
-        lo = max(cfg.train_min, w, k)
-        train = lambda rng, B: test_k(k)(rng, B, int(rng.integers(lo, cfg.train_max + 1)))
-        return train, test_k, test_k(k), [k], cfg.loc_steps, "none" if pos == "nope" else "rope"
-    K = int(variant.split("=")[1])
+    if cell["exp"] == "locality":  # every W trains on the same lengths, loc_min..train_max
+        coupled, k = cell["pos"] == "coupled", cfg.loc_k
+        test_k = lambda kk: functools.partial(sample_local, k=kk, window=cell["W"], coupled=coupled)
+        train = lambda rng, B: test_k(k)(rng, B, int(rng.integers(cfg.loc_min, cfg.train_max + 1)))
+        return train, test_k, test_k(k), [k], cfg.loc_steps, "none" if cell["pos"] == "nope" else "rope"
+    K = cell["K"] if cell["exp"] == "sparsity" else cell["k_only"]
     test_k = lambda kk: functools.partial(sample_sparse, k=kk)
     lo = max(cfg.train_min, K)
-    if exp == "sparsity":  # k ~ U[1, K] per example
+    if cell["exp"] == "sparsity":  # k ~ U[1, K] per example
         mix = functools.partial(sample_mixture, K=K)
         return (lambda rng, B: mix(rng, B, int(rng.integers(lo, cfg.train_max + 1))), test_k, mix,
                 list(range(1, K + 1)), cfg.steps, "none")
@@ -283,7 +331,7 @@ def sparse_samplers(exp, variant, cfg):
 
 
 def run_sparse(cell, cfg, device):
-    train, test_k, probe_test, ks, steps, pos = sparse_samplers(cell["exp"], cell["variant"], cfg)
+    train, test_k, probe_test, ks, steps, pos = sparse_samplers(cell, cfg)
     torch.manual_seed(cell["seed"])  # init seed; data seed below; test sets have their own fixed seed
     model = C.GPT(C.GPTConfig(vocab_size=len(SPARSE_NAMES), n_layer=cfg.n_layer, n_head=cfg.n_head,
                               n_embd=cfg.n_embd, pos=pos))
@@ -292,16 +340,28 @@ def run_sparse(cell, cfg, device):
                          for k in ks}
     result = C.train(model, train, C.replace(cfg, steps=steps), device, data_seed=10_000 + cell["seed"],
                      eval_fn=in_dist, compile=cell.get("compile", False), progress=C.is_main_process(),
-                     desc=f"{cell['exp']}/{cell['variant']}/seed{cell['seed']}")
+                     desc=C.cell_label(cell))
     if result["diverged"]:
         return {"status": "diverged", "train": result, "rows": []}
     rows = []
     for k in ks:
-        for r in C.evaluate_by_length(model, test_k(k), cfg.test_lengths, cfg.eval_examples, device):
+        for r in C.evaluate_by_length(model, test_k(k), cfg.test_lengths, cfg.eval_examples, device,
+                                      score=score_with_mass):
             rows.append({"table": "accuracy", "k": k, **r})
     _, probes, _ = C.evaluate_with_probes(model, probe_test, cfg.test_lengths, cfg.probe_examples, device)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
     return {"train": result, "rows": rows, "examples": sparse_examples(model, test_k(ks[-1]), cfg, device)}
+
+
+def score_with_mass(model, batch):
+    """Per example: accuracy at '=' and, per layer, the attention mass that the query '=' puts on the
+    planted bits, in the head that puts the most there (mass_l0, mass_l1, ...)."""
+    logits, recs = model.probe(batch["idx"], batch["at"], batch.get("position_ids"))
+    out = {"accuracy": (logits[:, 0].argmax(-1) == batch["targets"][:, 0]).float()}
+    planted = batch["planted"].to(logits.dtype)[:, None, :]  # (B, 1, T)
+    for layer, r in enumerate(recs):
+        out[f"mass_l{layer}"] = (r["attn"][:, :, 0] * planted).sum(-1).amax(1)  # (B, nh, T) -> (B,)
+    return out
 
 
 @torch.no_grad()
@@ -413,16 +473,45 @@ def spearman_ci(points, n_boot=2000, seed=0):
 
 
 POS_COLORS = {"nope": "C0", "rope": "C1", "coupled": "C2", "oracle": "C2", "ppc": "C3"}  # in every figure
+POS_ORDER = list(POS_COLORS)
+HOLDS = 0.9  # a seed holds at a length: accuracy (or exact match) >= this there
+LEARNED = 0.95  # a k is learned in distribution: mean accuracy >= this at the longest training length
 
 
 def pos_style(pos):
     return {"color": POS_COLORS.get(pos)}
 
 
+def family(row):
+    """A sparsity row's model family, for grouping, labels and colours: 'K=4' (k ~ U[1, 4]) or the fixed-k
+    control (one model per k, drawn as one family)."""
+    return f"K={row['K']}" if row["exp"] == "sparsity" else "fixed k (one model per k)"
+
+
+def model_label(row):
+    """A row's model as a legend label (display only; the cell fields are what is compared)."""
+    if row["exp"] == "sparsity":
+        return f"K={row['K']}"
+    if row["exp"] == "fixed":
+        return f"k={row['k_only']} only"
+    if row["exp"] == "locality":
+        return f"{row['pos']}, W={row['W']}"
+    return row["variant"]
+
+
 def line_with_band(ax, rows, x, y, group, colors, label=str):
     for g, (xs, m, s, n) in sorted(C.mean_std_by(rows, x, y, group).items(), key=lambda t: str(t[0])):
         line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} (n={n.min()})", color=colors.get(g))
         ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+
+
+def seed_dots(ax, rows, x, y, group, colors, width=0.08):
+    """Every seed as a dot next to its group's line (the spread is often bimodal)."""
+    groups = sorted({r[group] for r in rows}, key=str)
+    for i, g in enumerate(groups):
+        pts = [r for r in rows if r[group] == g]
+        ax.scatter([r[x] + width * (i - (len(groups) - 1) / 2) for r in pts], [r[y] for r in pts], s=8, alpha=0.4,
+                   color=colors.get(g))
 
 
 def accuracy_axes(ax, xlabel, title):
@@ -435,180 +524,319 @@ def accuracy_axes(ax, xlabel, title):
 
 
 def say_table(say, rows, metric, group, x="l", label=str, width=20):
-    """Print metric by length, one line per group: mean ± std over seeds. Returns {group: {length: mean}}."""
-    out = {}
+    """Print metric by length, one line per group: mean ± std over seeds."""
     say(f"  {'':<{width}}" + "".join(f"{x + '=' + str(L):>13}" for L in sorted({r['length'] for r in rows})))
-    for g, (xs, m, s, n) in sorted(C.mean_std_by(rows, "length", metric, group).items()):
+    for g, (xs, m, s, n) in sorted(C.mean_std_by(rows, "length", metric, group).items(), key=lambda t: str(t[0])):
         say(f"  {label(g):<{width}}" + "".join(f"{a:>7.2f}±{b:<5.2f}" for a, b in zip(m, s)) + f"  ({n.min()} seeds)")
-        out[g] = dict(zip(xs.tolist(), m.tolist()))
+
+
+def families(sp):
+    return sorted({r["family"] for r in sp}, key=lambda f: (f.startswith("fixed"), f))
+
+
+def fig_sparsity(sp, L, palette, k_palette, out):
+    """sparsity_by_length.png: accuracy vs l, one line per k, a panel per family; sparsity_vs_k.png:
+    accuracy vs k beyond the training length, a line per family, a dot per seed."""
+    plt = C.pyplot()
+    fams = families(sp)
+    fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        C.plot_vs_length([r for r in sp if r["family"] == fam], "accuracy", None, L, group="k", chance=0.5, ax=ax,
+                         title=f"{fam}:\none line per k (legend: k, seeds)", style=k_palette)
+        ax.set(xlabel="bits l", ylim=(0, 1.05))
+        C.ticks_at(ax, sorted({r["length"] for r in sp}))
+    C.save_figure(fig, out / "sparsity_by_length.png")
+    ood = sorted({r["length"] for r in sp if r["length"] > L}) or [L]
+    fig, axes = plt.subplots(1, len(ood), figsize=(6.5 * len(ood), 4), squeeze=False)
+    for ax, length in zip(axes[0], ood):
+        sel = [r for r in sp if r["length"] == length]
+        line_with_band(ax, sel, "k", "accuracy", "family", colors=palette.colors)
+        seed_dots(ax, sel, "k", "accuracy", "family", palette.colors)
+        accuracy_axes(ax, "k (planted bits)", f"l = {length} ({length / L:g} x the training length {L}); "
+                                              "mean ± std, dots: seeds")
+    C.save_figure(fig, out / "sparsity_vs_k.png")
+
+
+def fig_sparsity_mass(sp, L, k_palette, out):
+    """sparsity_mass.png: the attention mass the query '=' puts on the planted bits (the head that puts
+    the most there) vs l, one line per k; a row per layer, a column per family."""
+    plt = C.pyplot()
+    fams, layers = families(sp), sorted(int(m[6:]) for m in sp[0] if m.startswith("mass_l"))
+    fig, axes = plt.subplots(len(layers), len(fams), figsize=(6.5 * len(fams), 3.8 * len(layers)), squeeze=False)
+    for i, layer in enumerate(layers):
+        for ax, fam in zip(axes[i], fams):
+            C.plot_vs_length([r for r in sp if r["family"] == fam], f"mass_l{layer}", None, L, group="k", ax=ax,
+                             style=k_palette, ylabel="attention mass on the planted bits",
+                             title=f"{fam}, layer {layer}: mass on the planted bits\n(best head; legend: k, seeds)")
+            ax.set(xlabel="bits l", ylim=(0, 1.05))
+            C.ticks_at(ax, sorted({r["length"] for r in sp}))
+    C.save_figure(fig, out / "sparsity_mass.png")
+
+
+def fig_locality(loc, cfg, out):
+    """locality.png: accuracy vs l per position encoding, a panel per window W, then accuracy at the
+    longest l vs W with a dot per seed."""
+    plt = C.pyplot()
+    Ws, L = sorted({r["W"] for r in loc}), cfg.train_max
+    fig, axes = plt.subplots(1, len(Ws) + 1, figsize=(5.8 * (len(Ws) + 1), 4), squeeze=False)
+    for ax, w in zip(axes[0], Ws):
+        C.plot_vs_length(C.select(loc, W=w), "accuracy", None, L, group="pos", chance=0.5, ax=ax, style=pos_style,
+                         title=f"the {cfg.loc_k} bits {', '.join(map(str, spread_offsets(cfg.loc_k, w)))} places "
+                               f"before '=' (W = {w})")
+        ax.set(xlabel="bits l", ylim=(0, 1.05))
+        C.ticks_at(ax, sorted({r["length"] for r in loc}))
+    top = max(r["length"] for r in loc)
+    sel = [r for r in loc if r["length"] == top]
+    line_with_band(axes[0, -1], sel, "W", "accuracy", "pos", colors=POS_COLORS)
+    seed_dots(axes[0, -1], sel, "W", "accuracy", "pos", POS_COLORS, width=0.3)
+    axes[0, -1].set_xscale("log", base=2)
+    C.ticks_at(axes[0, -1], Ws)
+    accuracy_axes(axes[0, -1], "window W", f"accuracy at l = {top} ({top / L:g} x L); mean ± std, dots: seeds")
+    C.save_figure(fig, out / "locality.png")
+
+
+PPC_TITLES = {"token_acc": "per-token accuracy, greedy", "exact": "exact match of the whole output",
+              "id_acc": "accuracy of the predicted position ids"}
+
+
+def fig_ppc(ppc, cfg, out):
+    """ppc.png: token accuracy, exact match and id accuracy vs n, one line per model / decoding."""
+    plt = C.pyplot()
+    metrics = [m for m in PPC_TITLES if any(m in r for r in ppc)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        C.plot_vs_length(ppc, m, None, cfg.ppc_max, ax=ax, style=pos_style, title=PPC_TITLES[m] + " (mean ± std)")
+        ax.set(xlabel="cells n", ylim=(0, 1.05))
+        C.ticks_at(ax, sorted({r["length"] for r in ppc}))
+    C.save_figure(fig, out / "ppc.png")
+
+
+def fig_variance(probe, L, palette, out):
+    """variance.png: the attention-output std at the query '=' vs l, a panel per layer."""
+    plt = C.pyplot()
+    layers = sorted({r["layer"] for r in probe})
+    fig, axes = plt.subplots(1, len(layers), figsize=(7 * len(layers), 4.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        C.plot_vs_length(C.select(probe, layer=layer), "comp_std", None, L, group="model", logy=True, ax=ax,
+                         style=palette, title=f"layer {layer}: attention-output std\nat the query '='")
+        ax.set_xlabel("bits l")
+        C.ticks_at(ax, sorted({r["length"] for r in probe}))
+    C.save_figure(fig, out / "variance.png")
+
+
+def holding(values, ok=HOLDS):
+    """(seeds at or above ok, seeds, 95% Wilson interval) of one number per seed."""
+    v = list(values)
+    k = sum(x >= ok for x in v)
+    return {"k": k, "n": len(v), "ci": list(C.wilson_ci(k, len(v)))}
+
+
+def sparsity_claims(sp, L):
+    """Claim (1) as data, one dict per model family: per k the accuracy at L and at each longer l (mean,
+    std, median over seeds; seeds that hold >= HOLDS), the k learned in distribution, Spearman's rho of
+    accuracy with k at the longest l over the learned k (95% bootstrap CI over seeds) and the verdict."""
+    out = []
+    for fam in families(sp):
+        rows = [r for r in sp if r["family"] == fam]
+        lengths, ks = sorted({r["length"] for r in rows}), sorted({r["k"] for r in rows})
+        by_k = []
+        for k in ks:
+            at = {Lx: list(C.per_seed(rows, "accuracy", k=k, length=Lx).values()) for Lx in lengths}
+            by_k.append({"k": k, "by_length": [{"length": Lx, **C.seed_stats(v), "hold": holding(v)}
+                                               for Lx, v in at.items()]})
+        learned = [d["k"] for d in by_k if next(x["mean"] for x in d["by_length"] if x["length"] == L) >= LEARNED]
+        top = lengths[-1]
+        at_top = [next(x["mean"] for x in d["by_length"] if x["length"] == top) for d in by_k if d["k"] in learned]
+        pts = [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == top and r["k"] in learned]
+        rho, lo, hi = spearman_ci(pts) if len(learned) > 1 else (float("nan"),) * 3
+        mono = all(a >= b - 0.02 for a, b in zip(at_top, at_top[1:]))
+        verdict = ("untested: fewer than two k learned in distribution" if len(learned) < 2 else
+                   "reproduced" if mono and hi < 0 else "direction reproduced, not significant" if mono and rho < 0
+                   else "NOT reproduced")
+        out.append({"claim": "(1) accuracy beyond the training length falls as k grows", "setting": fam,
+                    "train_max": L, "test_max": top, "by_k": by_k, "learned_k": learned, "rho": rho,
+                    "rho_ci": [lo, hi], "monotone": mono, "verdict": verdict})
     return out
+
+
+def locality_claims(loc, L):
+    """Claim (2) as data: per position encoding, accuracy at L and at the longest l per W (mean, std,
+    median; seeds that hold), and the paired difference largest W - smallest W at the longest l (same
+    bit strings, 95% t-interval over seeds). Then the coupling verdict: some uncoupled model depends on
+    W, and the coupled one neither depends on it nor falls below HOLDS."""
+    top, Ws = max(r["length"] for r in loc), sorted({r["W"] for r in loc})
+    out = []
+    for pos in sorted({r["pos"] for r in loc}, key=POS_ORDER.index):
+        rows = C.select(loc, pos=pos)
+        by_w = [{"W": w, **{name: {**C.seed_stats(v), "hold": holding(v)} for name, v in (
+            ("inside", list(C.per_seed(rows, "accuracy", W=w, length=L).values())),
+            ("beyond", list(C.per_seed(rows, "accuracy", W=w, length=top).values())))}} for w in Ws]
+        d = next((x for x in C.paired_diff_ci(rows, "accuracy", Ws[-1], Ws[0], by="W") if x["length"] == top), None)
+        depends = d is not None and (d["hi"] < 0 or d["lo"] > 0)
+        out.append({"claim": "(2) accuracy beyond the training length depends on the window W", "setting": pos,
+                    "train_max": L, "test_max": top, "by_W": by_w, "diff_W": d,
+                    "verdict": "depends on W" if depends else "no W dependence found"})
+    by = {c["setting"]: c for c in out}
+    if "coupled" in by and len(Ws) > 1:
+        uncoupled = [p for p in ("nope", "rope") if p in by and by[p]["verdict"] == "depends on W"]
+        worst = min(x["beyond"]["mean"] for x in by["coupled"]["by_W"])
+        if not uncoupled:
+            verdict = "untested: no uncoupled model here depends on W"
+        else:
+            verdict = "reproduced" if by["coupled"]["verdict"] != "depends on W" and worst >= HOLDS else "NOT reproduced"
+        out.append({"claim": "(2) position coupling removes the dependence on W", "setting": "coupled",
+                    "uncoupled_dependent": uncoupled, "coupled_worst": worst, "verdict": verdict})
+    return out
+
+
+def ppc_claims(ppc, cfg):
+    """Claim (3) as data: per model / decoding, token accuracy, exact match and id accuracy at every n
+    (mean, std, median; seeds whose exact match holds), and the verdict at the longest n."""
+    out, by = [], {}
+    for g in sorted({r["variant"] for r in ppc}, key=POS_ORDER.index):
+        rows = C.select(ppc, variant=g)
+        by_n = []
+        for n in sorted({r["length"] for r in rows}):
+            d = {"n": n}
+            for m in PPC_TITLES:
+                v = list(C.per_seed(rows, m, length=n).values())
+                if v:
+                    d[m] = {**C.seed_stats(v), "hold": holding(v)}
+            at_n = C.select(rows, length=n)
+            if at_n and "ids_ok" in at_n[0]:  # where the predicted ids first drift
+                d["ids_ok"] = C.seed_stats([r["ids_ok"] for r in at_n])
+                d["drift_by_jump"] = {j: C.seed_stats([r[f"fails_j{j}"] / r[f"tries_j{j}"] for r in at_n
+                                                       if r[f"tries_j{j}"] > 0]) for j in (1, 2, 3)}
+            by_n.append(d)
+        by[g] = by_n[-1]
+        out.append({"claim": "(3) pointer chasing", "setting": g, "train_max": cfg.ppc_max, "by_n": by_n,
+                    "verdict": "measured"})
+    if "ppc" in by and ({"nope", "rope"} & by.keys()):
+        ppc_t, ppc_e = by["ppc"]["token_acc"]["mean"], by["ppc"]["exact"]["mean"]
+        best = max(by[g]["token_acc"]["mean"] for g in ("nope", "rope") if g in by)
+        out.append({"claim": "(3) PPC length-generalizes where NoPE / RoPE do not", "setting": "ppc",
+                    "n": by["ppc"]["n"], "ppc_token_acc": ppc_t, "ppc_exact": ppc_e, "best_baseline_token_acc": best,
+                    "verdict": "reproduced" if ppc_e >= HOLDS else
+                    "partly (beats NoPE / RoPE, but not exact)" if ppc_t > best + 0.1 else "NOT reproduced"})
+    return out
+
+
+def stat(s):
+    return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['median']:.2f})"
+
+
+def frac(h):
+    return f"{h['k']}/{h['n']} [{h['ci'][0]:.2f}, {h['ci'][1]:.2f}]"
+
+
+def say_claims(verdicts, say):
+    """The claims as markdown tables (pasted into the README as printed)."""
+    sp = [c for c in verdicts if "by_k" in c]
+    if sp:
+        longer = [x["length"] for x in sp[0]["by_k"][0]["by_length"] if x["length"] > sp[0]["train_max"]]
+        say(f"\n| model | k | l = {sp[0]['train_max']} (training) | " + " | ".join(
+            f"l = {Lx}: accuracy | seeds >= {HOLDS} [95% CI]" for Lx in longer) + " |")
+        say("|---|---|---|" + "---|---|" * len(longer))
+        for c in sp:
+            for d in c["by_k"]:
+                at = {x["length"]: x for x in d["by_length"]}
+                say(f"| {c['setting']} | {d['k']} | {stat(at[c['train_max']])} | " + " | ".join(
+                    f"{stat(at[Lx])} | {frac(at[Lx]['hold'])}" for Lx in longer if Lx in at) + " |")
+        for c in sp:
+            say(f"  {c['setting']}: rho(accuracy, k) at l = {c['test_max']} over the learned k "
+                f"{','.join(map(str, c['learned_k']))}: {c['rho']:+.2f} [{c['rho_ci'][0]:+.2f}, {c['rho_ci'][1]:+.2f}]"
+                f"; monotone: {'yes' if c['monotone'] else 'no'} -> {c['verdict']}")
+    loc = [c for c in verdicts if "by_W" in c]
+    if loc:
+        say(f"\n| position ids | W | l = {loc[0]['train_max']} (training) | l = {loc[0]['test_max']} | "
+            f"seeds >= {HOLDS} at l = {loc[0]['test_max']} [95% CI] | largest W - smallest W at l = "
+            f"{loc[0]['test_max']}, paired [95% CI] |")
+        say("|---|---|---|---|---|---|")
+        for c in loc:
+            d = c["diff_W"]
+            for i, x in enumerate(c["by_W"]):
+                diff = f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] -> {c['verdict']}" if d and i == 0 else ""
+                say(f"| {c['setting']} | {x['W']} | {stat(x['inside'])} | {stat(x['beyond'])} | "
+                    f"{frac(x['beyond']['hold'])} | {diff} |")
+    pp = [c for c in verdicts if "by_n" in c]
+    if pp:
+        say(f"\n| model / decoding | n | per-token accuracy | exact match | seeds with exact >= {HOLDS} [95% CI] "
+            f"| id accuracy | ids right before the first wrong one | first-drift chance at a jump of 1 / 2 / 3 |")
+        say("|---|---|---|---|---|---|---|---|")
+        for c in pp:
+            for d in c["by_n"]:
+                ida = stat(d["id_acc"]) if "id_acc" in d else "-"
+                ok = stat(d["ids_ok"]) if "ids_ok" in d else "-"
+                by_j = " / ".join(f"{d['drift_by_jump'][j]['mean']:.3f}" for j in (1, 2, 3)) if "ids_ok" in d else "-"
+                say(f"| {c['setting']} | {d['n']} | {stat(d['token_acc'])} | {stat(d['exact'])} | "
+                    f"{frac(d['exact']['hold'])} | {ida} | {ok} | {by_j} |")
+    for c in verdicts:
+        if "by_k" not in c and "by_W" not in c and "by_n" not in c:
+            detail = {k: v for k, v in c.items() if k not in ("claim", "setting", "verdict")}
+            say(f"  {c['claim']}: {c['verdict']}  ({', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in detail.items())})")
 
 
 def report(records, cfg, out):
-    """Figures and the printed summary, from the cell records alone (so --plot-only redraws them)."""
-    plt = C.pyplot()
-    out = Path(out)
+    """Figures, claims.json and the printed summary, from the cell records alone (so --plot-only
+    redraws them)."""
+    out, L = Path(out), cfg.train_max
     rows = [r for rec in records for r in rec["rows"]]
+    for r in rows:
+        r["model"] = model_label(r)
     acc, probe = C.select(rows, table="accuracy"), C.select(rows, table="probe")
     sp = [r for r in acc if r["exp"] in ("sparsity", "fixed")]
-    for r in sp:  # the fixed-k control is one family: its models share the label 'fixed k'
-        r["family"] = r["variant"] if r["exp"] == "sparsity" else "fixed k (one model per k)"
-    L = cfg.train_max
-    palette = C.Palette([r["family"] for r in sp] + [r["variant"] for r in probe])  # models: the same colour
-    k_palette = C.Palette(r["k"] for r in sp)                                        # in every figure
+    for r in sp:
+        r["family"] = family(r)
+    loc, ppc = C.select(acc, exp="locality"), C.select(acc, exp="ppc")
+    palette = C.Palette([r["family"] for r in sp] + [r["model"] for r in probe])  # one colour per model,
+    k_palette = C.Palette(r["k"] for r in sp)                                     # in every figure
     say = C.Summary()
     if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
         return say.write(out)
-
     say(f"\n=== sparse_planted: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
-    found = {}
-    if sp:  # (1) sparsity: accuracy vs l per k, and accuracy vs k per model family
-        fams = sorted({r["family"] for r in sp}, key=lambda f: (f.startswith("fixed"), f))
-        fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4), squeeze=False)
-        for ax, fam in zip(axes[0], fams):
-            C.plot_vs_length([r for r in sp if r["family"] == fam], "accuracy", None, L, group="k", chance=0.5, ax=ax,
-                             title=f"{fam}:\none line per k (legend: k, seeds)", style=k_palette)
-            ax.set(xlabel="bits l", ylim=(0, 1.05))
-            C.ticks_at(ax, sorted({r["length"] for r in sp}))
-        C.save_figure(fig, out / "sparsity_by_length.png")
-        ood = sorted({r["length"] for r in sp if r["length"] > L})
-        fig, axes = plt.subplots(1, max(1, len(ood)), figsize=(6.5 * max(1, len(ood)), 4), squeeze=False)
-        for ax, length in zip(axes[0], ood or [L]):
-            sel = [r for r in sp if r["length"] == length]
-            line_with_band(ax, sel, "k", "accuracy", "family", colors=palette.colors)
-            for i, fam in enumerate(fams):  # every seed as a dot: the spread is often bimodal
-                pts = [r for r in sel if r["family"] == fam]
-                ax.scatter([r["k"] + 0.08 * (i - 1) for r in pts], [r["accuracy"] for r in pts], s=8, alpha=0.4,
-                           color=palette.colors[fam])
-            accuracy_axes(ax, "k (planted bits)",
-                          f"l = {length} ({length / L:g} x the training length {L}); mean ± std, dots: seeds")
-        C.save_figure(fig, out / "sparsity_vs_k.png")
+    verdicts = []
+    if sp:
+        fig_sparsity(sp, L, palette, k_palette, out)
+        fig_sparsity_mass(sp, L, k_palette, out)
         say(f"\n(1) sparse parity, accuracy by k and length l (trained on l <= {L}); mean ± std over seeds")
-        for fam in fams:
-            found[fam] = say_table(say, [r for r in sp if r["family"] == fam], "accuracy", "k",
-                                   label=lambda k, f=fam: f"{f}, k={k}", width=32)
-        say("\n  Spearman rank correlation of accuracy with k (points: seed x k; 95% CI: bootstrap over seeds)")
-        for fam in fams:
-            for length in ood:
-                pts = [(r["seed"], r["k"], r["accuracy"]) for r in sp if r["family"] == fam and r["length"] == length]
-                rho, lo, hi = spearman_ci(pts)
-                found.setdefault("points", {})[fam, length] = pts
-                say(f"  {fam:<28} l={length:<5} rho = {rho:+.2f}  [{lo:+.2f}, {hi:+.2f}]")
-    loc = [r for r in acc if r["exp"] == "locality"]
-    if loc:  # (2) locality: one panel per window, and accuracy at the longest length vs window
-        for r in loc:
-            r["pos"], r["W"] = r["variant"].split(", W=")
-        Ws = sorted({r["W"] for r in loc}, key=lambda w: (w == "all", int(w) if w != "all" else 0))
-        fig, axes = plt.subplots(1, len(Ws) + 1, figsize=(5.8 * (len(Ws) + 1), 4), squeeze=False)
-        for ax, w in zip(axes[0], Ws):
-            C.plot_vs_length([r for r in loc if r["W"] == w], "accuracy", None, L, group="pos", chance=0.5, ax=ax,
-                             title=f"planted bits in the last W = {w} bits\n(k = {cfg.loc_k})", style=pos_style)
-            ax.set(xlabel="bits l", ylim=(0, 1.05))
-            C.ticks_at(ax, sorted({r["length"] for r in loc}))
-        top = max(r["length"] for r in loc)
-        ax = axes[0, -1]
-        pts = [{**r, "w": Ws.index(r["W"])} for r in loc if r["length"] == top]
-        line_with_band(ax, pts, "w", "accuracy", "pos", colors=POS_COLORS)
-        ax.set_xticks(range(len(Ws)), Ws)
-        accuracy_axes(ax, "window W (locality)", f"accuracy at l = {top} (mean ± std over seeds)")
-        C.save_figure(fig, out / "locality.png")
-        say(f"\n(2) locality (k = {cfg.loc_k} planted bits among the last W before '='): accuracy, mean ± std over seeds")
-        found["loc"] = {g: a[max(a)] for g, a in say_table(say, loc, "accuracy", "variant").items()}
-    ppc = [r for r in acc if r["exp"] == "ppc"]
-    if ppc:  # (3) pointer chasing: token accuracy, exact match, id accuracy vs n
-        metrics = [m for m in ("token_acc", "exact", "id_acc") if any(m in r for r in ppc)]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4), squeeze=False)
-        titles = {"token_acc": "per-token accuracy, greedy", "exact": "exact match of the whole output",
-                  "id_acc": "accuracy of the predicted position ids"}
-        for ax, m in zip(axes[0], metrics):
-            for g, (xs, mm, s, n) in sorted(C.mean_std_by(ppc, "length", m, "variant").items(),
-                                            key=lambda t: list(POS_COLORS).index(t[0]) if t[0] in POS_COLORS else 9):
-                line, = ax.plot(xs, mm, marker="o", ms=3, color=POS_COLORS.get(g), label=f"{g} (n={n.min()})")
-                ax.fill_between(xs, mm - s, mm + s, color=line.get_color(), alpha=0.2)
-            ax.axvline(cfg.ppc_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.ppc_max}")
-            ax.set(xlabel="cells n", ylabel=C.METRIC_LABELS.get(m, m), ylim=(0, 1.05), title=titles[m] + " (mean ± std)")
-            ax.set_xscale("log", base=2)
-            C.ticks_at(ax, sorted({r["length"] for r in ppc}))
-            C.legend_outside(ax)
-            ax.grid(alpha=0.3)
-        C.save_figure(fig, out / "ppc.png")
+        for fam in families(sp):
+            say_table(say, [r for r in sp if r["family"] == fam], "accuracy", "k", label=lambda k, f=fam: f"{f}, k={k}",
+                      width=32)
+        say("  attention mass of '=' on the planted bits (best head, last layer), mean ± std over seeds")
+        last = max(int(m[6:]) for m in sp[0] if m.startswith("mass_l"))
+        for fam in families(sp):
+            say_table(say, [r for r in sp if r["family"] == fam], f"mass_l{last}", "k",
+                      label=lambda k, f=fam: f"{f}, k={k}", width=32)
+        verdicts += sparsity_claims(sp, L)
+    if loc:
+        fig_locality(loc, cfg, out)
+        say(f"\n(2) locality (the {cfg.loc_k} bits spread over the last W before '='): accuracy, mean ± std over seeds")
+        say_table(say, loc, "accuracy", ("pos", "W"), label=lambda g: f"{g[0]}, W={g[1]}")
+        verdicts += locality_claims(loc, L)
+    if ppc:
+        fig_ppc(ppc, cfg, out)
         say("\n(3) pointer-chasing copy, greedy decoding; mean ± std over seeds")
-        for m in metrics:
+        for m in [m for m in PPC_TITLES if any(m in r for r in ppc)]:
             say(f"  {m}:")
-            for g, a in say_table(say, ppc, m, "variant", x="n").items():
-                found.setdefault("ppc", {})[g, m] = a
+            say_table(say, ppc, m, "variant", x="n")
+        verdicts += ppc_claims(ppc, cfg)
     if probe:  # (4) attention-output variance at the query '=' (the sparsity models' if there are any)
         shown = [r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe
-        layers = sorted({r["layer"] for r in probe})
-        fig, axes = plt.subplots(1, len(layers), figsize=(7 * len(layers), 4.2), squeeze=False)
-        for ax, layer in zip(axes[0], layers):
-            C.plot_vs_length(C.select(shown, layer=layer), "comp_std", None, L, logy=True, ax=ax, style=palette,
-                             title=f"layer {layer}: attention-output std\nat the query '='")
-            ax.set_xlabel("bits l")
-            C.ticks_at(ax, sorted({r["length"] for r in probe}))
-        C.save_figure(fig, out / "variance.png")
+        fig_variance(shown, L, palette, out)
         say("\n(4) attention-output std at '=', std(longest l) / std(shortest l), mean over seeds:")
-        for g, (xs, m, _, _) in sorted(C.mean_std_by(probe, "length", "comp_std", ("variant", "layer")).items()):
+        for g, (xs, m, _, _) in sorted(C.mean_std_by(probe, "length", "comp_std", ("model", "layer")).items()):
             say(f"  {g[0]:<20} layer {g[1]}: {m[-1] / m[0]:.2f}  (l = {xs[0]} -> {xs[-1]})")
     for rec in records:
         if rec["cell"].get("seed") == 0 and rec.get("examples"):
-            say(f"\nexamples ({rec['cell']['exp']} {rec['cell']['variant']}, seed 0):")
+            say(f"\nexamples ({C.cell_label(rec['cell'])}):")
             for e in rec["examples"][:4]:
                 say(f"  {e if len(e) < 300 else e[:300] + ' ...'}")
-    say("\nthe paper's claims next to what was measured (mean over seeds)")
-    for line in claims(found, cfg):
-        say(line)
+    C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    say(f"\nthe paper's claims next to what was measured (mean ± std (median) over seeds; a seed holds at a "
+        f"length when it scores >= {HOLDS} there)")
+    say_claims(verdicts, say)
     say.write(out)
-
-
-def claims(found, cfg):
-    """One line per claim, from the tables the report printed."""
-    out, L = [], cfg.train_max
-    for fam in [f for f in found if isinstance(f, str) and (f.startswith("K=") or f.startswith("fixed"))]:
-        by_k = found[fam]
-        top = max(x for k in by_k for x in by_k[k])
-        learned = [k for k in sorted(by_k) if by_k[k].get(L, 0) >= 0.95]  # ~100% in distribution
-        missed = [k for k in sorted(by_k) if k not in learned]
-        at_top = [by_k[k][top] for k in learned]
-        rho, lo, hi = spearman_ci([p for p in found["points"][fam, top] if p[1] in learned]) \
-            if len(learned) > 1 else (float("nan"),) * 3
-        mono = all(a >= b - 0.02 for a, b in zip(at_top, at_top[1:]))
-        verdict = ("reproduced" if mono and hi < 0 else "direction reproduced, not significant" if mono and rho < 0
-                   else "NOT reproduced")
-        out.append(f"  (1) {fam}: ~100% in distribution (l={L}) for k = {','.join(map(str, learned)) or 'none'}"
-                   + (f" (not learned: k = {','.join(map(str, missed))}, left out)" if missed else "")
-                   + f"; at l={top} by k " + " ".join(f"{a:.2f}" for a in at_top)
-                   + f"; rho {rho:+.2f} [{lo:+.2f}, {hi:+.2f}]; monotone (within 0.02): {'yes' if mono else 'no'}"
-                   + f" -> {verdict}")
-    if "loc" in found:
-        by, spread = found["loc"], {}
-        for pos in ("nope", "rope", "coupled"):
-            accs = {g.split("W=")[1]: a for g, a in by.items() if g.startswith(pos + ",")}
-            if accs:
-                spread[pos] = (max(accs.values()) - min(accs.values()), min(accs.values()))
-                out.append(f"  (2) {pos}: accuracy at the longest l by window W: "
-                           + ", ".join(f"W={w} {a:.2f}" for w, a in accs.items())
-                           + f" (spread {spread[pos][0]:.2f})")
-        if "coupled" in spread:
-            ok = spread["coupled"][0] <= 0.1 and spread["coupled"][1] >= 0.9
-            out.append(f"      claim: coupling removes the dependence on W -> {'reproduced' if ok else 'NOT reproduced'} "
-                       f"(coupled: spread {spread['coupled'][0]:.2f}, worst {spread['coupled'][1]:.2f}; needs <= 0.10 "
-                       f"and >= 0.90)")
-    if "ppc" in found:
-        p = found["ppc"]
-        n_top = max(max(v) for v in p.values())
-        get = lambda g, m: p.get((g, m), {}).get(n_top, float("nan"))
-        out.append(f"  (3) pointer chasing at n={n_top} (trained n <= {cfg.ppc_max}), token accuracy / exact: "
-                   + ", ".join(f"{g} {get(g, 'token_acc'):.2f} / {get(g, 'exact'):.2f}"
-                               for g in ("nope", "rope", "oracle", "ppc") if (g, "token_acc") in p))
-        ppc_t, best = get("ppc", "token_acc"), max(get("nope", "token_acc"), get("rope", "token_acc"))
-        if not np.isnan(ppc_t) and not np.isnan(best):
-            verdict = ("reproduced" if get("ppc", "exact") >= 0.9 else
-                       "partly (beats NoPE/RoPE, but not exact)" if ppc_t > best + 0.1 else "NOT reproduced")
-            out.append(f"      claim: PPC length-generalizes where NoPE/RoPE do not -> {verdict} "
-                       f"(ppc {ppc_t:.2f} vs best baseline {best:.2f} token accuracy; exact match >= 0.90 needed)")
-    return out
 
 
 def main():
@@ -628,7 +856,7 @@ def main():
     sweep = ("seeds", "experiments", "k_train", "fixed_k", "windows", "loc_variants", "ppc_variants")
     for exp in sorted(cfg.experiments, key=lambda e: -{"ppc": 3, "locality": 2}.get(e, 1)):
         # the slow experiments first, so the parallel workers finish together
-        cells += C.make_cells(cfg, device, precision, sweep_fields=sweep, exp=[exp], variant=variants_of(exp, cfg),
+        cells += C.make_cells(cfg, device, precision, sweep_fields=sweep, exp=[exp], **axes_of(exp, cfg),
                               seed=range(cfg.seeds))
     for c in cells:
         c["compile"] = args.compile

@@ -17,10 +17,9 @@ import sparse_planted as S
 SCRIPT = str(Path(S.__file__))
 
 
-@pytest.mark.parametrize("length,k,window", [(8, 1, 0), (20, 6, 0), (40, 3, 4), (33, 3, 3), (160, 12, 0)])
-@pytest.mark.parametrize("coupled", [False, True])
-def test_sparse_parity_oracle(length, k, window, coupled):
-    b = S.sample_sparse(np.random.default_rng(length + k), 64, length, k, window, coupled)
+@pytest.mark.parametrize("length,k", [(8, 1), (20, 6), (33, 3), (160, 12)])
+def test_sparse_parity_oracle(length, k):
+    b = S.sample_sparse(np.random.default_rng(length + k), 64, length, k)
     idx, planted = b["idx"].numpy(), b["planted"].numpy()
     T = length + 2
     assert idx.shape == (64, T) and (idx[:, 0] == S.BOS).all() and (idx[:, -1] == S.SEP).all()
@@ -29,15 +28,8 @@ def test_sparse_parity_oracle(length, k, window, coupled):
     marked = body >= S.ZERO_P  # recomputed from the tokens alone
     assert (marked == planted[:, 1:-1]).all() and (marked.sum(1) == k).all()
     assert ((body == S.ONE_P).sum(1) % 2 == b["targets"].numpy()[:, 0]).all()  # the label: parity of 1*
-    assert (b["at"].numpy() == T - 1).all()
-    if window:
-        assert not marked[:, :length - window].any()  # all planted bits among the last `window`
-    if coupled:
-        pid = b["position_ids"].numpy()
-        assert (pid == np.where(planted, T - 1, np.arange(T))).all()  # planted bits share the id of '='
-    else:
-        assert "position_ids" not in b
-    if length >= 20 and not window:
+    assert (b["at"].numpy() == T - 1).all() and "position_ids" not in b
+    if length >= 20:
         q = length // 4  # places spread over the whole input: some in the first and some in the last quarter
         assert marked[:, :q].any() and marked[:, -q:].any()
 
@@ -47,7 +39,51 @@ def test_sparse_parity_per_example_k_and_bad_k():
     b = S.sample_sparse(np.random.default_rng(0), 24, 10, ks)
     assert (b["planted"].numpy().sum(1) == ks).all()
     with pytest.raises(C.UsageError):
-        S.sample_sparse(np.random.default_rng(0), 4, 10, 5, window=4)
+        S.sample_sparse(np.random.default_rng(0), 4, 10, 11)
+
+
+@pytest.mark.parametrize("length,k,window", [(16, 3, 4), (20, 3, 8), (160, 3, 16), (40, 1, 8), (33, 5, 33)])
+@pytest.mark.parametrize("coupled", [False, True])
+def test_locality_oracle(length, k, window, coupled):
+    b = S.sample_local(np.random.default_rng(length), 64, length, k, window, coupled)
+    idx, planted = b["idx"].numpy(), b["planted"].numpy()
+    T = length + 2
+    assert idx.shape == (64, T) and (idx[:, 0] == S.BOS).all() and (idx[:, -1] == S.SEP).all()
+    assert set(np.unique(idx[:, 1:-1])) <= {S.ZERO, S.ONE}  # nothing marks the planted bits
+    back = [T - 1 - i for i in range(T) if planted[0, i]]  # how far before '=' each planted bit is
+    assert (planted == planted[0]).all() and len(back) == k and max(back) == window and min(back) == (window if k == 1 else 1)
+    want = sum(idx[:, T - 1 - d] for d in back) % 2  # the label, recomputed from the tokens at those distances
+    assert (b["targets"].numpy()[:, 0] == want).all()
+    if coupled:
+        assert (b["position_ids"].numpy() == np.where(planted, T - 1, np.arange(T))).all()
+    else:
+        assert "position_ids" not in b
+
+
+def test_locality_test_sets_share_their_bits_across_windows():
+    """Paired comparisons across W: one seed gives the same bit strings for every window."""
+    a, b = (S.sample_local(np.random.default_rng(7), 32, 40, 3, w) for w in (4, 16))
+    assert torch.equal(a["idx"], b["idx"]) and not torch.equal(a["targets"], b["targets"])
+    with pytest.raises(C.UsageError):
+        S.sample_local(np.random.default_rng(0), 4, 10, 3, 12)
+
+
+def test_mass_on_planted_bits_matches_a_manual_softmax():
+    """score_with_mass: the query's attention on the planted bits, the best head, recomputed by hand."""
+    torch.manual_seed(0)
+    model = C.GPT(C.GPTConfig(vocab_size=6, n_layer=1, n_head=2, n_embd=16, pos="rope", mlp=False)).eval()
+    b = S.sample_local(np.random.default_rng(0), 8, 12, 3, 8)
+    out = S.score_with_mass(model, b)
+    blk = model.blocks[0]
+    x = blk.ln_1(model.wte(b["idx"]))
+    q, k, _ = blk.attn.c_attn(x).split(16, dim=2)
+    q, k = (t.view(8, 14, 2, 8).transpose(1, 2) for t in (q, k))  # (B, nh, T, hs)
+    rope = C.rope_angles(torch.arange(14)[None], 8, model.cfg.rope_base)
+    q, k = C.apply_rope(q, rope), C.apply_rope(k, rope)
+    p = torch.softmax(q[:, :, -1:] @ k.transpose(-1, -2) / 8 ** 0.5, -1)[:, :, 0]  # (B, nh, T): '=' attends to all
+    want = (p * b["planted"][:, None].float()).sum(-1).amax(1)
+    assert torch.allclose(out["mass_l0"], want, atol=1e-5)
+    assert torch.equal(out["accuracy"], C.accuracy_at(model, b)["accuracy"])
 
 
 def follow(cells):
@@ -148,6 +184,18 @@ def test_ppc_greedy_feeds_the_predicted_ids_on_a_hand_made_model():
         assert abs(float(out["id_acc"][0]) - (m - 1) / m) < 1e-6
 
 
+def test_first_drift_counts_jumps_up_to_the_first_wrong_id():
+    gold = torch.tensor([[0, 5, 6, 8, 11, 12, 0], [0, 5, 6, 8, 11, 12, 0]])  # jumps 1, 2, 3, 1 from position 2 on
+    valued = torch.tensor([[0, 0, 1, 1, 1, 1, 0]] * 2, dtype=torch.bool)
+    pred = gold.clone()
+    pred[0, 4] = 10  # row 0 drifts at the jump of 3, after 2 right ids; a wrong id after it does not count
+    pred[0, 5] = 0
+    out = S.first_drift(pred, gold, valued)
+    assert out["ids_ok"].tolist() == [2, 4]
+    assert [out[f"tries_j{j}"].tolist() for j in (1, 2, 3)] == [[1, 2], [1, 1], [1, 1]]
+    assert [out[f"fails_j{j}"].tolist() for j in (1, 2, 3)] == [[0, 0], [0, 0], [1, 0]]
+
+
 @pytest.mark.parametrize("ids", ["plain", "gold", "predicted"])
 def test_greedy_pointer_equals_the_full_forward(ids):
     """Every produced token (and predicted id) is the argmax of a full forward over what was fed."""
@@ -187,24 +235,29 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert {(r["k"], r["length"]) for r in sp} == {(k, L) for k in (1, 2, 3) for L in (20, 40)}
     assert len(sp) == 3 * 2 * 2  # k x lengths x seeds
     assert {r["variant"] for r in acc if r["exp"] == "ppc"} == {"nope", "rope", "oracle", "ppc"}
-    assert all("id_acc" in r for r in acc if r["variant"] in ("oracle", "ppc"))
-    assert {r["variant"] for r in acc if r["exp"] == "locality"} == {f"{v}, W={w}" for v in S.LOCALITY_VARIANTS
-                                                                     for w in ("4", "all")}
+    assert all("id_acc" in r and "ids_ok" in r for r in acc if r.get("variant") in ("oracle", "ppc"))
+    assert {(r["pos"], r["W"]) for r in acc if r["exp"] == "locality"} == {(v, w) for v in S.LOCALITY_VARIANTS
+                                                                          for w in (4, 8)}
+    assert all(0 <= r["mass_l1"] <= 1 for r in acc if r["exp"] != "ppc")
     assert all(0 <= r[k] <= 1 for r in acc for k in ("accuracy", "token_acc", "exact", "id_acc") if k in r)
     assert any(r["table"] == "probe" and r["comp_std"] > 0 for r in res["rows"])
-    figs = ["sparsity_by_length.png", "sparsity_vs_k.png", "locality.png", "ppc.png", "variance.png"]
+    figs = ["sparsity_by_length.png", "sparsity_vs_k.png", "sparsity_mass.png", "locality.png", "ppc.png",
+            "variance.png"]
     for f in figs:
         assert (tmp_path / f).stat().st_size > 10_000, f
         (tmp_path / f).unlink()
     summary = (tmp_path / "summary.txt").read_text()
     assert "rho" in summary and "claim" in summary
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert {c["setting"] for c in claims if "by_W" in c} == set(S.LOCALITY_VARIANTS)
+    assert {c["setting"] for c in claims if "by_k" in c} == {"K=3", "fixed k (one model per k)"}
     p = subprocess.run([sys.executable, SCRIPT, "--plot-only", str(tmp_path)], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert all((tmp_path / f).exists() for f in figs)
 
 
-@pytest.mark.parametrize("flags,word", [(["--windows", "2"], "window"), (["--k-train", "30"], "train_max"),
+@pytest.mark.parametrize("flags,word", [(["--windows", "2"], "window"), (["--windows", "32"], "loc-min"), (["--k-train", "30"], "train_max"),
                                         (["--experiments", "bogus"], "experiments")])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, word):
     p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", *flags, "--out", str(tmp_path)],
