@@ -260,10 +260,10 @@ class Config(C.TrainConfig):
     train_min: int = C.arg(8, "fewest bits l in training (at least the largest k)", min=1)
     train_max: int = C.arg(20, "most bits l in training: L", min=1)
     test_lengths: tuple = C.arg((20, 40, 80, 160), "bits l at test (L, 2L, 4L, 8L)", min=1)
-    windows: tuple = C.arg((4, 8, 16), "locality: the planted bits are spread over the last W bits", min=1)
+    windows: tuple = C.arg((1, 4, 16), "locality: the planted bits are spread over the last W bits", min=1)
     loc_min: int = C.arg(16, "locality: fewest bits in training, the same for every W (at least the largest W)",
                          min=1)
-    loc_k: int = C.arg(3, "locality: planted bits per example", min=1)
+    loc_k: int = C.arg(1, "locality: planted bits per example", min=1)
     loc_variants: tuple = C.arg(LOCALITY_VARIANTS, "locality: position encodings", choices=LOCALITY_VARIANTS)
     loc_steps: int = C.arg(2000, "locality: optimizer steps per run", min=1)
     ppc_variants: tuple = C.arg(PPC_VARIANTS, "ppc: NoPE, RoPE, coupled (evaluated as oracle and ppc)",
@@ -277,12 +277,12 @@ class Config(C.TrainConfig):
 
 PRESETS = {
     "smoke": dict(seeds=2, steps=30, loc_steps=30, ppc_steps=30, experiments=EXPERIMENTS, k_train=(3,),
-                  fixed_k=(2,), windows=(4, 8), test_lengths=(20, 40), ppc_test=(10, 20), eval_examples=32,
+                  fixed_k=(2,), windows=(1, 4), test_lengths=(20, 40), ppc_test=(10, 20), eval_examples=32,
                   probe_examples=16),
     "quick": dict(seeds=5, steps=3000, lr=3e-3, eval_examples=500),
     "paper": dict(seeds=5, steps=10000, loc_steps=10000, ppc_steps=30000, lr=1e-3, experiments=EXPERIMENTS,
                   k_train=(4, 6, 8, 10, 12), fixed_k=(1, 2, 3, 4, 5, 6, 8), train_min=12, train_max=40,
-                  test_lengths=(40, 80, 160, 320), windows=(4, 8, 16, 32), ppc_test=(10, 20, 40, 80, 160)),
+                  test_lengths=(40, 80, 160, 320), windows=(1, 4, 16, 32), loc_min=32, ppc_test=(10, 20, 40, 80, 160)),
 }
 
 

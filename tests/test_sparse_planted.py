@@ -237,7 +237,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert {r["variant"] for r in acc if r["exp"] == "ppc"} == {"nope", "rope", "oracle", "ppc"}
     assert all("id_acc" in r and "ids_ok" in r for r in acc if r.get("variant") in ("oracle", "ppc"))
     assert {(r["pos"], r["W"]) for r in acc if r["exp"] == "locality"} == {(v, w) for v in S.LOCALITY_VARIANTS
-                                                                          for w in (4, 8)}
+                                                                          for w in (1, 4)}
     assert all(0 <= r["mass_l1"] <= 1 for r in acc if r["exp"] != "ppc")
     assert all(0 <= r[k] <= 1 for r in acc for k in ("accuracy", "token_acc", "exact", "id_acc") if k in r)
     assert any(r["table"] == "probe" and r["comp_std"] > 0 for r in res["rows"])
@@ -257,7 +257,8 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert all((tmp_path / f).exists() for f in figs)
 
 
-@pytest.mark.parametrize("flags,word", [(["--windows", "2"], "window"), (["--windows", "32"], "loc-min"), (["--k-train", "30"], "train_max"),
+@pytest.mark.parametrize("flags,word", [(["--windows", "2", "--loc-k", "3"], "window"), (["--windows", "32"], "loc-min"),
+                                        (["--k-train", "30"], "train_max"),
                                         (["--experiments", "bogus"], "experiments")])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, word):
     p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", *flags, "--out", str(tmp_path)],
