@@ -61,8 +61,8 @@ Commands and measured run times (2-core CPU, 2 cells at a time):
   python parity_random_access.py --experiment claims   # the claim table: CLAIMS_RUNS, each format in the setting
       # where it learns, 10 seeds, n to 100, one resumable folder. Measured: scratchpad 43.5 min, interleaved
       # 8.5 min, mnemonic RoPE + NoPE 75 min, none 8.7 min, constant + cyclic 131 min (20 cells, sharing the
-      # cores with addition runs); misaligned 2 of 10 seeds, add-mnemonic 7 of 10, add 2 of 10 so far (~12.5 min
-      # a cell with 3 cells on 2 cores). Committed cells: --out results/parity_random_access/claims resumes them
+      # cores with addition runs); misaligned ~11 min a cell, add-mnemonic ~12 min (3 cells on 2 cores); add 2 of
+      # 10 seeds so far. Committed cells: --out results/parity_random_access/claims resumes them
 
 Deviations: no code was released and the paper's body could not be read here; the protocol follows
 SPEC.md. Our models are small transformers trained from scratch; the paper's were most likely
