@@ -478,7 +478,8 @@ def spearman_ci(points, n_boot=2000, seed=0):
 POS_COLORS = {"nope": "C0", "rope": "C1", "coupled": "C2", "oracle": "C2", "ppc": "C3"}  # in every figure
 POS_ORDER = list(POS_COLORS)
 HOLDS = 0.9  # a seed holds at a length: accuracy (or exact match) >= this there
-LEARNED = 0.95  # a k is learned in distribution: mean accuracy >= this at the longest training length
+LEARNED = 0.95  # a k (or W) is learned in distribution: mean accuracy >= this at the longest training length
+MATTERS = 0.05  # a paired difference counts when its 95% interval excludes 0 and it is at least this large
 
 
 def pos_style(pos):
@@ -577,17 +578,23 @@ def fig_sparsity_mass(sp, L, k_palette, out):
 
 
 def fig_locality(loc, cfg, out):
-    """locality.png: accuracy vs l per position encoding, a panel per window W, then accuracy at the
-    longest l vs W with a dot per seed."""
+    """locality.png: top, accuracy vs l per position encoding, a panel per window W, then accuracy at
+    the longest l vs W with a dot per seed; bottom, the attention mass of '=' on the planted bits in
+    layer 0 (the best head) vs l."""
     plt = C.pyplot()
     Ws, L = sorted({r["W"] for r in loc}), cfg.train_max
-    fig, axes = plt.subplots(1, len(Ws) + 1, figsize=(5.8 * (len(Ws) + 1), 4), squeeze=False)
-    for ax, w in zip(axes[0], Ws):
-        C.plot_vs_length(C.select(loc, W=w), "accuracy", None, L, group="pos", chance=0.5, ax=ax, style=pos_style,
-                         title=f"the {cfg.loc_k} bits {', '.join(map(str, spread_offsets(cfg.loc_k, w)))} places "
-                               f"before '=' (W = {w})")
-        ax.set(xlabel="bits l", ylim=(0, 1.05))
-        C.ticks_at(ax, sorted({r["length"] for r in loc}))
+    fig, axes = plt.subplots(2, len(Ws) + 1, figsize=(5.8 * (len(Ws) + 1), 8), squeeze=False)
+    for i, w in enumerate(Ws):
+        where = ", ".join(map(str, spread_offsets(cfg.loc_k, w)))
+        C.plot_vs_length(C.select(loc, W=w), "accuracy", None, L, group="pos", chance=0.5, ax=axes[0, i],
+                         style=pos_style, title=f"W = {w}: label from the bit(s) {where} places before '='")
+        C.plot_vs_length(C.select(loc, W=w), "mass_l0", None, L, group="pos", ax=axes[1, i], style=pos_style,
+                         ylabel="attention mass on the planted bits",
+                         title=f"W = {w}: layer 0, mass of '=' on the planted bits (best head)")
+        for ax in axes[:, i]:
+            ax.set(xlabel="bits l", ylim=(0, 1.05))
+            C.ticks_at(ax, sorted({r["length"] for r in loc}))
+    axes[1, -1].axis("off")
     top = max(r["length"] for r in loc)
     sel = [{**r, "w_i": Ws.index(r["W"])} for r in loc if r["length"] == top]  # W as categories, evenly spaced
     line_with_band(axes[0, -1], sel, "w_i", "accuracy", "pos", colors=POS_COLORS)
@@ -673,11 +680,17 @@ def locality_claims(loc, L):
         by_w = [{"W": w, **{name: {**C.seed_stats(v), "hold": holding(v)} for name, v in (
             ("inside", list(C.per_seed(rows, "accuracy", W=w, length=L).values())),
             ("beyond", list(C.per_seed(rows, "accuracy", W=w, length=top).values())))}} for w in Ws]
-        d = next((x for x in C.paired_diff_ci(rows, "accuracy", Ws[-1], Ws[0], by="W") if x["length"] == top), None)
-        depends = d is not None and (d["hi"] < 0 or d["lo"] > 0)
+        learned = [x["W"] for x in by_w if x["inside"]["mean"] >= LEARNED]  # compare only W learned in distribution
+        d = next((x for x in C.paired_diff_ci(rows, "accuracy", learned[-1], learned[0], by="W")
+                  if x["length"] == top), None) if len(learned) > 1 else None
+        if d is None:
+            verdict = "untested: fewer than two W learned in distribution"
+        else:  # an interval that excludes 0, and a difference that matters
+            verdict = "depends on W" if (d["hi"] < 0 or d["lo"] > 0) and abs(d["diff"]) >= MATTERS else \
+                "no W dependence found"
         out.append({"claim": "(2) accuracy beyond the training length depends on the window W", "setting": pos,
-                    "train_max": L, "test_max": top, "by_W": by_w, "diff_W": d,
-                    "verdict": "depends on W" if depends else "no W dependence found"})
+                    "train_max": L, "test_max": top, "by_W": by_w, "learned_W": learned,
+                    "diff_W": d and {**d, "a": learned[-1], "b": learned[0]}, "verdict": verdict})
     by = {c["setting"]: c for c in out}
     if "coupled" in by and len(Ws) > 1:
         uncoupled = [p for p in ("nope", "rope") if p in by and by[p]["verdict"] == "depends on W"]
@@ -751,13 +764,14 @@ def say_claims(verdicts, say):
     loc = [c for c in verdicts if "by_W" in c]
     if loc:
         say(f"\n| position ids | W | l = {loc[0]['train_max']} (training) | l = {loc[0]['test_max']} | "
-            f"seeds >= {HOLDS} at l = {loc[0]['test_max']} [95% CI] | largest W - smallest W at l = "
-            f"{loc[0]['test_max']}, paired [95% CI] |")
+            f"seeds >= {HOLDS} at l = {loc[0]['test_max']} [95% CI] | largest - smallest W learned in "
+            f"distribution, at l = {loc[0]['test_max']}, paired [95% CI] |")
         say("|---|---|---|---|---|---|")
         for c in loc:
             d = c["diff_W"]
             for i, x in enumerate(c["by_W"]):
-                diff = f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] -> {c['verdict']}" if d and i == 0 else ""
+                diff = "" if i else c["verdict"] if d is None else \
+                    f"W = {d['a']} - {d['b']}: {d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] -> {c['verdict']}"
                 say(f"| {c['setting']} | {x['W']} | {stat(x['inside'])} | {stat(x['beyond'])} | "
                     f"{frac(x['beyond']['hold'])} | {diff} |")
     pp = [c for c in verdicts if "by_n" in c]
