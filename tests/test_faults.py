@@ -42,7 +42,7 @@ BAD = [  # (script, flags, part of the message): every class of bad input, check
     (PA, ["--add-train-max", "50"], "--add-train-max 50 beyond"),
     (PA, ["--train-max", "100"], "--map-length 40 must reach --train-max 100"),
     (PA, ["--n-embd", "36", "--n-head", "4"], "even head size"),
-    (SP, ["--windows", "100"], "--windows 100 longer"),
+    (SP, ["--windows", "100"], "must hold the largest window 100"),
     (SP, ["--n-embd", "30"], "divisible by --n-head"),
 ]
 
