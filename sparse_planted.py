@@ -658,13 +658,16 @@ def sparsity_claims(sp, L):
         at_top = [next(x["mean"] for x in d["by_length"] if x["length"] == top) for d in by_k if d["k"] in learned]
         pts = [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == top and r["k"] in learned]
         rho, lo, hi = spearman_ci(pts) if len(learned) > 1 else (float("nan"),) * 3
+        rho_by = [{"length": Lx, **dict(zip(("rho", "lo", "hi"), spearman_ci(
+            [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == Lx and r["k"] in learned])))}
+            for Lx in lengths if Lx > L and len(learned) > 1]
         mono = all(a >= b - 0.02 for a, b in zip(at_top, at_top[1:]))
         verdict = ("untested: fewer than two k learned in distribution" if len(learned) < 2 else
                    "reproduced" if mono and hi < 0 else "direction reproduced, not significant" if mono and rho < 0
                    else "NOT reproduced")
         out.append({"claim": "(1) accuracy beyond the training length falls as k grows", "setting": fam,
                     "train_max": L, "test_max": top, "by_k": by_k, "learned_k": learned, "rho": rho,
-                    "rho_ci": [lo, hi], "monotone": mono, "verdict": verdict})
+                    "rho_ci": [lo, hi], "rho_by_length": rho_by, "monotone": mono, "verdict": verdict})
     return out
 
 
@@ -761,6 +764,8 @@ def say_claims(verdicts, say):
             say(f"  {c['setting']}: rho(accuracy, k) at l = {c['test_max']} over the learned k "
                 f"{','.join(map(str, c['learned_k']))}: {c['rho']:+.2f} [{c['rho_ci'][0]:+.2f}, {c['rho_ci'][1]:+.2f}]"
                 f"; monotone: {'yes' if c['monotone'] else 'no'} -> {c['verdict']}")
+            say("    rho by length: " + ", ".join(f"l = {x['length']}: {x['rho']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}]"
+                                           for x in c["rho_by_length"]))
     loc = [c for c in verdicts if "by_W" in c]
     if loc:
         say(f"\n| position ids | W | l = {loc[0]['train_max']} (training) | l = {loc[0]['test_max']} | "
