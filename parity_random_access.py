@@ -48,7 +48,7 @@ Training lengths: n ~ U[10, 20] bits per batch; tests: n = 10 ... 60. Addition: 
 its own (one batch mixes digit counts, sample_mixed); tests: 3 ... 15 digits.
 
 Commands and measured run times (2-core CPU, 2 cells at a time):
-  python parity_random_access.py                       # quick: scratchpad, interleaved, mnemonic, 3 seeds: 13.8 min
+  python parity_random_access.py                       # quick: scratchpad, interleaved, mnemonic, 3 seeds: 10.9 min
   python parity_random_access.py --preset smoke        # ~30 s: what the tests run
   python parity_random_access.py --formats none,constant,cyclic,misaligned   # the anchor ablations, 12 cells: 24.6 min
   python parity_random_access.py --formats add,add-mnemonic                   # addition at the quick budget
