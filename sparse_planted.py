@@ -50,8 +50,8 @@ greedy and autoregressive (key/value cache): 'oracle' feeds the gold ids, 'ppc' 
 Metrics: per-token accuracy of the output (values and '$'), exact match, and id accuracy.
 
 Commands and measured run times (2-core CPU; results in the README section):
-  python sparse_planted.py                         # quick: sparsity (K = 4, 6) + fixed k = 1..5, 5 seeds, 35 cells
-                                                   #   (14.9 min before the attention-mass probe was added; see README)
+  python sparse_planted.py                         # quick: sparsity (K = 4, 6) + fixed k = 1..5, 5 seeds,
+                                                   #   35 cells: 10.8 min
   python sparse_planted.py --seeds 10              # the sparsity claims: the same 10 seeds, reusing quick's 5 (70 cells)
   python sparse_planted.py --preset smoke          # ~35 s: what the tests run
   python sparse_planted.py --experiments locality --seeds 10   # the locality claims: NoPE / RoPE / coupled RoPE
