@@ -347,24 +347,21 @@ def run_sparse(cell, cfg, device):
     if result["diverged"]:
         return {"status": "diverged", "train": result, "rows": []}
     rows = []
-    for k in ks:
-        for r in C.evaluate_by_length(model, test_k(k), cfg.test_lengths, cfg.eval_examples, device,
-                                      score=score_with_mass):
-            rows.append({"table": "accuracy", "k": k, **r})
+    for k in ks:  # accuracy and the mass on the planted bits, in the probed pass's own hook
+        acc, _, _ = C.evaluate_with_probes(model, test_k(k), cfg.test_lengths, cfg.eval_examples, device,
+                                           extra=planted_mass)
+        rows += [{"table": "accuracy", "k": k, **r} for r in acc]
     _, probes, _ = C.evaluate_with_probes(model, probe_test, cfg.test_lengths, cfg.probe_examples, device)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
     return {"train": result, "rows": rows, "examples": sparse_examples(model, test_k(ks[-1]), cfg, device)}
 
 
-def score_with_mass(model, batch):
-    """Per example: accuracy at '=' and, per layer, the attention mass that the query '=' puts on the
-    planted bits, in the head that puts the most there (mass_l0, mass_l1, ...)."""
-    logits, recs = model.probe(batch["idx"], batch["at"], batch.get("position_ids"))
-    out = {"accuracy": (logits[:, 0].argmax(-1) == batch["targets"][:, 0]).float()}
-    planted = batch["planted"].to(logits.dtype)[:, None, :]  # (B, 1, T)
-    for layer, r in enumerate(recs):
-        out[f"mass_l{layer}"] = (r["attn"][:, :, 0] * planted).sum(-1).amax(1)  # (B, nh, T) -> (B,)
-    return out
+def planted_mass(batch, logits, recs):
+    """evaluate_with_probes' extra metric: per example and layer, the attention mass that the query '='
+    puts on the planted bits, in the head that puts the most there (mass_l0, mass_l1, ...)."""
+    planted = batch["planted"].to(recs[0]["attn"].dtype)[:, None, :]  # (B, 1, T)
+    return {f"mass_l{layer}": (r["attn"][:, :, 0] * planted).sum(-1).amax(1)  # (B, nh, T) -> (B,)
+            for layer, r in enumerate(recs)}
 
 
 @torch.no_grad()

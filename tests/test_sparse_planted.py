@@ -69,11 +69,12 @@ def test_locality_test_sets_share_their_bits_across_windows():
 
 
 def test_mass_on_planted_bits_matches_a_manual_softmax():
-    """score_with_mass: the query's attention on the planted bits, the best head, recomputed by hand."""
+    """planted_mass: the query's attention on the planted bits, the best head, recomputed by hand."""
     torch.manual_seed(0)
     model = C.GPT(C.GPTConfig(vocab_size=6, n_layer=1, n_head=2, n_embd=16, pos="rope", mlp=False)).eval()
     b = S.sample_local(np.random.default_rng(0), 8, 12, 3, 8)
-    out = S.score_with_mass(model, b)
+    logits, recs = model.probe(b["idx"], b["at"])
+    out = {"accuracy": (logits[:, 0].argmax(-1) == b["targets"][:, 0]).float(), **S.planted_mass(b, logits, recs)}
     blk = model.blocks[0]
     x = blk.ln_1(model.wte(b["idx"]))
     q, k, _ = blk.attn.c_attn(x).split(16, dim=2)
