@@ -76,6 +76,23 @@ def test_addition_oracle(fmt, d):
             assert (idx[i, plus + inputs - 1] == a).all() and (idx[i, steps - 1] == a).all()
 
 
+def test_addition_formats_are_tested_on_the_same_sums():
+    """The paired add-mnemonic - add difference in claims() needs both formats' test sets at each n to
+    hold the same sums, in the same order: recompute the operands from each format's tokens."""
+    cfg = P.Config(add_test_lengths=(3, 15), eval_examples=500)
+    operands = {}
+    for fmt in ("add", "add-mnemonic"):
+        _, test = P.samplers(fmt, cfg, P.build_model(fmt, "rope", cfg).cfg.block_size)  # as run_cell does
+        for n in cfg.add_test_lengths:
+            (b,) = list(C.eval_batches(test, n, cfg.eval_examples))  # one batch of 500 at these lengths
+            idx, inputs, _, _ = parts(b)
+            plus = int(np.flatnonzero(idx[0] == P.PLUS)[0])
+            operands[fmt, n] = (idx[:, inputs], idx[:, plus + inputs])
+    for n in cfg.add_test_lengths:
+        assert all((a == m).all() for a, m in zip(operands["add", n], operands["add-mnemonic", n]))
+    assert not (operands["add", 3][0][:, :3] == operands["add", 3][0][0, :3]).all()  # not one constant sum
+
+
 @pytest.mark.parametrize("positions", ["plain", "random"])
 def test_mixed_addition_batch_pads_without_changing_any_row(positions):
     """Addition trains on batches of mixed digit counts: every row's scored logits equal those of the
@@ -246,6 +263,8 @@ def test_claims_oracle():
     add, am = by["add"], by["add-mnemonic"]
     assert (add["train_max"], add["generalize_at"], add["seeds_learned"]) == (5, 15, 10)
     assert am["seeds_ok"] == 7 and am["verdict"] == "reproduced"  # seeds 3..9 >= 0.95 at 15 digits; plain: 0.2
+    d = am["paired_at_generalize"]  # mean of 0.9 + 0.02 s (capped at 1) - 0.2 over the 10 seeds
+    assert d["n"] == 10 and abs(d["diff"] - 0.77) < 1e-12 and 0 < d["lo"] < d["diff"] < d["hi"]
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
