@@ -484,6 +484,12 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def sample_length_range(rng, batch_size, sample, lo, hi):
+    """A training batch of one length l ~ U[lo, hi], drawn per batch: sample(rng, batch_size, l).
+    Bind sample, lo and hi with functools.partial to get a sampler for train()."""
+    return sample(rng, batch_size, int(rng.integers(lo, hi + 1)))
+
+
 def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None,
           compile=False, progress=True, desc="train"):
     """Train `model` on batches from `sample_batch(rng, batch_size)`.

@@ -431,7 +431,7 @@ def samplers(fmt, cfg, max_pos):
                              max_pos=max_pos if cfg.positions == "random" else 0)
     if fmt in ADD_FORMATS:
         return functools.partial(sample_mixed, lo=lo, hi=hi, sample=test), test
-    return (lambda rng, B: test(rng, B, int(rng.integers(lo, hi + 1)))), test
+    return functools.partial(C.sample_length_range, sample=test, lo=lo, hi=hi), test
 
 
 def sample_mixed(rng, batch_size, lo, hi, sample):
@@ -473,7 +473,8 @@ def run_cell(cell):
     in_dist = lambda m: {f"accuracy@{hi}": C.evaluate_by_length(m, test, [hi], 128, device, score(fmt))[0]["accuracy"]}
     pre = None
     if cfg.pretrain_steps:  # a separate optimizer run: warmup and cosine schedule of its own
-        copy = lambda rng, B: sample_copy(rng, B, int(rng.integers(5, COPY_MAX + 1)), cfg.anchors)
+        copy = functools.partial(C.sample_length_range, sample=functools.partial(sample_copy, pool=cfg.anchors),
+                                 lo=5, hi=COPY_MAX)
         copy = (lambda rng, B, f=copy: random_positions(f(rng, B), rng, model.cfg.block_size)) \
             if cfg.positions == "random" else copy
         pre = C.train(model, copy, replace(cfg, steps=cfg.pretrain_steps), device, data_seed=20_000 + seed,

@@ -319,17 +319,20 @@ def sparse_samplers(cell, cfg):
     """(train(rng, B), test_k(k) -> test(rng, B, l), probe test(rng, B, l), ks tested, steps, pos)."""
     if cell["exp"] == "locality":  # every W trains on the same lengths, loc_min..train_max
         coupled, k = cell["pos"] == "coupled", cfg.loc_k
-        test_k = lambda kk: functools.partial(sample_local, k=kk, window=cell["W"], coupled=coupled)
-        train = lambda rng, B: test_k(k)(rng, B, int(rng.integers(cfg.loc_min, cfg.train_max + 1)))
+        def test_k(kk):
+            return functools.partial(sample_local, k=kk, window=cell["W"], coupled=coupled)
+        train = functools.partial(C.sample_length_range, sample=test_k(k), lo=cfg.loc_min, hi=cfg.train_max)
         return train, test_k, test_k(k), [k], cfg.loc_steps, "none" if cell["pos"] == "nope" else "rope"
     K = cell["K"] if cell["exp"] == "sparsity" else cell["k_only"]
-    test_k = lambda kk: functools.partial(sample_sparse, k=kk)
+
+    def test_k(kk):
+        return functools.partial(sample_sparse, k=kk)
     lo = max(cfg.train_min, K)
     if cell["exp"] == "sparsity":  # k ~ U[1, K] per example
         mix = functools.partial(sample_mixture, K=K)
-        return (lambda rng, B: mix(rng, B, int(rng.integers(lo, cfg.train_max + 1))), test_k, mix,
+        return (functools.partial(C.sample_length_range, sample=mix, lo=lo, hi=cfg.train_max), test_k, mix,
                 list(range(1, K + 1)), cfg.steps, "none")
-    return (lambda rng, B: test_k(K)(rng, B, int(rng.integers(lo, cfg.train_max + 1))), test_k, test_k(K),
+    return (functools.partial(C.sample_length_range, sample=test_k(K), lo=lo, hi=cfg.train_max), test_k, test_k(K),
             [K], cfg.steps, "none")
 
 
