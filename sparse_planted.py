@@ -609,12 +609,15 @@ PPC_TITLES = {"token_acc": "per-token accuracy, greedy", "exact": "exact match o
 
 
 def fig_ppc(ppc, cfg, out):
-    """ppc.png: token accuracy, exact match and id accuracy vs n, one line per model / decoding."""
+    """ppc.png: token accuracy, exact match and id accuracy vs n, one line per model / decoding, a dot
+    per seed."""
     plt = C.pyplot()
     metrics = [m for m in PPC_TITLES if any(m in r for r in ppc)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        C.plot_vs_length(ppc, m, None, cfg.ppc_max, ax=ax, style=pos_style, title=PPC_TITLES[m] + " (mean ± std)")
+        C.plot_vs_length(ppc, m, None, cfg.ppc_max, ax=ax, style=pos_style,
+                         title=PPC_TITLES[m] + " (mean ± std, dots: seeds)")
+        seed_dots(ax, [r for r in ppc if m in r], "length", m, "variant", POS_COLORS)
         ax.set(xlabel="cells n", ylim=(0, 1.05))
         C.ticks_at(ax, sorted({r["length"] for r in ppc}))
     C.save_figure(fig, out / "ppc.png")
@@ -709,7 +712,9 @@ def locality_claims(loc, L):
 
 def ppc_claims(ppc, cfg):
     """Claim (3) as data: per model / decoding, token accuracy, exact match and id accuracy at every n
-    (mean, std, median; seeds whose exact match holds), and the verdict at the longest n."""
+    (mean, std, median, the 95% t-interval of the mean; seeds that hold), where the predicted ids first
+    drift, and the verdict at the longest n with PPC - the better baseline, paired by seed on the same
+    test sequences."""
     out, by = [], {}
     for g in sorted({r["variant"] for r in ppc}, key=POS_ORDER.index):
         rows = C.select(ppc, variant=g)
@@ -719,7 +724,9 @@ def ppc_claims(ppc, cfg):
             for m in PPC_TITLES:
                 v = list(C.per_seed(rows, m, length=n).values())
                 if v:
-                    d[m] = {**C.seed_stats(v), "hold": holding(v)}
+                    s, half = C.seed_stats(v), C.t_half_width(v)
+                    d[m] = {**s, "ci": (max(0.0, s["mean"] - half), min(1.0, s["mean"] + half)),  # fractions
+                            "hold": holding(v)}
             at_n = C.select(rows, length=n)
             if at_n and "ids_ok" in at_n[0]:  # where the predicted ids first drift
                 d["ids_ok"] = C.seed_stats([r["ids_ok"] for r in at_n])
@@ -731,9 +738,12 @@ def ppc_claims(ppc, cfg):
                     "verdict": "measured"})
     if "ppc" in by and ({"nope", "rope"} & by.keys()):
         ppc_t, ppc_e = by["ppc"]["token_acc"]["mean"], by["ppc"]["exact"]["mean"]
-        best = max(by[g]["token_acc"]["mean"] for g in ("nope", "rope") if g in by)
+        base = max((g for g in ("nope", "rope") if g in by), key=lambda g: by[g]["token_acc"]["mean"])
+        best = by[base]["token_acc"]["mean"]
+        paired = [d for d in C.paired_diff_ci(ppc, "token_acc", "ppc", base) if d["length"] == by["ppc"]["n"]]
         out.append({"claim": "(3) PPC length-generalizes where NoPE / RoPE do not", "setting": "ppc",
-                    "n": by["ppc"]["n"], "ppc_token_acc": ppc_t, "ppc_exact": ppc_e, "best_baseline_token_acc": best,
+                    "n": by["ppc"]["n"], "ppc_token_acc": ppc_t, "ppc_exact": ppc_e, "best_baseline": base,
+                    "best_baseline_token_acc": best, "paired_minus_baseline": paired[0] if paired else None,
                     "verdict": "reproduced" if ppc_e >= HOLDS else
                     "partly (beats NoPE / RoPE, but not exact)" if ppc_t > best + 0.1 else "NOT reproduced"})
     return out
@@ -741,6 +751,10 @@ def ppc_claims(ppc, cfg):
 
 def stat(s):
     return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['median']:.2f})"
+
+
+def stat_ci(s):
+    return f"{stat(s)} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
 
 
 def frac(h):
@@ -781,20 +795,30 @@ def say_claims(verdicts, say):
                     f"{frac(x['beyond']['hold'])} | {diff} |")
     pp = [c for c in verdicts if "by_n" in c]
     if pp:
-        say(f"\n| model / decoding | n | per-token accuracy | exact match | seeds with exact >= {HOLDS} [95% CI] "
-            f"| id accuracy | ids right before the first wrong one | first-drift chance at a jump of 1 / 2 / 3 |")
+        say(f"\n| model / decoding | n | per-token accuracy [95% CI of the mean] | exact match [95% CI] | seeds with "
+            f"exact >= {HOLDS} [95% CI] | id accuracy [95% CI] | ids right before the first wrong one | "
+            f"first-drift chance at a jump of 1 / 2 / 3 |")
         say("|---|---|---|---|---|---|---|---|")
         for c in pp:
             for d in c["by_n"]:
-                ida = stat(d["id_acc"]) if "id_acc" in d else "-"
+                ida = stat_ci(d["id_acc"]) if "id_acc" in d else "-"
                 ok = stat(d["ids_ok"]) if "ids_ok" in d else "-"
                 by_j = " / ".join(f"{d['drift_by_jump'][j]['mean']:.3f}" for j in (1, 2, 3)) if "ids_ok" in d else "-"
-                say(f"| {c['setting']} | {d['n']} | {stat(d['token_acc'])} | {stat(d['exact'])} | "
+                say(f"| {c['setting']} | {d['n']} | {stat_ci(d['token_acc'])} | {stat_ci(d['exact'])} | "
                     f"{frac(d['exact']['hold'])} | {ida} | {ok} | {by_j} |")
     for c in verdicts:
         if "by_k" not in c and "by_W" not in c and "by_n" not in c:
             detail = {k: v for k, v in c.items() if k not in ("claim", "setting", "verdict")}
-            say(f"  {c['claim']}: {c['verdict']}  ({', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in detail.items())})")
+            say(f"  {c['claim']}: {c['verdict']}  ({', '.join(f'{k} {say_value(v)}' for k, v in detail.items())})")
+
+
+def say_value(v):
+    """A claim field as printed: floats to 2 places, a paired difference as diff [lo, hi] (n seeds)."""
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, dict) and "diff" in v:
+        return f"{v['diff']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}] ({v['n']} seeds)"
+    return str(v)
 
 
 def report(records, cfg, out):

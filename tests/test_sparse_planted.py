@@ -226,6 +226,26 @@ def test_rank_statistics():
     assert lo < 0 < hi  # no trend: the interval covers 0
 
 
+def test_ppc_claims_oracle():
+    """ppc_claims() on rows built by hand: per-seed token accuracies 0.5 + 0.1 s (ppc) and 0.2 (rope) at
+    n = 40, so the mean, its t-interval and the paired difference are known in closed form."""
+    cfg = S.Config(ppc_test=(20, 40))
+    rows = [{"variant": v, "seed": s, "length": n, "token_acc": a, "exact": float(a == 1.0), "id_acc": a}
+            for s in range(4) for n in cfg.ppc_test
+            for v, a in (("ppc", 1.0 if n == 20 else 0.5 + 0.1 * s), ("rope", 1.0 if n == 20 else 0.2))]
+    out = S.ppc_claims(rows, cfg)
+    ppc = next(c for c in out if c["setting"] == "ppc" and "by_n" in c)
+    at40 = ppc["by_n"][-1]["token_acc"]  # 0.5, 0.6, 0.7, 0.8: mean 0.65, sd 0.129, t(3) = 3.182
+    half = 3.182 * np.std([0.5, 0.6, 0.7, 0.8], ddof=1) / 2
+    assert abs(at40["mean"] - 0.65) < 1e-12 and abs(at40["ci"][1] - 0.65 - half) < 1e-3
+    assert ppc["by_n"][0]["exact"]["hold"]["k"] == 4 and ppc["by_n"][-1]["exact"]["hold"]["k"] == 0
+    (verdict,) = [c for c in out if "best_baseline" in c]
+    d = verdict["paired_minus_baseline"]
+    assert verdict["best_baseline"] == "rope" and d["n"] == 4 and abs(d["diff"] - 0.45) < 1e-12
+    assert abs(d["hi"] - d["diff"] - half) < 1e-3  # the same spread: rope is constant
+    assert verdict["verdict"] == "partly (beats NoPE / RoPE, but not exact)"
+
+
 def test_smoke_preset_end_to_end(tmp_path):
     p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--out", str(tmp_path)], capture_output=True,
                        text=True, timeout=600)
