@@ -57,8 +57,8 @@ Commands and measured run times (2-core CPU; results in the README section):
   python sparse_planted.py --experiments locality --seeds 10   # the locality claims: NoPE / RoPE / coupled RoPE
                                                    #   x W = 1, 4, 16 x 10 seeds, 90 cells of ~50 s each
   python sparse_planted.py --experiments ppc       # NoPE, RoPE, coupled (oracle and PPC), 4000 steps: 24.2 min
-  python sparse_planted.py --experiments ppc --ppc-variants coupled --ppc-steps 16000 --seeds 2 \
-      --out out/sparse_planted/ppc_long            # longer PPC training: 13.1 min
+  python sparse_planted.py --experiments ppc --ppc-steps 16000 --seeds 5 \
+      --out results/sparse_planted/ppc16k          # the PPC claims: 15 cells, 80 min on 2 cores
   python sparse_planted.py --device cuda --preset paper   # everything at paper scale (not run: no GPU yet)
 
 Deviations: no code was released and the paper's body could not be read here; the protocol follows
