@@ -319,6 +319,7 @@ def sparse_samplers(cell, cfg):
     """(train(rng, B), test_k(k) -> test(rng, B, l), probe test(rng, B, l), ks tested, steps, pos)."""
     if cell["exp"] == "locality":  # every W trains on the same lengths, loc_min..train_max
         coupled, k = cell["pos"] == "coupled", cfg.loc_k
+
         def test_k(kk):
             return functools.partial(sample_local, k=kk, window=cell["W"], coupled=coupled)
         train = functools.partial(C.sample_length_range, sample=test_k(k), lo=cfg.loc_min, hi=cfg.train_max)
