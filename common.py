@@ -1005,6 +1005,11 @@ def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
     return out
 
 
+def diff_text(d):
+    """A paired_diff_ci() row as printed: '+0.65 [+0.35, +0.94]'."""
+    return f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+
 def wilson_ci(k, n, z=1.96):
     """95% Wilson score interval (lo, hi) of a fraction k / n (sound at k = 0 or k = n, unlike k/n ± 2 se)."""
     if n == 0:

@@ -914,8 +914,8 @@ def claim_line(c):
 def paired_text(c):
     """', minus plain add ...' for the addition claim: the paired difference at 3x with its 95% t-interval."""
     d = c.get("paired_at_generalize")
-    return (f"; minus plain add at n={c['generalize_at']}, paired by seed: {d['diff']:+.2f} "
-            f"[{d['lo']:+.2f}, {d['hi']:+.2f}] ({d['n']} seeds)") if d else ""
+    return f"; minus plain add at n={c['generalize_at']}, paired by seed: {C.diff_text(d)} ({d['n']} seeds)" \
+        if d else ""
 
 
 

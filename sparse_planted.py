@@ -791,7 +791,7 @@ def say_claims(verdicts, say):
             d = c["diff_W"]
             for i, x in enumerate(c["by_W"]):
                 diff = "" if i else c["verdict"] if d is None else \
-                    f"W = {d['a']} - {d['b']}: {d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] -> {c['verdict']}"
+                    f"W = {d['a']} - {d['b']}: {C.diff_text(d)} -> {c['verdict']}"
                 say(f"| {c['setting']} | {x['W']} | {stat(x['inside'])} | {stat(x['beyond'])} | "
                     f"{frac(x['beyond']['hold'])} | {diff} |")
     pp = [c for c in verdicts if "by_n" in c]
@@ -818,7 +818,7 @@ def say_value(v):
     if isinstance(v, float):
         return f"{v:.2f}"
     if isinstance(v, dict) and "diff" in v:
-        return f"{v['diff']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}] ({v['n']} seeds)"
+        return f"{C.diff_text(v)} ({v['n']} seeds)"
     return str(v)
 
 
