@@ -33,6 +33,7 @@ from dataclasses import replace
 import torch
 
 import common as C
+import harness as H
 
 # Default sizes: vanishing_variance.py's default model (its item embedding stood in for by a token
 # table; T = 16 items + the query); parity_random_access.py's default model on its longest training
@@ -190,7 +191,7 @@ def main():
     if args._eval:
         print(json.dumps(eval_once(*json.loads(args._eval))))
         return
-    device, precision = C.pick_device(args.device, args.dtype)
+    device, precision = H.pick_device(args.device, args.dtype)
     steps = args.steps or (60 if args.quick else 200)
     lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)
     default_threads = os.cpu_count() if device.type == "cpu" else None

@@ -80,6 +80,8 @@ import numpy as np
 import torch
 
 import common as C
+import harness as H
+import reporting as R
 
 PLUS, SEP, EOS, BOS, A0 = 10, 11, 12, 13, 14
 NAMES = {PLUS: "+", SEP: "=", EOS: "$", BOS: "^"}
@@ -360,17 +362,6 @@ CLAIMS_RUNS = (
 )
 
 
-def claims_cells(cfg, device, precision):
-    """The cells of --experiment claims: CLAIMS_RUNS, each on top of cfg."""
-    cells = []
-    for formats, pos, change in CLAIMS_RUNS:
-        run = replace(cfg, formats=formats, pos=pos, **change)
-        validate(run)
-        cells += C.make_cells(run, device, precision, sweep_fields=("seeds", "formats", "pos"), seed=range(run.seeds),
-                              fmt=run.formats, pos=run.pos)
-    return cells
-
-
 def lengths_of(fmt, cfg):
     """(train range, test lengths) of a format: bits for parity, operand digits for addition."""
     if fmt in ADD_FORMATS:
@@ -416,6 +407,16 @@ def sample_test(rng, B, n, fmt, anchors, cycle, max_pos=0):
     """sample_batch in format fmt, with randomized position ids below max_pos if max_pos > 0."""
     b = sample_batch(rng, B, n, fmt, anchors, cycle)
     return random_positions(b, rng, max_pos) if max_pos else b
+
+
+def with_random_positions(rng, B, sample, max_pos):
+    """A training batch from sample(rng, B) with randomized position ids below max_pos."""
+    return random_positions(sample(rng, B), rng, max_pos)
+
+
+def test_key(fmt, cfg, max_pos):
+    """What samplers(fmt, cfg, max_pos)'s test sampler draws: its test sets are drawn once per process."""
+    return ("parity_random_access", fmt, cfg.anchors, cfg.cycle, max_pos if cfg.positions == "random" else 0)
 
 
 def sample_answer_only(rng, B, n, test):
@@ -465,40 +466,43 @@ def answer_only(batch):
 
 def run_cell(cell):
     cfg, fmt, pos, seed = Config(**cell["config"]), cell["fmt"], cell["pos"], cell["seed"]
-    device = C.cell_device(cell)
+    device = torch.device(cell["device"])
     (lo, hi), lengths = lengths_of(fmt, cfg)
     torch.manual_seed(seed)  # init seed; data seed below; test sets have their own fixed seed
     model = build_model(fmt, pos, cfg)
     train, test = samplers(fmt, cfg, model.cfg.block_size)
-    in_dist = lambda m: {f"accuracy@{hi}": C.evaluate_by_length(m, test, [hi], 128, device, score(fmt))[0]["accuracy"]}
+    key = test_key(fmt, cfg, model.cfg.block_size)
+
+    def in_distribution(m):
+        return {f"accuracy@{hi}": C.evaluate_by_length(m, test, [hi], 128, device, score(fmt), key=key,
+                                                       dtype=cfg.dtype)[0]["accuracy"]}
     pre = None
     if cfg.pretrain_steps:  # a separate optimizer run: warmup and cosine schedule of its own
         copy = functools.partial(C.sample_length_range, sample=functools.partial(sample_copy, pool=cfg.anchors),
                                  lo=5, hi=COPY_MAX)
-        copy = (lambda rng, B, f=copy: random_positions(f(rng, B), rng, model.cfg.block_size)) \
-            if cfg.positions == "random" else copy
+        if cfg.positions == "random":
+            copy = functools.partial(with_random_positions, sample=copy, max_pos=model.cfg.block_size)
         pre = C.train(model, copy, replace(cfg, steps=cfg.pretrain_steps), device, data_seed=20_000 + seed,
-                      compile=cell.get("compile", False), progress=C.is_main_process(), desc=f"pretrain/seed{seed}")
-    result = C.train(model, train, cfg, device, data_seed=10_000 + seed,
-                     eval_fn=in_dist, compile=cell.get("compile", False), progress=C.is_main_process(),
-                     desc=f"{fmt}/{pos}/seed{seed}")
-    if result["diverged"] or (pre and pre["diverged"]):
-        return {"status": "diverged", "train": result, "pretrain": pre, "rows": []}
+                      **H.train_options(f"pretrain/seed{seed}"))
+    result = C.train(model, train, cfg, device, data_seed=10_000 + seed, eval_fn=in_distribution,
+                     **H.train_options(f"{fmt}/{pos}/seed{seed}"))
     rows = []
-    for r in C.evaluate_by_length(model, test, lengths, cfg.eval_examples, device, score(fmt), tokens_per_batch=2**15):
+    for r in C.evaluate_by_length(model, test, lengths, cfg.eval_examples, device, score(fmt), tokens_per_batch=2**15,
+                                  key=key, dtype=cfg.dtype):
         steps = sorted((int(k[4:]), v) for k, v in r.items() if k.startswith("step"))
         rows.append({"table": "accuracy", **{k: v for k, v in r.items() if not k.startswith("step")}})
         rows += [{"table": "step", "length": r["length"], "step": i + 1, "accuracy": v} for i, v in steps]
     _, probes, _ = C.evaluate_with_probes(model, functools.partial(sample_answer_only, test=test), lengths,
-                                          cfg.probe_examples, device)
+                                          cfg.probe_examples, device, key=("answer only",) + key)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
-    out = {"train": result, "pretrain": pre, "rows": rows, "examples": examples(model, test, lengths, device)}
+    out = {"train": result, "pretrain": pre, "rows": rows, "examples": examples(model, test, lengths, device, key)}
     if fmt in RETRIEVING:  # attention from step i to bit i: per step at n = map_length, and per n
-        b = C.to_device(next(C.eval_batches(test, cfg.map_length, 64)), device)
+        b = C.to_device(next(C.eval_batches(test, cfg.map_length, 64, key=key)), device)
         mass, maps = attention_on_bits(model, b)
         out["mass"] = np.round(mass.cpu().numpy(), 4).tolist()  # (L, nh, S)
         out["maps"] = np.round(maps.cpu().numpy(), 3).tolist()  # (L, nh, S, n), example 0
-        by_n = {n: attention_on_bits(model, C.to_device(next(C.eval_batches(test, n, 32)), device)) for n in lengths}
+        by_n = {n: attention_on_bits(model, C.to_device(next(C.eval_batches(test, n, 32, key=key)), device))
+                for n in lengths}
         out["mass_by_n"] = {str(n): np.round(m.mean(-1).cpu().numpy(), 4).tolist() for n, (m, _) in by_n.items()}  # (L, nh)
         if cfg.train_max in by_n:  # the maps of one example inside the training length, next to n = map_length
             out["maps_train"] = np.round(by_n[cfg.train_max][1].cpu().numpy(), 3).tolist()  # (L, nh, S, n)
@@ -506,11 +510,11 @@ def run_cell(cell):
 
 
 @torch.no_grad()
-def examples(model, test, lengths, device, k=3):
+def examples(model, test, lengths, device, key, k=3):
     """One decoded greedy generation at the shortest and longest test length, and a few mistakes."""
     out = []
     for n in (lengths[0], lengths[-1]):
-        b = C.to_device(next(C.eval_batches(test, n, 32)), device)
+        b = C.to_device(next(C.eval_batches(test, n, 32, key=key)), device)
         seq, gold = greedy(model, b), b["idx"]
         wrong = (seq != gold).any(1).nonzero()[:, 0].tolist()
         start = int(b["at"][0, 0]) + 1
@@ -558,39 +562,39 @@ def labelled(records):
 
 def length_groups(acc, cfg):
     """[(formats, longest training length, chance, what the x axis counts)]: parity, then addition."""
-    parity = [f for f in PARITY_FORMATS if C.select(acc, fmt=f)]
-    adds = [f for f in ADD_FORMATS if C.select(acc, fmt=f)]
+    parity = [f for f in PARITY_FORMATS if R.select(acc, fmt=f)]
+    adds = [f for f in ADD_FORMATS if R.select(acc, fmt=f)]
     groups = [(parity, cfg.train_max, 0.5, "bits n"), (adds, cfg.add_train_max, None, "operand digits")]
     return [g for g in groups if g[0]]
 
 
 def fig_accuracy(acc, groups, palette, out):
     """accuracy.png: final-answer accuracy and exact match vs n, mean ± std over seeds, a dot per seed."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     fig, axes = plt.subplots(len(groups), 2, figsize=(15, 4.5 * len(groups)), squeeze=False)
     for i, (fmts, hi, chance, what) in enumerate(groups):
         sel = [r for r in acc if r["fmt"] in fmts]
         for ax, metric, ylabel, title in ((axes[i, 0], "accuracy", "final-answer accuracy", "final answer, greedy"),
                                           (axes[i, 1], "exact", "exact match", "exact match of everything produced")):
-            C.plot_vs_length(sel, metric, None, hi, chance=chance if metric == "accuracy" else None, ax=ax,
+            R.plot_vs_length(sel, metric, None, hi, chance=chance if metric == "accuracy" else None, ax=ax,
                              ylabel=ylabel, style=palette, title=f"{title} (mean ± std, dots: seeds); x: {what}")
             labels = sorted({r["variant"] for r in sel})
             for k, g in enumerate(labels):  # a dot per seed, each setting a little to the side
                 pts = [r for r in sel if r["variant"] == g and metric in r]
                 ax.scatter([r["length"] * (1 + 0.03 * (k - len(labels) / 2)) for r in pts], [r[metric] for r in pts],
                            s=7, alpha=0.5, lw=0, color=palette.colors.get(g))
-            C.ticks_at(ax, sorted({r["length"] for r in sel}))
-    C.save_figure(fig, out / "accuracy.png")
+            R.ticks_at(ax, sorted({r["length"] for r in sel}))
+    R.save_figure(fig, out / "accuracy.png")
 
 
 def fig_steps(acc, steps, groups, palette, out):
     """steps.png: the accuracy of each scratchpad step i at the longest test length."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 4.2), squeeze=False)
     for ax, (fmts, hi, chance, what) in zip(axes[0], groups):
         L = max(r["length"] for r in acc if r["fmt"] in fmts)
         sel = [r for r in steps if r["fmt"] in fmts and r["length"] == L]
-        for g, (xs, m, s, n) in sorted(C.mean_std_by(sel, "step", "accuracy", "variant").items()):
+        for g, (xs, m, s, n) in sorted(R.mean_std_by(sel, "step", "accuracy", "variant").items()):
             line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})", color=palette.colors.get(g))
             ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
         ax.axvline(hi, color="gray", ls="--", lw=1, label=f"max train length {hi}")
@@ -598,9 +602,9 @@ def fig_steps(acc, steps, groups, palette, out):
             ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")
         ax.set(xlabel="step index i", ylabel="accuracy of step i (greedy)", ylim=(-0.02, 1.02),
                title=f"per-step accuracy at {what} = {L}")
-        C.legend_outside(ax)
+        R.legend_outside(ax)
         ax.grid(alpha=0.3)
-    C.save_figure(fig, out / "steps.png")
+    R.save_figure(fig, out / "steps.png")
 
 
 def retrieval_mass(records, cfg):
@@ -641,13 +645,13 @@ def mass_rows(records, cfg):
 def fig_attention(records, cfg, palette, out):
     """attention.png: the maps of the retrieving layer (per format and setting, the seed that did best
     at map_length), and the mass from step i to bit i vs i, mean ± std over seeds."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     with_maps = [rec for rec in records if rec.get("maps")]
     if not with_maps:
         return
 
     def learned(rec):  # final-answer accuracy at the longest training length, then nearest map_length
-        rows = C.select(rec["rows"], table="accuracy")
+        rows = R.select(rec["rows"], table="accuracy")
         near = lambda L: min(rows, key=lambda r: abs(r["length"] - L))["accuracy"] if rows else 0.0
         return near(cfg.train_max), near(cfg.map_length)
 
@@ -682,7 +686,7 @@ def fig_attention(records, cfg, palette, out):
     ax = fig.add_subplot(gs[-1, :nh // 2 if by_n else nh])
     curves = [{"variant": lab, "step": i + 1, "mass": v} for lab, m in retrieval_mass(records, cfg)
               for i, v in enumerate(m)]
-    for g, (xs, m, s, n) in sorted(C.mean_std_by(curves, "step", "mass", "variant").items()):
+    for g, (xs, m, s, n) in sorted(R.mean_std_by(curves, "step", "mass", "variant").items()):
         line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})", color=palette.colors.get(g))
         ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
     ax.axvline(cfg.train_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_max}")
@@ -693,22 +697,22 @@ def fig_attention(records, cfg, palette, out):
     ax.grid(alpha=0.3)
     if by_n:
         ax = fig.add_subplot(gs[-1, nh // 2:])
-        C.plot_vs_length(by_n, "mass", None, cfg.train_max, ax=ax, style=palette, ylabel="attention on bit i",
+        R.plot_vs_length(by_n, "mass", None, cfg.train_max, ax=ax, style=palette, ylabel="attention on bit i",
                          title="vs n, averaged over the steps (mean ± std, dots: seeds)")
         for r in by_n:
             ax.scatter(r["length"], r["mass"], s=7, alpha=0.5, lw=0, color=palette.colors.get(r["variant"]))
         ax.set_ylim(0, 1.02)
-        C.ticks_at(ax, sorted({r["length"] for r in by_n}))
+        R.ticks_at(ax, sorted({r["length"] for r in by_n}))
         ax.title.set_fontsize(9)
     fig.suptitle("attention from scratchpad step i (rows) to input bit j (columns), one example, layer of the retrieving "
                  "head\n(the head that reads bit i best within the training length); dashed: training length. "
                  "Bottom: the mass that head puts on bit i", fontsize=10)
-    C.save_figure(fig, out / "attention.png")
+    R.save_figure(fig, out / "attention.png")
 
 
 def fig_variance(probe, groups, palette, out):
     """variance.png: the attention-output std at the query that writes the final answer, per layer."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     layers = sorted({r["layer"] for r in probe})
     if not layers:
         return
@@ -716,29 +720,29 @@ def fig_variance(probe, groups, palette, out):
     for i, (fmts, hi, _, what) in enumerate(groups):
         for j, layer in enumerate(layers):
             sel = [r for r in probe if r["fmt"] in fmts and r["layer"] == layer]
-            C.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j], style=palette,
+            R.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j], style=palette,
                              title=f"layer {layer}: attention-output std\nat the answer query; x: {what}")
-            C.ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
-    C.save_figure(fig, out / "variance.png")
+            R.ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
+    R.save_figure(fig, out / "variance.png")
 
 
 def say_tables(records, acc, probe, groups, cfg, say):
     """Per group: ID vs OOD tables of every metric, final-answer accuracy by length; then the
     attention-output std ratio, the retrieval mass, and a few decoded examples."""
     for fmts, hi, _, what in groups:
-        recs = [{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records if rec["cell"]["fmt"] in fmts]
+        recs = [{**rec, "rows": R.select(rec["rows"], table="accuracy")} for rec in records if rec["cell"]["fmt"] in fmts]
         for metric in ("accuracy", "exact", "stop_early", "stop_late"):
             if any(metric in r for rec in recs for r in rec["rows"]):
-                C.summarize(recs, metric, hi, say=say)
+                R.summarize(recs, metric, hi, say=say)
         say(f"\nfinal-answer accuracy by {what} (mean ± std over seeds):")
         Ls = sorted({r["length"] for r in acc if r["fmt"] in fmts})
         say(f"  {'':<28}" + "".join(f"{L:>12}" for L in Ls))
-        for g, (xs, m, s, n) in sorted(C.mean_std_by([r for r in acc if r["fmt"] in fmts], "length", "accuracy",
+        for g, (xs, m, s, n) in sorted(R.mean_std_by([r for r in acc if r["fmt"] in fmts], "length", "accuracy",
                                                      "variant").items()):
             say(f"  {g:<28}" + "".join(f"{a:>6.2f}±{b:<5.2f}" for a, b in zip(m, s)))
     if probe:
         say("\nattention-output std at the answer query, std(longest n) / std(shortest n), mean over seeds:")
-        for g, (xs, m, _, _) in sorted(C.mean_std_by(probe, "length", "comp_std", ("variant", "layer")).items()):
+        for g, (xs, m, _, _) in sorted(R.mean_std_by(probe, "length", "comp_std", ("variant", "layer")).items()):
             say(f"  {g[0]:<28} layer {g[1]}: {m[-1] / m[0]:.2f}  (n = {xs[0]} -> {xs[-1]})")
     mass = retrieval_mass(records, cfg)
     if mass:
@@ -772,10 +776,10 @@ def report(records, cfg, out):
     out = Path(out)
     records = labelled(records)
     rows = [r for rec in records for r in rec["rows"]]
-    acc, steps, probe = (C.select(rows, table=t) for t in ("accuracy", "step", "probe"))
-    palette = C.Palette(r["variant"] for r in rows)  # one colour per format / setting in every figure
-    say = C.Summary()
-    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
+    acc, steps, probe = (R.select(rows, table=t) for t in ("accuracy", "step", "probe"))
+    palette = R.Palette(r["variant"] for r in rows)  # one colour per format / setting in every figure
+    say = R.Summary()
+    if not R.training_report(records, out, say):  # every cell diverged: nothing else to draw
         return say.write(out)
     groups = length_groups(acc, cfg)
     fig_accuracy(acc, groups, palette, out)
@@ -786,7 +790,7 @@ def report(records, cfg, out):
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
     say_tables(records, acc, probe, groups, cfg, say)
     verdicts = claims(acc, mass_rows(records, cfg), cfg)
-    C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     budget = ", copy pre-training + task steps]" if mixed_budgets(records) \
         else f"]; {cfg.pretrain_steps} copy pre-training steps"
     say(f"\nthe paper's claims next to what was measured (final-answer accuracy, mean ± std over seeds; "
@@ -802,18 +806,18 @@ def report(records, cfg, out):
 def seeds_generalizing(acc, g, at):
     """(k, n, (lo, hi)): seeds of setting g whose final-answer accuracy at length `at` is >= GENERALIZES,
     with the 95% Wilson interval."""
-    v = C.per_seed(acc, "accuracy", variant=g, length=at)
+    v = R.per_seed(acc, "accuracy", variant=g, length=at)
     k = sum(x >= GENERALIZES for x in v.values())
-    return k, len(v), C.wilson_ci(k, len(v))
+    return k, len(v), R.wilson_ci(k, len(v))
 
 
 def seeds_learned(acc, g, hi):
     """(k, n, (lo, hi)): seeds of setting g with final-answer accuracy >= LEARNED at every tested length
     <= hi (the task learned in distribution), with the 95% Wilson interval."""
-    rows = [r for r in C.select(acc, variant=g) if r["length"] <= hi]
-    seeds = sorted({r["seed"] for r in C.select(acc, variant=g)})
+    rows = [r for r in R.select(acc, variant=g) if r["length"] <= hi]
+    seeds = sorted({r["seed"] for r in R.select(acc, variant=g)})
     k = sum(all(r["accuracy"] >= LEARNED for r in rows if r["seed"] == s) for s in seeds)
-    return k, len(seeds), C.wilson_ci(k, len(seeds))
+    return k, len(seeds), R.wilson_ci(k, len(seeds))
 
 
 def claims(acc, by_n, cfg):
@@ -829,9 +833,9 @@ def claims(acc, by_n, cfg):
         if g is None:
             return None
         hi = cfg.add_train_max if fmt in ADD_FORMATS else cfg.train_max
-        tested = sorted({r["length"] for r in C.select(acc, variant=g)})
+        tested = sorted({r["length"] for r in R.select(acc, variant=g)})
         top, gen_at = tested[-1], max([L for L in tested if L <= GENERALIZE_X * hi] or [tested[-1]])
-        inside, at_gen, beyond = (C.seed_stats(list(C.per_seed(acc, "accuracy", variant=g, length=L).values()))
+        inside, at_gen, beyond = (R.seed_stats(list(R.per_seed(acc, "accuracy", variant=g, length=L).values()))
                                   for L in (hi, gen_at, top))
         k, n, ci = seeds_generalizing(acc, g, gen_at)
         kl, _, cil = seeds_learned(acc, g, hi)
@@ -854,22 +858,22 @@ def claims(acc, by_n, cfg):
             row(fmt, pos, "(3) without a unique key it fails",  # near chance, and well below mnemonic if it ran
                 lambda i, o: yes(o <= 0.6 and o < ref - 0.2) if mn else yes(o <= 0.6) + " (no mnemonic run to compare)")
         for fmt in ("scratchpad", "mnemonic"):  # the retrieving head's mass on bit i, at n = train_max and 3x
-            rows = C.select(by_n, fmt=fmt, setting=pos)
+            rows = R.select(by_n, fmt=fmt, setting=pos)
             if rows:
                 tested = sorted({r["length"] for r in rows})
                 at_in = max([L for L in tested if L <= cfg.train_max] or tested[:1])
                 at_out = max([L for L in tested if L <= GENERALIZE_X * cfg.train_max] or tested[-1:])
                 out.append({"claim": "(4) step i attends to bit i", "setting": pos, "fmt": fmt, "n_inside": at_in,
                             "n_beyond": at_out,
-                            "mass_inside": C.seed_stats(list(C.per_seed(rows, "mass", length=at_in).values())),
-                            "mass_beyond": C.seed_stats(list(C.per_seed(rows, "mass", length=at_out).values())),
+                            "mass_inside": R.seed_stats(list(R.per_seed(rows, "mass", length=at_in).values())),
+                            "mass_beyond": R.seed_stats(list(R.per_seed(rows, "mass", length=at_out).values())),
                             "verdict": "measured"})
         add = row("add", pos, "(5) addition, plain", lambda i, o: "measured")
         mnem = row("add-mnemonic", pos, "(5) addition with mnemonics generalizes further than plain",
                    lambda i, o: "measured (no plain add run to compare)")
         if add and mnem:  # paired by seed on the same sums (one test set per n for both formats)
             at = mnem["generalize_at"]
-            d = [p for p in C.paired_diff_ci(acc, "accuracy", mnem["variant"], add["variant"])
+            d = [p for p in R.paired_diff_ci(acc, "accuracy", mnem["variant"], add["variant"])
                  if p["length"] == at]
             mnem["paired_at_generalize"] = d[0] if d else None
             mnem["verdict"] = yes(bool(d) and d[0]["lo"] > 0) + \
@@ -914,41 +918,23 @@ def claim_line(c):
 def paired_text(c):
     """', minus plain add ...' for the addition claim: the paired difference at 3x with its 95% t-interval."""
     d = c.get("paired_at_generalize")
-    return f"; minus plain add at n={c['generalize_at']}, paired by seed: {C.diff_text(d)} ({d['n']} seeds)" \
+    return f"; minus plain add at n={c['generalize_at']}, paired by seed: {R.diff_text(d)} ({d['n']} seeds)" \
         if d else ""
 
 
 
-def main():
-    parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
-    parser.add_argument("--experiment", default="main", choices=("main", "claims"),
-                        help="main: the formats and settings the flags give; claims: the runs behind the README's "
-                             "claim table (CLAIMS_RUNS: each format in its own setting, 10 seeds, n to 100), in "
-                             "<out>-claims")
-    args = parser.parse_args()
-    cfg = C.parse_config(args, Config, PRESETS)
-    claims_run = args.experiment == "claims"
-    if claims_run and not hasattr(args, "seeds"):
-        cfg = replace(cfg, seeds=10)
-    if args.plot_only:
-        recs, cfg = C.saved_run(args.plot_only, Config, cfg, mixed=claims_run)
-        return report(recs, cfg, Path(args.plot_only))
-    validate(cfg)
-    if claims_run and args.out == parser.get_default("out"):
-        args.out += "-claims"
-    device, precision, jobs, shard, out = C.setup_run(args, "parity_random_access")
+def examples_of_formats(cfg):
     for fmt in cfg.formats:
         ex = sample_batch(np.random.default_rng(0), 1, 4, fmt, cfg.anchors, cfg.cycle)
         print(f"{fmt:>13} (n=4): {decode(ex['idx'][0].tolist())}")
-    cells = claims_cells(cfg, device, precision) if claims_run else \
-        C.make_cells(cfg, device, precision, sweep_fields=("seeds", "formats", "pos"), seed=range(cfg.seeds),
-                     fmt=cfg.formats, pos=cfg.pos)  # seed-major: a stopped run holds whole seeds
-    for c in cells:
-        c["compile"] = args.compile
-    records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, cfg, C.environment(device, precision))
-    report(records, cfg, out)
 
+
+SCRIPT = H.Script(
+    name="parity_random_access", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
+    axes={"seed": "seeds", "fmt": "formats", "pos": "pos"},  # seed-major: a stopped run holds whole seeds
+    run_cell=run_cell, report=report, validate=validate, examples=examples_of_formats,
+    experiments={"main": [{}],  # the formats and settings the flags give
+                 "claims": [dict(seeds=10, formats=f, pos=p, **change) for f, p, change in CLAIMS_RUNS]})
 
 if __name__ == "__main__":
-    C.cli_main(main)
+    H.main(SCRIPT)

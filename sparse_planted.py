@@ -70,13 +70,16 @@ experiment (C4) is out of scope: nothing is downloaded here.
 """
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import common as C
+import harness as H
+import reporting as R
 
 # sparse parity tokens
 ZERO, ONE, ZERO_P, ONE_P, SEP, BOS = 0, 1, 2, 3, 4, 5
@@ -184,6 +187,51 @@ def decode(ids, names):
     return " ".join(names[i] for i in ids)
 
 
+class PositionCoupledGPT(C.GPT):
+    """common.GPT with a second head that predicts the next token's position id in 0..pos_vocab-1
+    (Predictive Position Coupling, Golowich et al. 2025): the loss adds the cross-entropy of
+    batch['pos_targets'] (-1 = ignored), and decoding returns the ids' logits too."""
+
+    def __init__(self, cfg: C.GPTConfig, pos_vocab):
+        self.pos_vocab = pos_vocab
+        super().__init__(cfg)
+
+    def add_heads(self, cfg):
+        self.pos_head = nn.Linear(cfg.n_embd, self.pos_vocab, bias=False)
+
+    def forward(self, idx, targets=None, position_ids=None, at=None, pos_targets=None):
+        x = self.trunk(idx, position_ids, at)
+        logits = self.lm_head(x)
+        loss = None if targets is None else C.token_loss(logits, targets)
+        if pos_targets is not None:
+            pos_loss = C.token_loss(self.pos_head(x), pos_targets)
+            loss = pos_loss if loss is None else loss + pos_loss
+        return logits, loss
+
+    def loss(self, batch):
+        return self(batch["idx"], batch["targets"], batch.get("position_ids"), batch.get("at"),
+                    batch.get("pos_targets"))[1]
+
+    @torch.no_grad()
+    def logits_and_ids(self, idx, position_ids=None, at=None):
+        """(token logits, position-id logits (.., pos_vocab))."""
+        x = self.trunk(idx, position_ids, at)
+        return self.lm_head(x), self.pos_head(x)
+
+    @torch.no_grad()
+    def decode_with_ids(self, idx, position_ids, caches):
+        """common.GPT.decode's next-token logits (B, V) and the position-id logits (B, pos_vocab)."""
+        x = self.decode_hidden(idx, position_ids, caches)
+        return self.lm_head(x), self.pos_head(x)
+
+
+def decode_step(model, idx, position_ids, caches):
+    """(next-token logits, position-id logits or None without a position head)."""
+    if isinstance(model, PositionCoupledGPT):
+        return model.decode_with_ids(idx, position_ids, caches)
+    return model.decode(idx, position_ids, caches), None
+
+
 # ---------------------------------------------------------------------------------------- pointer chasing: greedy
 
 @torch.no_grad()
@@ -197,9 +245,8 @@ def greedy_pointer(model, batch, ids):
     fed = torch.arange(T, device=idx.device).expand(B, T).clone() if ids == "plain" else batch["position_ids"].clone()
     seq, pred = idx.clone(), None
     caches = model.new_caches(T)
-    out = model.decode(idx[:, :P], fed[:, :P], caches)
+    tok, pos = decode_step(model, idx[:, :P], fed[:, :P], caches)
     for t in range(P, T):
-        tok, pos = out if isinstance(out, tuple) else (out, None)
         seq[:, t] = tok.argmax(-1)
         if pos is not None:
             pred = torch.full_like(idx, -1) if pred is None else pred
@@ -207,7 +254,7 @@ def greedy_pointer(model, batch, ids):
             if ids == "predicted":
                 fed[:, t] = pred[:, t]
         if t < T - 1:
-            out = model.decode(seq[:, t:t + 1], fed[:, t:t + 1], caches)
+            tok, pos = decode_step(model, seq[:, t:t + 1], fed[:, t:t + 1], caches)
     return seq, fed, pred
 
 
@@ -343,13 +390,12 @@ def run_sparse(cell, cfg, device):
     model = C.GPT(C.GPTConfig(vocab_size=len(SPARSE_NAMES), n_layer=cfg.n_layer, n_head=cfg.n_head,
                               n_embd=cfg.n_embd, pos=pos))
     hi = cfg.train_max
-    in_dist = lambda m: {f"acc@{hi},k={k}": C.evaluate_by_length(m, test_k(k), [hi], 128, device)[0]["accuracy"]
-                         for k in ks}
-    result = C.train(model, train, C.replace(cfg, steps=steps), device, data_seed=10_000 + cell["seed"],
-                     eval_fn=in_dist, compile=cell.get("compile", False), progress=C.is_main_process(),
-                     desc=C.cell_label(cell))
-    if result["diverged"]:
-        return {"status": "diverged", "train": result, "rows": []}
+
+    def in_distribution(m):
+        return {f"acc@{hi},k={k}": C.evaluate_by_length(m, test_k(k), [hi], 128, device, dtype=cfg.dtype)[0]["accuracy"]
+                for k in ks}
+    result = C.train(model, train, replace(cfg, steps=steps), device, data_seed=10_000 + cell["seed"],
+                     eval_fn=in_distribution, **H.train_options(H.cell_label(cell)))
     rows = []
     for k in ks:  # accuracy and the mass on the planted bits, in the probed pass's own hook
         acc, _, _ = C.evaluate_with_probes(model, test_k(k), cfg.test_lengths, cfg.eval_examples, device,
@@ -398,24 +444,22 @@ def run_pointer(cell, cfg, device):
     block = max(cfg.ppc_test) + 2  # ids 0 .. n + 1
     torch.manual_seed(seed)
     pos = {"nope": "none", "rope": "rope", "coupled": "learned"}[variant]
-    model = C.GPT(C.GPTConfig(vocab_size=len(POINTER_NAMES), block_size=block, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, pos=pos,
-                              pos_vocab=block if variant == "coupled" else 0))
+    shape = C.GPTConfig(vocab_size=len(POINTER_NAMES), block_size=block, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                        n_embd=cfg.n_embd, pos=pos)
+    model = PositionCoupledGPT(shape, pos_vocab=block) if variant == "coupled" else C.GPT(shape)
     train, test = pointer_samplers(variant, cfg, block)
     modes = {"coupled": [("oracle", "gold"), ("ppc", "predicted")]}.get(variant, [(variant, "plain")])
-    hi = cfg.ppc_max
-    in_dist = lambda m: {f"{name} exact@{hi}": C.evaluate_by_length(m, test, [hi], 128, device,
-                                                                    score_pointer(ids))[0]["exact"]
-                         for name, ids in modes}
-    result = C.train(model, train, C.replace(cfg, steps=cfg.ppc_steps), device, data_seed=10_000 + seed,
-                     eval_fn=in_dist, compile=cell.get("compile", False), progress=C.is_main_process(),
-                     desc=f"ppc/{variant}/seed{seed}")
-    if result["diverged"]:
-        return {"status": "diverged", "train": result, "rows": []}
+    hi, key = cfg.ppc_max, ("sparse_planted", "pointer")
+
+    def in_distribution(m):
+        return {f"{name} exact@{hi}": C.evaluate_by_length(m, test, [hi], 128, device, score_pointer(ids), key=key,
+                                                           dtype=cfg.dtype)[0]["exact"] for name, ids in modes}
+    result = C.train(model, train, replace(cfg, steps=cfg.ppc_steps), device, data_seed=10_000 + seed,
+                     eval_fn=in_distribution, **H.train_options(f"ppc/{variant}/seed{seed}"))
     rows = []
     for name, ids in modes:
         for r in C.evaluate_by_length(model, test, cfg.ppc_test, cfg.eval_examples, device, score_pointer(ids),
-                                      tokens_per_batch=2**14):
+                                      tokens_per_batch=2**14, key=key, dtype=cfg.dtype):
             rows.append({"table": "accuracy", "variant": name, **r})
     return {"train": result, "rows": rows, "examples": pointer_examples(model, test, modes, cfg, device)}
 
@@ -425,7 +469,7 @@ def pointer_examples(model, test, modes, cfg, device):
     """One greedy generation per mode at the shortest and the longest test n."""
     out = []
     for n in (cfg.ppc_test[0], cfg.ppc_test[-1]):
-        b = C.to_device(next(C.eval_batches(test, n, 8)), device)
+        b = C.to_device(next(C.eval_batches(test, n, 8, key=("sparse_planted", "pointer"))), device)
         P, gold = b["prompt"], b["idx"][0]
         m = len(b["chain"][0]) + 1
         for name, ids in modes:
@@ -438,43 +482,11 @@ def pointer_examples(model, test, modes, cfg, device):
 
 
 def run_cell(cell):
-    cfg, device = Config(**cell["config"]), C.cell_device(cell)
+    cfg, device = Config(**cell["config"]), torch.device(cell["device"])
     return run_pointer(cell, cfg, device) if cell["exp"] == "ppc" else run_sparse(cell, cfg, device)
 
 
 # ---------------------------------------------------------------------------------------- report
-
-def rankdata(x):
-    """Ranks 0..n-1 of x, ties sharing their mean rank."""
-    x = np.asarray(x, float)
-    r = np.empty(len(x))
-    r[x.argsort(kind="mergesort")] = np.arange(len(x))
-    for v in np.unique(x):
-        r[x == v] = r[x == v].mean()
-    return r
-
-
-def spearman(x, y):
-    rx, ry = rankdata(x), rankdata(y)
-    return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() > 0 and ry.std() > 0 else float("nan")
-
-
-def spearman_ci(points, n_boot=2000, seed=0):
-    """Spearman's rho of accuracy against k over the (seed, k, accuracy) points, and a 95% bootstrap
-    interval that resamples whole seeds (the independent unit). Returns (rho, lo, hi)."""
-    seeds = sorted({s for s, _, _ in points})
-    by = {s: [(k, a) for ss, k, a in points if ss == s] for s in seeds}
-    rho = spearman([k for _, k, _ in points], [a for _, _, a in points])
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        pts = [p for s in rng.choice(seeds, len(seeds)) for p in by[s]]
-        boots.append(spearman([k for k, _ in pts], [a for _, a in pts]))
-    boots = np.array(boots)
-    boots = boots[~np.isnan(boots)]
-    lo, hi = (np.percentile(boots, [2.5, 97.5]) if len(boots) else (float("nan"),) * 2)
-    return rho, float(lo), float(hi)
-
 
 POS_COLORS = {"nope": "C0", "rope": "C1", "coupled": "C2", "oracle": "C2", "ppc": "C3"}  # in every figure
 POS_ORDER = list(POS_COLORS)
@@ -505,7 +517,7 @@ def model_label(row):
 
 
 def line_with_band(ax, rows, x, y, group, colors, label=str):
-    for g, (xs, m, s, n) in sorted(C.mean_std_by(rows, x, y, group).items(), key=lambda t: str(t[0])):
+    for g, (xs, m, s, n) in sorted(R.mean_std_by(rows, x, y, group).items(), key=lambda t: str(t[0])):
         line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} (n={n.min()})", color=colors.get(g))
         ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
 
@@ -524,14 +536,14 @@ def accuracy_axes(ax, xlabel, title):
     ax.axhline(0.5, color="red", ls=":", lw=1, label="chance 0.5")
     ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1.05), title=title)
     ax.title.set_fontsize(9)
-    C.legend_outside(ax)
+    R.legend_outside(ax)
     ax.grid(alpha=0.3)
 
 
 def say_table(say, rows, metric, group, x="l", label=str, width=20):
     """Print metric by length, one line per group: mean ± std over seeds."""
     say(f"  {'':<{width}}" + "".join(f"{x + '=' + str(L):>13}" for L in sorted({r['length'] for r in rows})))
-    for g, (xs, m, s, n) in sorted(C.mean_std_by(rows, "length", metric, group).items(), key=lambda t: str(t[0])):
+    for g, (xs, m, s, n) in sorted(R.mean_std_by(rows, "length", metric, group).items(), key=lambda t: str(t[0])):
         say(f"  {label(g):<{width}}" + "".join(f"{a:>7.2f}±{b:<5.2f}" for a, b in zip(m, s)) + f"  ({n.min()} seeds)")
 
 
@@ -542,15 +554,15 @@ def families(sp):
 def fig_sparsity(sp, L, palette, k_palette, out):
     """sparsity_by_length.png: accuracy vs l, one line per k, a panel per family; sparsity_vs_k.png:
     accuracy vs k beyond the training length, a line per family, a dot per seed."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     fams = families(sp)
     fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4), squeeze=False)
     for ax, fam in zip(axes[0], fams):
-        C.plot_vs_length([r for r in sp if r["family"] == fam], "accuracy", None, L, group="k", chance=0.5, ax=ax,
+        R.plot_vs_length([r for r in sp if r["family"] == fam], "accuracy", None, L, group="k", chance=0.5, ax=ax,
                          title=f"{fam}:\none line per k (legend: k, seeds)", style=k_palette)
         ax.set(xlabel="bits l", ylim=(0, 1.05))
-        C.ticks_at(ax, sorted({r["length"] for r in sp}))
-    C.save_figure(fig, out / "sparsity_by_length.png")
+        R.ticks_at(ax, sorted({r["length"] for r in sp}))
+    R.save_figure(fig, out / "sparsity_by_length.png")
     ood = sorted({r["length"] for r in sp if r["length"] > L}) or [L]
     fig, axes = plt.subplots(1, len(ood), figsize=(6.5 * len(ood), 4), squeeze=False)
     for ax, length in zip(axes[0], ood):
@@ -559,42 +571,42 @@ def fig_sparsity(sp, L, palette, k_palette, out):
         seed_dots(ax, sel, "k", "accuracy", "family", palette.colors)
         accuracy_axes(ax, "k (planted bits)", f"l = {length} ({length / L:g} x the training length {L}); "
                                               "mean ± std, dots: seeds")
-    C.save_figure(fig, out / "sparsity_vs_k.png")
+    R.save_figure(fig, out / "sparsity_vs_k.png")
 
 
 def fig_sparsity_mass(sp, L, k_palette, out):
     """sparsity_mass.png: the attention mass the query '=' puts on the planted bits (the head that puts
     the most there) vs l, one line per k; a row per layer, a column per family."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     fams, layers = families(sp), sorted(int(m[6:]) for m in sp[0] if m.startswith("mass_l"))
     fig, axes = plt.subplots(len(layers), len(fams), figsize=(6.5 * len(fams), 3.8 * len(layers)), squeeze=False)
     for i, layer in enumerate(layers):
         for ax, fam in zip(axes[i], fams):
-            C.plot_vs_length([r for r in sp if r["family"] == fam], f"mass_l{layer}", None, L, group="k", ax=ax,
+            R.plot_vs_length([r for r in sp if r["family"] == fam], f"mass_l{layer}", None, L, group="k", ax=ax,
                              style=k_palette, ylabel="attention mass on the planted bits",
                              title=f"{fam}, layer {layer}: mass on the planted bits\n(best head; legend: k, seeds)")
             ax.set(xlabel="bits l", ylim=(0, 1.05))
-            C.ticks_at(ax, sorted({r["length"] for r in sp}))
-    C.save_figure(fig, out / "sparsity_mass.png")
+            R.ticks_at(ax, sorted({r["length"] for r in sp}))
+    R.save_figure(fig, out / "sparsity_mass.png")
 
 
 def fig_locality(loc, cfg, out):
     """locality.png: top, accuracy vs l per position encoding, a panel per window W, then accuracy at
     the longest l vs W with a dot per seed; bottom, the attention mass of '=' on the planted bits in
     layer 0 (the best head) vs l."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     Ws, L = sorted({r["W"] for r in loc}), cfg.train_max
     fig, axes = plt.subplots(2, len(Ws) + 1, figsize=(5.8 * (len(Ws) + 1), 8), squeeze=False)
     for i, w in enumerate(Ws):
         where = ", ".join(map(str, spread_offsets(cfg.loc_k, w)))
-        C.plot_vs_length(C.select(loc, W=w), "accuracy", None, L, group="pos", chance=0.5, ax=axes[0, i],
+        R.plot_vs_length(R.select(loc, W=w), "accuracy", None, L, group="pos", chance=0.5, ax=axes[0, i],
                          style=pos_style, title=f"W = {w}: label from the bit(s) {where} places before '='")
-        C.plot_vs_length(C.select(loc, W=w), "mass_l0", None, L, group="pos", ax=axes[1, i], style=pos_style,
+        R.plot_vs_length(R.select(loc, W=w), "mass_l0", None, L, group="pos", ax=axes[1, i], style=pos_style,
                          ylabel="attention mass on the planted bits",
                          title=f"W = {w}: layer 0, mass of '=' on the planted bits (best head)")
         for ax in axes[:, i]:
             ax.set(xlabel="bits l", ylim=(0, 1.05))
-            C.ticks_at(ax, sorted({r["length"] for r in loc}))
+            R.ticks_at(ax, sorted({r["length"] for r in loc}))
     axes[1, -1].axis("off")
     top = max(r["length"] for r in loc)
     sel = [{**r, "w_i": Ws.index(r["W"])} for r in loc if r["length"] == top]  # W as categories, evenly spaced
@@ -602,7 +614,7 @@ def fig_locality(loc, cfg, out):
     seed_dots(axes[0, -1], sel, "w_i", "accuracy", "pos", POS_COLORS)
     axes[0, -1].set_xticks(range(len(Ws)), Ws)
     accuracy_axes(axes[0, -1], "window W", f"accuracy at l = {top} ({top / L:g} x L); mean ± std, dots: seeds")
-    C.save_figure(fig, out / "locality.png")
+    R.save_figure(fig, out / "locality.png")
 
 
 PPC_TITLES = {"token_acc": "per-token accuracy, greedy", "exact": "exact match of the whole output",
@@ -612,36 +624,36 @@ PPC_TITLES = {"token_acc": "per-token accuracy, greedy", "exact": "exact match o
 def fig_ppc(ppc, cfg, out):
     """ppc.png: token accuracy, exact match and id accuracy vs n, one line per model / decoding, a dot
     per seed."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     metrics = [m for m in PPC_TITLES if any(m in r for r in ppc)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        C.plot_vs_length(ppc, m, None, cfg.ppc_max, ax=ax, style=pos_style,
+        R.plot_vs_length(ppc, m, None, cfg.ppc_max, ax=ax, style=pos_style,
                          title=PPC_TITLES[m] + " (mean ± std, dots: seeds)")
         seed_dots(ax, [r for r in ppc if m in r], "length", m, "variant", POS_COLORS)
         ax.set(xlabel="cells n", ylim=(0, 1.05))
-        C.ticks_at(ax, sorted({r["length"] for r in ppc}))
-    C.save_figure(fig, out / "ppc.png")
+        R.ticks_at(ax, sorted({r["length"] for r in ppc}))
+    R.save_figure(fig, out / "ppc.png")
 
 
 def fig_variance(probe, L, palette, out):
     """variance.png: the attention-output std at the query '=' vs l, a panel per layer."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     layers = sorted({r["layer"] for r in probe})
     fig, axes = plt.subplots(1, len(layers), figsize=(7 * len(layers), 4.2), squeeze=False)
     for ax, layer in zip(axes[0], layers):
-        C.plot_vs_length(C.select(probe, layer=layer), "comp_std", None, L, group="model", logy=True, ax=ax,
+        R.plot_vs_length(R.select(probe, layer=layer), "comp_std", None, L, group="model", logy=True, ax=ax,
                          style=palette, title=f"layer {layer}: attention-output std\nat the query '='")
         ax.set_xlabel("bits l")
-        C.ticks_at(ax, sorted({r["length"] for r in probe}))
-    C.save_figure(fig, out / "variance.png")
+        R.ticks_at(ax, sorted({r["length"] for r in probe}))
+    R.save_figure(fig, out / "variance.png")
 
 
 def holding(values, ok=HOLDS):
     """(seeds at or above ok, seeds, 95% Wilson interval) of one number per seed."""
     v = list(values)
     k = sum(x >= ok for x in v)
-    return {"k": k, "n": len(v), "ci": list(C.wilson_ci(k, len(v)))}
+    return {"k": k, "n": len(v), "ci": list(R.wilson_ci(k, len(v)))}
 
 
 def sparsity_claims(sp, L):
@@ -654,15 +666,15 @@ def sparsity_claims(sp, L):
         lengths, ks = sorted({r["length"] for r in rows}), sorted({r["k"] for r in rows})
         by_k = []
         for k in ks:
-            at = {Lx: list(C.per_seed(rows, "accuracy", k=k, length=Lx).values()) for Lx in lengths}
-            by_k.append({"k": k, "by_length": [{"length": Lx, **C.seed_stats(v), "hold": holding(v)}
+            at = {Lx: list(R.per_seed(rows, "accuracy", k=k, length=Lx).values()) for Lx in lengths}
+            by_k.append({"k": k, "by_length": [{"length": Lx, **R.seed_stats(v), "hold": holding(v)}
                                                for Lx, v in at.items()]})
         learned = [d["k"] for d in by_k if next(x["mean"] for x in d["by_length"] if x["length"] == L) >= LEARNED]
         top = lengths[-1]
         at_top = [next(x["mean"] for x in d["by_length"] if x["length"] == top) for d in by_k if d["k"] in learned]
         pts = [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == top and r["k"] in learned]
-        rho, lo, hi = spearman_ci(pts) if len(learned) > 1 else (float("nan"),) * 3
-        rho_by = [{"length": Lx, **dict(zip(("rho", "lo", "hi"), spearman_ci(
+        rho, lo, hi = R.spearman_ci(pts) if len(learned) > 1 else (float("nan"),) * 3
+        rho_by = [{"length": Lx, **dict(zip(("rho", "lo", "hi"), R.spearman_ci(
             [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == Lx and r["k"] in learned])))}
             for Lx in lengths if Lx > L and len(learned) > 1]
         mono = all(a >= b - 0.02 for a, b in zip(at_top, at_top[1:]))
@@ -683,12 +695,12 @@ def locality_claims(loc, L):
     top, Ws = max(r["length"] for r in loc), sorted({r["W"] for r in loc})
     out = []
     for pos in sorted({r["pos"] for r in loc}, key=POS_ORDER.index):
-        rows = C.select(loc, pos=pos)
-        by_w = [{"W": w, **{name: {**C.seed_stats(v), "hold": holding(v)} for name, v in (
-            ("inside", list(C.per_seed(rows, "accuracy", W=w, length=L).values())),
-            ("beyond", list(C.per_seed(rows, "accuracy", W=w, length=top).values())))}} for w in Ws]
+        rows = R.select(loc, pos=pos)
+        by_w = [{"W": w, **{name: {**R.seed_stats(v), "hold": holding(v)} for name, v in (
+            ("inside", list(R.per_seed(rows, "accuracy", W=w, length=L).values())),
+            ("beyond", list(R.per_seed(rows, "accuracy", W=w, length=top).values())))}} for w in Ws]
         learned = [x["W"] for x in by_w if x["inside"]["mean"] >= LEARNED]  # compare only W learned in distribution
-        d = next((x for x in C.paired_diff_ci(rows, "accuracy", learned[-1], learned[0], by="W")
+        d = next((x for x in R.paired_diff_ci(rows, "accuracy", learned[-1], learned[0], by="W")
                   if x["length"] == top), None) if len(learned) > 1 else None
         if d is None:
             verdict = "untested: fewer than two W learned in distribution"
@@ -718,20 +730,20 @@ def ppc_claims(ppc, cfg):
     test sequences."""
     out, by = [], {}
     for g in sorted({r["variant"] for r in ppc}, key=POS_ORDER.index):
-        rows = C.select(ppc, variant=g)
+        rows = R.select(ppc, variant=g)
         by_n = []
         for n in sorted({r["length"] for r in rows}):
             d = {"n": n}
             for m in PPC_TITLES:
-                v = list(C.per_seed(rows, m, length=n).values())
+                v = list(R.per_seed(rows, m, length=n).values())
                 if v:
-                    s, half = C.seed_stats(v), C.t_half_width(v)
+                    s, half = R.seed_stats(v), R.t_half_width(v)
                     d[m] = {**s, "ci": (max(0.0, s["mean"] - half), min(1.0, s["mean"] + half)),  # fractions
                             "hold": holding(v)}
-            at_n = C.select(rows, length=n)
+            at_n = R.select(rows, length=n)
             if at_n and "ids_ok" in at_n[0]:  # where the predicted ids first drift
-                d["ids_ok"] = C.seed_stats([r["ids_ok"] for r in at_n])
-                d["drift_by_jump"] = {j: C.seed_stats([r[f"fails_j{j}"] / r[f"tries_j{j}"] for r in at_n
+                d["ids_ok"] = R.seed_stats([r["ids_ok"] for r in at_n])
+                d["drift_by_jump"] = {j: R.seed_stats([r[f"fails_j{j}"] / r[f"tries_j{j}"] for r in at_n
                                                        if r[f"tries_j{j}"] > 0]) for j in (1, 2, 3)}
             by_n.append(d)
         by[g] = by_n[-1]
@@ -741,7 +753,7 @@ def ppc_claims(ppc, cfg):
         ppc_t, ppc_e = by["ppc"]["token_acc"]["mean"], by["ppc"]["exact"]["mean"]
         base = max((g for g in ("nope", "rope") if g in by), key=lambda g: by[g]["token_acc"]["mean"])
         best = by[base]["token_acc"]["mean"]
-        paired = [d for d in C.paired_diff_ci(ppc, "token_acc", "ppc", base) if d["length"] == by["ppc"]["n"]]
+        paired = [d for d in R.paired_diff_ci(ppc, "token_acc", "ppc", base) if d["length"] == by["ppc"]["n"]]
         out.append({"claim": "(3) PPC length-generalizes where NoPE / RoPE do not", "setting": "ppc",
                     "n": by["ppc"]["n"], "ppc_token_acc": ppc_t, "ppc_exact": ppc_e, "best_baseline": base,
                     "best_baseline_token_acc": best, "paired_minus_baseline": paired[0] if paired else None,
@@ -791,7 +803,7 @@ def say_claims(verdicts, say):
             d = c["diff_W"]
             for i, x in enumerate(c["by_W"]):
                 diff = "" if i else c["verdict"] if d is None else \
-                    f"W = {d['a']} - {d['b']}: {C.diff_text(d)} -> {c['verdict']}"
+                    f"W = {d['a']} - {d['b']}: {R.diff_text(d)} -> {c['verdict']}"
                 say(f"| {c['setting']} | {x['W']} | {stat(x['inside'])} | {stat(x['beyond'])} | "
                     f"{frac(x['beyond']['hold'])} | {diff} |")
     pp = [c for c in verdicts if "by_n" in c]
@@ -818,7 +830,7 @@ def say_value(v):
     if isinstance(v, float):
         return f"{v:.2f}"
     if isinstance(v, dict) and "diff" in v:
-        return f"{C.diff_text(v)} ({v['n']} seeds)"
+        return f"{R.diff_text(v)} ({v['n']} seeds)"
     return str(v)
 
 
@@ -829,15 +841,15 @@ def report(records, cfg, out):
     rows = [r for rec in records for r in rec["rows"]]
     for r in rows:
         r["model"] = model_label(r)
-    acc, probe = C.select(rows, table="accuracy"), C.select(rows, table="probe")
+    acc, probe = R.select(rows, table="accuracy"), R.select(rows, table="probe")
     sp = [r for r in acc if r["exp"] in ("sparsity", "fixed")]
     for r in sp:
         r["family"] = family(r)
-    loc, ppc = C.select(acc, exp="locality"), C.select(acc, exp="ppc")
-    palette = C.Palette([r["family"] for r in sp] + [r["model"] for r in probe])  # one colour per model,
-    k_palette = C.Palette(r["k"] for r in sp)                                     # in every figure
-    say = C.Summary()
-    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
+    loc, ppc = R.select(acc, exp="locality"), R.select(acc, exp="ppc")
+    palette = R.Palette([r["family"] for r in sp] + [r["model"] for r in probe])  # one colour per model,
+    k_palette = R.Palette(r["k"] for r in sp)                                     # in every figure
+    say = R.Summary()
+    if not R.training_report(records, out, say):  # every cell diverged: nothing else to draw
         return say.write(out)
     say(f"\n=== sparse_planted: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
@@ -874,45 +886,41 @@ def report(records, cfg, out):
         shown = [r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe
         fig_variance(shown, L, palette, out)
         say("\n(4) attention-output std at '=', std(longest l) / std(shortest l), mean over seeds:")
-        for g, (xs, m, _, _) in sorted(C.mean_std_by(probe, "length", "comp_std", ("model", "layer")).items()):
+        for g, (xs, m, _, _) in sorted(R.mean_std_by(probe, "length", "comp_std", ("model", "layer")).items()):
             say(f"  {g[0]:<20} layer {g[1]}: {m[-1] / m[0]:.2f}  (l = {xs[0]} -> {xs[-1]})")
     for rec in records:
         if rec["cell"].get("seed") == 0 and rec.get("examples"):
-            say(f"\nexamples ({C.cell_label(rec['cell'])}):")
+            say(f"\nexamples ({R.cell_label(rec['cell'])}):")
             for e in rec["examples"][:4]:
                 say(f"  {e if len(e) < 300 else e[:300] + ' ...'}")
-    C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\nthe paper's claims next to what was measured (mean ± std (median) over seeds; a seed holds at a "
         f"length when it scores >= {HOLDS} there)")
     say_claims(verdicts, say)
     say.write(out)
 
 
-def main():
-    parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
-    args = parser.parse_args()
-    cfg = C.parse_config(args, Config, PRESETS)
-    if args.plot_only:
-        recs, cfg = C.saved_run(args.plot_only, Config, cfg)
-        return report(recs, cfg, Path(args.plot_only))
-    validate(cfg)
-    device, precision, jobs, shard, out = C.setup_run(args, "sparse_planted")
+def print_examples(cfg):
     rng = np.random.default_rng(0)
     print(f"sparse parity (l=10, k=3): {decode(sample_sparse(rng, 1, 10, 3)['idx'][0].tolist(), SPARSE_NAMES)}")
     ex = sample_pointer(rng, 1, 5)
     print(f"pointer chasing (n=5):     {decode(ex['idx'][0].tolist(), POINTER_NAMES)}")
-    cells = []
-    sweep = ("seeds", "experiments", "k_train", "fixed_k", "windows", "loc_variants", "ppc_variants")
-    for exp in sorted(cfg.experiments, key=lambda e: -{"ppc": 3, "locality": 2}.get(e, 1)):
-        # the slow experiments first, so the parallel workers finish together
-        cells += C.make_cells(cfg, device, precision, sweep_fields=sweep, exp=[exp], **axes_of(exp, cfg),
-                              seed=range(cfg.seeds))
-    for c in cells:
-        c["compile"] = args.compile
-    records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, cfg, C.environment(device, precision))
-    report(records, cfg, out)
 
+
+SLOW_FIRST = {"ppc": 0, "locality": 1, "sparsity": 2, "fixed": 2}  # so that parallel workers finish together
+
+
+def groups(cfg):
+    """One sub-sweep per experiment, the slow ones first: its own axes (axes_of), then the seed."""
+    return [{"exp": [exp], **axes_of(exp, cfg), "seed": range(cfg.seeds)}
+            for exp in sorted(cfg.experiments, key=SLOW_FIRST.get)]
+
+
+SCRIPT = H.Script(
+    name="sparse_planted", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
+    axes={"exp": "experiments", "K": "k_train", "k_only": "fixed_k", "W": "windows", "pos": "loc_variants",
+          "variant": "ppc_variants", "seed": "seeds"},
+    groups=groups, run_cell=run_cell, report=report, validate=validate, examples=print_examples)
 
 if __name__ == "__main__":
-    C.cli_main(main)
+    H.main(SCRIPT)

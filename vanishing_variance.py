@@ -54,11 +54,10 @@ Velickovic et al.'s max-retrieval setup with our own priority embedding; the Lla
 of Fig. 1 is out of scope (no model downloads here), our Fig. 1 quantity comes from the trained
 models and the theory curves.
 """
-import contextlib
 import functools
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +65,14 @@ import torch
 import torch.nn as nn
 
 import common as C
+import harness as H
+import reporting as R
+import vanishing_variance_fixes as F
+from vanishing_variance_fixes import EDITS
 
 TASKS = ("argmax", "lookup")
-VARIANTS = C.ATTN_OUT_NORMS + ("ssmax", "logn")  # output side (common.ATTN_OUT_NORMS), then logit side
+VARIANTS = C.ATTN_OUT_NORMS + F.FIXES  # the paper's norms (common.py), then the fix ladder's (the fixes module)
 LADDER = ("none", "layernorm", "headnorm", "gate", "ssmax", "logn")  # --experiment fixes
-EDITS = ("scale", "select", "both")  # test-time edits of trained `none` models (--experiment fixes)
-CAL_SEED, CAL_EXAMPLES = 54_321, 256  # unlabeled inputs on which head stds are measured, apart from the test set
 GRID = 2**30  # argmax priorities: distinct integers below GRID
 
 
@@ -171,6 +172,8 @@ class Config(C.TrainConfig):
     test_lengths: tuple = C.arg((16, 32, 64, 128, 256, 512, 1024, 2048), "test N", min=1)
     keep_lengths: tuple = C.arg((16, 256, 2048), "N whose raw attention outputs are kept for the distribution plot",
                                 min=1)
+    heads: bool = C.arg(False, "also measure each head's output std at the query (the fix ladder)")
+    edits: bool = C.arg(False, "also apply the test-time edits to the none models (the fix ladder)")
 
 
 PRESETS = {
@@ -188,6 +191,7 @@ def validate(cfg):
             f"(the longest is {max(cfg.test_lengths)}): nothing would be tested out of distribution")
     extra = sorted(set(cfg.keep_lengths) - set(cfg.test_lengths))
     C.check(not extra, f"--keep-lengths {','.join(map(str, extra))} not among --test-lengths")
+    C.check(cfg.train_len >= 2 or not cfg.edits, "--edits needs --train-len >= 2 (they sharpen by log N / log N_train)")
 
 
 def n_keys(cfg):
@@ -195,18 +199,26 @@ def n_keys(cfg):
 
 
 def sampler(task, cfg):
-    """sample(rng, B, N) for a task; a functools.partial, so every cell shares one test set per N."""
+    """sample(rng, B, N) for a task."""
     if task == "argmax":
         return functools.partial(sample_argmax, n_classes=cfg.n_classes)
     return functools.partial(sample_lookup, n_classes=cfg.n_classes, n_keys=n_keys(cfg))
 
 
+def test_key(task, cfg):
+    """What sampler(task, cfg) draws: its test sets are drawn once per process under this key."""
+    return ("vanishing_variance", task, cfg.n_classes, n_keys(cfg))
+
+
 def build_model(task, variant, cfg):
-    """A NoPE model with one attention variant: an output-side one (attn_out_norm) or a logit-side one
-    (attn_logits: ssmax, logn; their n_train is the training sequence, train_len items + the query)."""
-    side = dict(attn_logits=variant) if variant in C.ATTN_LOGITS else dict(attn_out_norm=variant)
-    model = C.GPT(C.GPTConfig(vocab_size=cfg.n_classes, block_size=1, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd, mlp=cfg.mlp, pos="none", n_train=cfg.train_len + 1, **side))
+    """A NoPE model with one attention variant: a norm after attention (common.GPT), or a fix of the
+    ladder (vanishing_variance_fixes.FixGPT; n_train is the training sequence, train_len items + query)."""
+    shape = dict(vocab_size=cfg.n_classes, block_size=1, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                 mlp=cfg.mlp, pos="none")
+    if variant in F.FIXES:
+        model = F.FixGPT(F.FixConfig(**shape, fix=variant, n_train=cfg.train_len + 1))
+    else:
+        model = C.GPT(C.GPTConfig(**shape, attn_out_norm=variant))
     model.wte = ItemEmbedding(task, cfg.n_embd, cfg.n_classes, n_keys(cfg))  # items, not a token table
     return model
 
@@ -223,154 +235,48 @@ def target_mass(batch, logits, recs):
     return {"target_mass": torch.stack(per_layer).mean(0)}
 
 
+def at_length(rng, batch_size, sample, length):
+    """A training batch at one fixed length (bind sample and length with functools.partial)."""
+    return sample(rng, batch_size, length)
+
+
 def run_cell(cell):
     cfg, task, variant, seed = Config(**cell["config"]), cell["task"], cell["variant"], cell["seed"]
-    device = C.cell_device(cell)
+    device, key = torch.device(cell["device"]), test_key(task, cfg)
     torch.manual_seed(seed)  # init seed; data seed below; the test set has its own fixed seed
     model = build_model(task, variant, cfg)
     sample = sampler(task, cfg)
-    in_dist = lambda m: {f"accuracy@{cfg.train_len}": C.evaluate_by_length(m, sample, [cfg.train_len], 256,
-                                                                          device)[0]["accuracy"]}
-    result = C.train(model, lambda rng, b: sample(rng, b, cfg.train_len), cfg, device, data_seed=10_000 + seed,
-                     eval_fn=in_dist, compile=cell.get("compile", False), progress=C.is_main_process(),
-                     desc=f"{task}/{variant}/seed{seed}")
-    if result["diverged"]:
-        return {"status": "diverged", "train": result, "rows": []}
+
+    def in_distribution(m):
+        return {f"accuracy@{cfg.train_len}": C.evaluate_by_length(m, sample, [cfg.train_len], 256, device,
+                                                                  key=key)[0]["accuracy"]}
+    train = functools.partial(at_length, sample=sample, length=cfg.train_len)
+    result = C.train(model, train, cfg, device, data_seed=10_000 + seed, eval_fn=in_distribution,
+                     **H.train_options(f"{task}/{variant}/seed{seed}"))
     rows, probes, kept = C.evaluate_with_probes(model, sample, cfg.test_lengths, cfg.eval_examples, device,
-                                                extra=target_mass, keep=cfg.keep_lengths)
+                                                extra=target_mass, keep=cfg.keep_lengths, key=key)
     out = {"train": result, "rows": [{"table": "accuracy", **r} for r in rows] +
                                     [{"table": "probe", **r} for r in probes]}
-    if cell.get("heads"):  # --experiment fixes (~10 s a cell at these lengths: kept out of the main job)
-        out["rows"] += head_std_rows(model, sample, cfg, device)
-    if cell.get("edits"):  # --experiment fixes, on the `none` models
-        out["rows"] += edit_rows(model, sample, cfg, device)
-    out["mistakes"] = mistakes(model, sample, max(cfg.test_lengths), device, cfg.n_classes)
+    if cfg.heads:  # --experiment fixes (~10 s a cell at these lengths: kept out of the main job)
+        out["rows"] += F.head_std_rows(model, sample, cfg.test_lengths, device)
+    if cfg.edits and variant == "none":
+        out["rows"] += F.edit_rows(model, sample, cfg.test_lengths, cfg.train_len, cfg.eval_examples, device,
+                                   target_mass, key)
+    out["mistakes"] = mistakes(model, sample, max(cfg.test_lengths), device, cfg.n_classes, key)
     if seed == 0:  # component 0 of the raw outputs, for the distribution figure (kept small)
-        out["kept"] = {f"{L}/{layer}/{w}": np.round(v[:, 0], 6).tolist() for (L, layer, w), v in kept.items()}
+        out["kept"] = [{"length": L, "layer": layer, "where": w, "values": np.round(v[:, 0], 6).tolist()}
+                       for (L, layer, w), v in kept.items()]
     return out
 
 
 @torch.no_grad()
-def mistakes(model, sample, length, device, n_classes, k=3):
+def mistakes(model, sample, length, device, n_classes, key, k=3):
     """A few decoded test examples the model gets wrong at `length` (shown in the summary)."""
-    b = C.to_device(next(C.eval_batches(sample, length, 32)), device)
+    b = C.to_device(next(C.eval_batches(sample, length, 32, key=key)), device)
     logits, _ = model(b["idx"], at=b["at"])
     pred = logits[:, 0].argmax(-1)
     wrong = (pred != b["targets"][:, 0]).nonzero()[:k, 0].tolist()
     return [f"N={length}: {decode(b, i, n_classes)}, model said {int(pred[i])}" for i in wrong]
-
-
-# ---------------------------------------------------------------------------------------- test-time edits
-# Is the failure at long N one of *scale* (each head's output shrinks, the paper's account) or of
-# *selection* (the query's attention spreads over more items)? Edit a trained `none` model at test
-# time, no retraining, and see which edit brings the accuracy back:
-#   scale   each head's output at the query rescaled to its std at the training length (restores scale)
-#   select  the query's logits sharpened by log N / log N_train (restores selection; cf. the logn variant,
-#           which does this at every position with n = position + 1)
-#   both    select, then scale (the factors measured with the sharpening on)
-# The factors are measured on unlabeled inputs (calibration(), CAL_SEED), never on the test set.
-
-def calibration(sample, length, device):
-    """CAL_EXAMPLES unlabeled inputs (B, N+1) at `length`, drawn apart from the test set."""
-    return sample(np.random.default_rng(CAL_SEED + length), CAL_EXAMPLES, length)["idx"].to(device)
-
-
-def _sharpen_query(factor, module, args, qkv):
-    """Forward hook on c_attn: q of the last token (the query) times factor. qkv (B, T, 3C), q first."""
-    qkv = qkv.clone()
-    qkv[:, -1, :qkv.size(-1) // 3] *= factor
-    return qkv
-
-
-def _scale_heads(factors, module, args):
-    """Forward pre-hook on c_proj (W_O): head h's output at the last token times factors[h]."""
-    y = args[0].clone()  # (B, T, C): heads side by side
-    B, C = y.size(0), y.size(-1)
-    y[:, -1] = (y[:, -1].view(B, len(factors), C // len(factors)) * factors[:, None]).view(B, C)  # (B, nh, hs)
-    return (y,)
-
-
-def _keep_query(seen, module, args):
-    """Forward pre-hook on c_proj: keep the heads' output at the last token, (B, C)."""
-    seen.append(args[0][:, -1])
-
-
-@contextlib.contextmanager
-def edited(model, sharpen=1.0, head_scale=None):
-    """Test-time edits at the query (the last token, where these tasks read the answer) in every block:
-    its logits q.k/sqrt(hs) times `sharpen` (q is scaled; NoPE, so nothing rotates), and head h's
-    output times head_scale[layer, h] before W_O. Hooks on c_attn and c_proj, so every forward path
-    (fast, probed, answer-only) sees them; removed on exit."""
-    hooks = []
-    for layer, block in enumerate(model.blocks):
-        if sharpen != 1.0:
-            hooks.append(block.attn.c_attn.register_forward_hook(functools.partial(_sharpen_query, sharpen)))
-        if head_scale is not None:
-            hooks.append(block.attn.c_proj.register_forward_pre_hook(functools.partial(_scale_heads,
-                                                                                       head_scale[layer])))
-    try:
-        yield model
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-@torch.no_grad()
-def head_std(model, idx):
-    """(n_layer, nh): the std over examples of each head's output at the query (the input of W_O, so
-    after the gate of `gate` and the per-head norm of `headnorm`), root-mean-square over its channels."""
-    seen = []
-    hooks = [b.attn.c_proj.register_forward_pre_hook(functools.partial(_keep_query, seen)) for b in model.blocks]
-    try:
-        model.eval()
-        model(idx, at=torch.full((idx.size(0), 1), idx.size(1) - 1, device=idx.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    nh = model.cfg.n_head
-    return torch.stack([y.float().view(y.size(0), nh, -1).var(0).mean(-1).sqrt() for y in seen])  # (L, nh)
-
-
-def restore_scale(model, ref, idx, sharpen=1.0):
-    """Factors (n_layer, nh) that bring each head's output std at the query on inputs idx back to ref,
-    block by block: a block's factors are measured with the earlier blocks already rescaled."""
-    scale = torch.ones_like(ref)
-    for layer in range(len(model.blocks)):
-        with edited(model, sharpen, scale):
-            now = head_std(model, idx)
-        scale[layer] = ref[layer] / now[layer].clamp_min(1e-12)
-    return scale
-
-
-def head_std_rows(model, sample, cfg, device):
-    """Tidy rows {table: head_std, length, layer, head, std} on the calibration inputs."""
-    rows = []
-    for length in cfg.test_lengths:
-        for layer, stds in enumerate(head_std(model, calibration(sample, length, device)).tolist()):
-            rows += [{"table": "head_std", "length": length, "layer": layer, "head": h, "std": v}
-                     for h, v in enumerate(stds)]
-    return rows
-
-
-def edit_rows(model, sample, cfg, device):
-    """Accuracy, mass on the answer and layer-0 exp(H) of the model under each edit, per test length,
-    on the same test examples as every other row: {table: edit, edit, length, accuracy, target_mass,
-    eff_n, factor (mean head factor of layer 0, 1 if none), sharpen, n}."""
-    ref = head_std(model, calibration(sample, cfg.train_len, device))
-    rows = []
-    for length in cfg.test_lengths:
-        idx = calibration(sample, length, device)
-        sharpen = max(1.0, math.log(length) / math.log(cfg.train_len))
-        for edit in EDITS:
-            s = 1.0 if edit == "scale" else sharpen
-            scale = None if edit == "select" else restore_scale(model, ref, idx, s)
-            with edited(model, s, scale):
-                acc, probes, _ = C.evaluate_with_probes(model, sample, [length], cfg.eval_examples, device,
-                                                        extra=target_mass)
-            eff = [r["eff_n"] for r in probes if r["layer"] == 0 and r["where"] == "pre"][0]
-            rows.append({"table": "edit", "edit": edit, **acc[0], "eff_n": eff, "sharpen": s,
-                         "factor": 1.0 if scale is None else float(scale[0].mean())})
-    return rows
 
 
 # ---------------------------------------------------------------------------------------- theory
@@ -438,7 +344,7 @@ def edit_table(acc, edits):
     """The edit rows plus the unedited `none` rows as edit = 'no edit', for the same seeds: one table
     in which every edit is paired with its own model unedited."""
     seeds = {(r["task"], r["seed"]) for r in edits}
-    plain = [{**r, "edit": "no edit"} for r in C.select(acc, variant="none") if (r["task"], r["seed"]) in seeds]
+    plain = [{**r, "edit": "no edit"} for r in R.select(acc, variant="none") if (r["task"], r["seed"]) in seeds]
     return plain + edits
 
 
@@ -446,14 +352,14 @@ def compare(rows, metric, a, b, length, by, diffs):
     """a vs b at one length, paired by seed: per-seed stats of a and b, the paired difference with a 95%
     CI (from diffs, paired_diff_ci's rows), and the fraction of seeds where a beats b with its 95%
     Wilson interval."""
-    va, vb = C.per_seed(rows, metric, length=length, **{by: a}), C.per_seed(rows, metric, length=length, **{by: b})
+    va, vb = R.per_seed(rows, metric, length=length, **{by: a}), R.per_seed(rows, metric, length=length, **{by: b})
     seeds = sorted(set(va) & set(vb))
     d = [r for r in diffs if r["length"] == length]
     wins = sum(va[s] > vb[s] for s in seeds)
-    return {"a": C.seed_stats([va[s] for s in seeds]), "b": C.seed_stats([vb[s] for s in seeds]),
+    return {"a": R.seed_stats([va[s] for s in seeds]), "b": R.seed_stats([vb[s] for s in seeds]),
             "diff": d[0]["diff"] if d else float("nan"), "lo": d[0]["lo"] if d else float("nan"),
             "hi": d[0]["hi"] if d else float("nan"), "wins": wins, "n": len(seeds),
-            "wins_ci": C.wilson_ci(wins, len(seeds))}
+            "wins_ci": R.wilson_ci(wins, len(seeds))}
 
 
 def verdict(d_rows, train_len):
@@ -476,16 +382,16 @@ def claims(acc, edits, cfg):
     and the verdict over all N. The printed summary and the README tables come from these."""
     out, top = [], max(cfg.test_lengths)
     for task in TASKS:
-        t_acc = C.select(acc, task=task)
-        for v in [v for v in VARIANTS if v != "none" and C.select(t_acc, variant=v)]:
-            d = C.paired_diff_ci(t_acc, "accuracy", v, "none")
+        t_acc = R.select(acc, task=task)
+        for v in [v for v in VARIANTS if v != "none" and R.select(t_acc, variant=v)]:
+            d = R.paired_diff_ci(t_acc, "accuracy", v, "none")
             out.append({"claim": CLAIMS[v], "task": task, "what": v, "baseline": "none",
                         "setting": f"trained at N = {cfg.train_len}, tested at N = {top}",
                         **compare(t_acc, "accuracy", v, "none", top, "variant", d),
                         "verdict": verdict(d, cfg.train_len)})
-        t_edit = edit_table(t_acc, C.select(edits, task=task))
-        for e in [e for e in EDITS if C.select(t_edit, edit=e)]:
-            d = C.paired_diff_ci(t_edit, "accuracy", e, "no edit", by="edit")
+        t_edit = edit_table(t_acc, R.select(edits, task=task))
+        for e in [e for e in EDITS if R.select(t_edit, edit=e)]:
+            d = R.paired_diff_ci(t_edit, "accuracy", e, "no edit", by="edit")
             out.append({"claim": CLAIMS[e], "task": task, "what": f"none + {e} (test time)",
                         "baseline": "the same none model, unedited",
                         "setting": f"none trained at N = {cfg.train_len}, edited at N = {top}",
@@ -494,43 +400,32 @@ def claims(acc, edits, cfg):
     return out
 
 
-def seed_dots(ax, x, values, color, width=0.25, seed=0):
-    """One dot per seed at x (jittered), with the mean ± 95% t-interval as a bar."""
-    v = np.asarray(values, dtype=float)
-    if not len(v):
-        return
-    jitter = np.random.default_rng(seed).uniform(-width / 2, width / 2, len(v))
-    ax.scatter(x + jitter, v, s=10, color=color, alpha=0.6, lw=0)
-    half = C.t_half_width(v) if len(v) > 1 else 0.0
-    ax.errorbar(x + width * 0.8, v.mean(), yerr=half, fmt="s", ms=5, color=color, capsize=3)
-
-
 def fig_accuracy(acc, tasks, cfg, out):
     """accuracy.png: accuracy vs N per variant (mean ± std), and the paired difference to none per
     seed (dots) with its 95% CI."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
-        C.plot_vs_length(C.select(acc, task=task), "accuracy", None, cfg.train_len, chance=1 / cfg.n_classes,
+        R.plot_vs_length(R.select(acc, task=task), "accuracy", None, cfg.train_len, chance=1 / cfg.n_classes,
                          ax=axes[0, j], title=f"{task}: accuracy (mean ± std over seeds)", style=style)
-        _paired_panel(axes[1, j], C.select(acc, task=task), "variant", "none",
+        _paired_panel(axes[1, j], R.select(acc, task=task), "variant", "none",
                       [v for v in VARIANTS if v != "none"], cfg, f"{task}: paired difference to none, "
                       "per seed (dots), 95% CI")
-    C.save_figure(fig, out / "accuracy.png")
+    R.save_figure(fig, out / "accuracy.png")
 
 
 def _paired_panel(ax, rows, by, base, others, cfg, title):
     """Paired difference of each of `others` to `base` vs N: a line with its 95% CI band, and a dot
     per seed."""
-    for v in [v for v in others if C.select(rows, **{by: v})]:
-        d = C.paired_diff_ci(rows, "accuracy", v, base, by=by)
+    for v in [v for v in others if R.select(rows, **{by: v})]:
+        d = R.paired_diff_ci(rows, "accuracy", v, base, by=by)
         if not d:
             continue
         xs = [r["length"] for r in d]
         ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − {base} (n={d[0]['n']})", color=COLORS[v])
         ax.fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=COLORS[v], alpha=0.15)
-        b = {(r["seed"], r["length"]): r["accuracy"] for r in C.select(rows, **{by: base})}
-        pts = [(r["length"], r["accuracy"] - b[r["seed"], r["length"]]) for r in C.select(rows, **{by: v})
+        b = {(r["seed"], r["length"]): r["accuracy"] for r in R.select(rows, **{by: base})}
+        pts = [(r["length"], r["accuracy"] - b[r["seed"], r["length"]]) for r in R.select(rows, **{by: v})
                if (r["seed"], r["length"]) in b]
         ax.scatter([x * (1 + 0.04 * (others.index(v) - len(others) / 2)) for x, _ in pts], [y for _, y in pts],
                    s=6, color=COLORS[v], alpha=0.4, lw=0)
@@ -538,7 +433,7 @@ def _paired_panel(ax, rows, by, base, others, cfg, title):
     ax.axvline(cfg.train_len, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_len}")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="test length N", ylabel=f"accuracy difference to {base}", title=title)
-    C.legend_outside(ax)
+    R.legend_outside(ax)
     ax.grid(alpha=0.3)
 
 
@@ -546,76 +441,74 @@ def fig_variance(probe, tasks, cfg, out, th):
     """variance.png (the paper's Fig. 1): per-component std of the attention output vs N, one row per
     layer, with the theory curves scaled to none at the shortest N. Returns {(task, variant, where,
     layer): (log-log slope, std(N_max) / std(N_min))}."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     layers = sorted({r["layer"] for r in probe}) or [0]
     lengths = sorted({r["length"] for r in probe}) or list(cfg.test_lengths)
     fig, axes = plt.subplots(len(layers), len(tasks), figsize=(8 * len(tasks), 4.5 * len(layers)), squeeze=False)
     slopes = {}
     for j, task in enumerate(tasks):
         for i, layer in enumerate(layers):
-            p = [r for r in C.select(probe, task=task, layer=layer)
+            p = [r for r in R.select(probe, task=task, layer=layer)
                  if r["where"] == "pre" or r["variant"] in NORMS_AFTER_WO]
-            base = C.mean_std_by(C.select(p, variant="none", where="pre"), "length", "comp_std", "variant")
+            base = R.mean_std_by(R.select(p, variant="none", where="pre"), "length", "comp_std", "variant")
             scale = base["none"][1][0] if base else 1.0
             extra = [(x, y / y[0] * scale, f"theory: {k}") for k, (x, y) in th.items()]
-            C.plot_vs_length(p, "comp_std", None, cfg.train_len, group=("variant", "where"), logy=True,
+            R.plot_vs_length(p, "comp_std", None, cfg.train_len, group=("variant", "where"), logy=True,
                              ax=axes[i, j], extra=extra, style=style,
                              title=f"{task}, layer {layer}: attention-output std vs N\n(theory scaled to none "
                                    f"at N={lengths[0]})")
-            for key, (xs, m, _, _) in C.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
+            for key, (xs, m, _, _) in R.mean_std_by(p, "length", "comp_std", ("variant", "where", "layer")).items():
                 slopes[(task,) + key] = (slope(xs, m), m[-1] / m[0])
-    C.save_figure(fig, out / "variance.png")
+    R.save_figure(fig, out / "variance.png")
     return slopes
 
 
 def fig_shift(probe, tasks, cfg, out):
     """shift.png (the paper's Fig. 3): per-vector mean and variance of the layer-0 attention output,
     none vs layernorm before and after the norm."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
-        p = [r for r in C.select(probe, task=task, layer=0)  # for none, 'post' is 'pre' again
+        p = [r for r in R.select(probe, task=task, layer=0)  # for none, 'post' is 'pre' again
              if (r["variant"], r["where"]) in (("none", "pre"), ("layernorm", "pre"), ("layernorm", "post"))]
-        C.plot_vs_length(p, "vec_mean", None, cfg.train_len, group=("variant", "where"), ax=axes[0, j], style=style,
+        R.plot_vs_length(p, "vec_mean", None, cfg.train_len, group=("variant", "where"), ax=axes[0, j], style=style,
                          title=f"{task}: per-vector mean of the attention output (layer 0)")
-        C.plot_vs_length(p, "vec_var", None, cfg.train_len, group=("variant", "where"), ax=axes[1, j], logy=True,
+        R.plot_vs_length(p, "vec_var", None, cfg.train_len, group=("variant", "where"), ax=axes[1, j], logy=True,
                          style=style, title=f"{task}: per-vector variance (layer 0)")
-    C.save_figure(fig, out / "shift.png")
+    R.save_figure(fig, out / "shift.png")
 
 
 def fig_distributions(records, tasks, out):
     """distributions.png (the paper's Fig. 2): one component of the layer-0 attention output at a few
     N, none and layernorm after the norm (seed 0)."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     kept = {(rec["cell"].get("task"), rec["cell"].get("variant")): rec["kept"] for rec in records if rec.get("kept")}
     panels = [(t, v, w) for t in tasks for v, w in (("none", "pre"), ("layernorm", "post")) if (t, v) in kept]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     for ax, (t, v, w) in zip(axes[0], panels):
-        for L in sorted({int(k.split("/")[0]) for k in kept[t, v]}):
-            vals = kept[t, v].get(f"{L}/0/{w}")
-            if vals:
-                ax.hist(vals, bins=40, density=True, histtype="step", label=f"N={L}")
+        for k in sorted(R.select(kept[t, v], layer=0, where=w), key=lambda k: k["length"]):
+            ax.hist(k["values"], bins=40, density=True, histtype="step", label=f"N={k['length']}")
         ax.set(title=f"{t}, {v} ({'before' if w == 'pre' else 'after'} the norm): component 0",
                xlabel="value of attention-output component 0", ylabel="density")
         ax.legend(fontsize=7)
-    C.save_figure(fig, out / "distributions.png")
+    R.save_figure(fig, out / "distributions.png")
 
 
 def fig_why(acc, probe, tasks, cfg, out):
     """why.png: the dispersion of the query's attention, exp(H) in layer 0, and its mass on the
     answering item, vs N per variant."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     lengths = np.array(sorted({r["length"] for r in acc}) or cfg.test_lengths, dtype=float)
     fig, axes = plt.subplots(2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False)
     for j, task in enumerate(tasks):
-        C.plot_vs_length(C.select(probe, task=task, layer=0, where="pre"), "eff_n", None, cfg.train_len,
+        R.plot_vs_length(R.select(probe, task=task, layer=0, where="pre"), "eff_n", None, cfg.train_len,
                          logy=True, ax=axes[0, j], extra=[(lengths, lengths + 1.0, "all N+1 tokens")],
                          style=style, title=f"{task}: effective number of attended tokens exp(H) (layer 0)")
-        C.plot_vs_length(C.select(acc, task=task), "target_mass", None, cfg.train_len, ax=axes[1, j], style=style,
+        R.plot_vs_length(R.select(acc, task=task), "target_mass", None, cfg.train_len, ax=axes[1, j], style=style,
                          title=f"{task}: attention mass on the answering item (max over heads)")
-    C.save_figure(fig, out / "why.png")
+    R.save_figure(fig, out / "why.png")
 
 
 def std_ratios(heads, cfg):
@@ -636,22 +529,22 @@ def fig_ladder(acc, ratios, tasks, cfg, out):
     """ladder.png: every variant at the longest N, a dot per seed and the mean ± 95% CI: accuracy,
     the paired difference to none, the attention mass on the answer, and the per-head output std
     ratio std(N_max) / std(N_train) in layer 0 (ratios: std_ratios())."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     top = max(cfg.test_lengths)
     n_rows = 4 if ratios else 3  # per-head stds: --experiment fixes only
     fig, axes = plt.subplots(n_rows, len(tasks), figsize=(6.5 * len(tasks), 3.3 * n_rows), squeeze=False)
     for j, task in enumerate(tasks):
-        t_acc = C.select(acc, task=task, length=top)
-        variants = [v for v in VARIANTS if C.select(t_acc, variant=v)]
-        none = C.per_seed(t_acc, "accuracy", variant="none")
+        t_acc = R.select(acc, task=task, length=top)
+        variants = [v for v in VARIANTS if R.select(t_acc, variant=v)]
+        none = R.per_seed(t_acc, "accuracy", variant="none")
         for i, v in enumerate(variants):
-            a = C.per_seed(t_acc, "accuracy", variant=v)
-            seed_dots(axes[0, j], i, list(a.values()), COLORS[v])
+            a = R.per_seed(t_acc, "accuracy", variant=v)
+            R.seed_dots(axes[0, j], i, list(a.values()), COLORS[v])
             if v != "none":
-                seed_dots(axes[1, j], i, [a[s] - none[s] for s in a if s in none], COLORS[v])
-            seed_dots(axes[2, j], i, list(C.per_seed(t_acc, "target_mass", variant=v).values()), COLORS[v])
+                R.seed_dots(axes[1, j], i, [a[s] - none[s] for s in a if s in none], COLORS[v])
+            R.seed_dots(axes[2, j], i, list(R.per_seed(t_acc, "target_mass", variant=v).values()), COLORS[v])
             if ratios:
-                seed_dots(axes[3, j], i, ratios.get((task, v, 0), []), COLORS[v])
+                R.seed_dots(axes[3, j], i, ratios.get((task, v, 0), []), COLORS[v])
         titles = (f"accuracy at N = {top} (trained at N = {cfg.train_len})", "paired difference to none",
                   "attention mass on the answering item", f"head output std(N = {top}) / std(N = {cfg.train_len}), "
                                                           "layer 0, mean over heads")
@@ -664,23 +557,23 @@ def fig_ladder(acc, ratios, tasks, cfg, out):
         if ratios:
             axes[3, j].axhline(1, color="k", lw=0.8)
             axes[3, j].set_yscale("log")
-    C.save_figure(fig, out / "ladder.png")
+    R.save_figure(fig, out / "ladder.png")
 
 
 def fig_edits(acc, edits, tasks, cfg, out):
     """edits.png: the test-time edits of the none models vs N: accuracy, the paired difference to the
     same model unedited (dots: seeds; band: 95% CI), and the attention mass on the answering item."""
-    plt = C.pyplot()
+    plt = R.pyplot()
     fig, axes = plt.subplots(3, len(tasks), figsize=(7.5 * len(tasks), 11.5), squeeze=False)
     for j, task in enumerate(tasks):
-        rows = edit_table(C.select(acc, task=task), C.select(edits, task=task))
-        C.plot_vs_length(rows, "accuracy", None, cfg.train_len, group="edit", chance=1 / cfg.n_classes, ax=axes[0, j],
+        rows = edit_table(R.select(acc, task=task), R.select(edits, task=task))
+        R.plot_vs_length(rows, "accuracy", None, cfg.train_len, group="edit", chance=1 / cfg.n_classes, ax=axes[0, j],
                          style=style, title=f"{task}: none models edited at test time (mean ± std over seeds)")
         _paired_panel(axes[1, j], rows, "edit", "no edit", list(EDITS), cfg,
                       f"{task}: edited − unedited, per seed (dots), 95% CI")
-        C.plot_vs_length(rows, "target_mass", None, cfg.train_len, group="edit", ax=axes[2, j], style=style,
+        R.plot_vs_length(rows, "target_mass", None, cfg.train_len, group="edit", ax=axes[2, j], style=style,
                          title=f"{task}: attention mass on the answering item")
-    C.save_figure(fig, out / "edits.png")
+    R.save_figure(fig, out / "edits.png")
 
 
 def say_claims(rows, say):
@@ -706,13 +599,13 @@ def say_ladder(acc, probe, ratios, verdicts, cfg, say):
         f"seeds better than none [95% CI] | exp(H), layer 0 | mass on the answer | head std ratio {top}/{lo} |")
     say("|---|---|---|---|---|---|---|---|---|")
     for task in TASKS:
-        for v in [v for v in VARIANTS if C.select(acc, task=task, variant=v)]:
-            a_lo = C.seed_stats(list(C.per_seed(acc, "accuracy", task=task, variant=v, length=lo).values()))
-            a = C.seed_stats(list(C.per_seed(acc, "accuracy", task=task, variant=v, length=top).values()))
-            h = C.seed_stats(list(C.per_seed(probe, "eff_n", task=task, variant=v, length=top, layer=0,
+        for v in [v for v in VARIANTS if R.select(acc, task=task, variant=v)]:
+            a_lo = R.seed_stats(list(R.per_seed(acc, "accuracy", task=task, variant=v, length=lo).values()))
+            a = R.seed_stats(list(R.per_seed(acc, "accuracy", task=task, variant=v, length=top).values()))
+            h = R.seed_stats(list(R.per_seed(probe, "eff_n", task=task, variant=v, length=top, layer=0,
                                              where="pre").values()))
-            m = C.seed_stats(list(C.per_seed(acc, "target_mass", task=task, variant=v, length=top).values()))
-            r = C.seed_stats(ratios.get((task, v, 0), []))
+            m = R.seed_stats(list(R.per_seed(acc, "target_mass", task=task, variant=v, length=top).values()))
+            r = R.seed_stats(ratios.get((task, v, 0), []))
             c = by.get((task, v))
             diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
             wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
@@ -730,13 +623,13 @@ def say_edits(acc, probe, edits, verdicts, cfg, say):
         "[95% CI] | exp(H), layer 0 | mass on the answer | layer-0 head factor |")
     say("|---|---|---|---|---|---|---|---|")
     for task in TASKS:
-        rows = [r for r in edit_table(C.select(acc, task=task), C.select(edits, task=task)) if r["length"] == top]
-        for e in [e for e in ("no edit",) + EDITS if C.select(rows, edit=e)]:
-            stat = lambda m: C.seed_stats([r[m] for r in C.select(rows, edit=e) if m in r])
+        rows = [r for r in edit_table(R.select(acc, task=task), R.select(edits, task=task)) if r["length"] == top]
+        for e in [e for e in ("no edit",) + EDITS if R.select(rows, edit=e)]:
+            stat = lambda m: R.seed_stats([r[m] for r in R.select(rows, edit=e) if m in r])
             a, c = stat("accuracy"), by.get((task, f"none + {e} (test time)"))
             diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
             wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
-            eff = stat("eff_n") if e != "no edit" else C.seed_stats(list(C.per_seed(
+            eff = stat("eff_n") if e != "no edit" else R.seed_stats(list(R.per_seed(
                 probe, "eff_n", task=task, variant="none", length=top, layer=0, where="pre").values()))
             fac = f"{stat('factor')['mean']:.2f}" if e != "no edit" else "1"
             say(f"| {task} | {e} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) | {diff} | {wins} | {eff['mean']:.1f} | "
@@ -753,10 +646,10 @@ def say_headline(acc, probe, say):
         "tokens the query attends to, attention mass on the answering item")
     for task in TASKS:
         for v in VARIANTS:
-            a = C.mean_std_by(C.select(acc, task=task, variant=v), "length", "accuracy", "variant").get(v)
-            h = C.mean_std_by(C.select(probe, task=task, variant=v, layer=0, where="pre"), "length", "eff_n",
+            a = R.mean_std_by(R.select(acc, task=task, variant=v), "length", "accuracy", "variant").get(v)
+            h = R.mean_std_by(R.select(probe, task=task, variant=v, layer=0, where="pre"), "length", "eff_n",
                               "variant").get(v)
-            m = C.mean_std_by(C.select(acc, task=task, variant=v), "length", "target_mass", "variant").get(v)
+            m = R.mean_std_by(R.select(acc, task=task, variant=v), "length", "target_mass", "variant").get(v)
             if a is None or h is None or m is None:
                 continue
             say(f"  {task:<7} {v:<12} accuracy {a[1][0]:.3f} -> {a[1][-1]:.3f} ± {a[2][-1]:.3f}   "
@@ -772,11 +665,11 @@ def predictors(acc, probe, cfg, variants=VARIANTS):
     acc = [r for r in acc if r["variant"] in variants]
     for task in TASKS:
         key = lambda r: (r["variant"], r["seed"])
-        base = {key(r): r["comp_std"] for r in C.select(probe, task=task, layer=0, where="pre", length=cfg.train_len)}
-        pr = {key(r) + (r["length"],): r for r in C.select(probe, task=task, layer=0, where="pre")}
+        base = {key(r): r["comp_std"] for r in R.select(probe, task=task, layer=0, where="pre", length=cfg.train_len)}
+        pr = {key(r) + (r["length"],): r for r in R.select(probe, task=task, layer=0, where="pre")}
         pts = [(r["accuracy"], r["target_mass"], math.log(pr[key(r) + (r["length"],)]["eff_n"]),
                 pr[key(r) + (r["length"],)]["comp_std"] / base[key(r)])
-               for r in C.select(acc, task=task) if r["length"] > cfg.train_len and key(r) + (r["length"],) in pr
+               for r in R.select(acc, task=task) if r["length"] > cfg.train_len and key(r) + (r["length"],) in pr
                and key(r) in base]
         if len(pts) < 3:
             continue
@@ -800,14 +693,14 @@ def say_details(records, acc, ratios, slopes, th, cfg, say):
         for (task, v, layer), r in ratios.items():
             say(f"  {task:<7} {v:<12} layer {layer}: {np.mean(r):.3f} ± {np.std(r):.3f}")
     for task in TASKS:
-        recs = [{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records
+        recs = [{**rec, "rows": R.select(rec["rows"], table="accuracy")} for rec in records
                 if rec["cell"].get("task") == task]
-        if not C.select(acc, task=task):
+        if not R.select(acc, task=task):
             continue
         say(f"\n--- {task} ---")
-        table = C.summarize(recs, "accuracy", cfg.train_len, say=say)
+        table = R.summarize(recs, "accuracy", cfg.train_len, say=say)
         for v in [v for v in VARIANTS if v != "none" and v in table]:
-            d = C.paired_diff_ci(C.select(acc, task=task), "accuracy", v, "none")
+            d = R.paired_diff_ci(R.select(acc, task=task), "accuracy", v, "none")
             say(f"  {v} − none, paired over seeds (95% CI): " +
                 ", ".join(f"N={r['length']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for r in d))
     firsts = {}
@@ -822,11 +715,11 @@ def report(records, cfg, out):
     """Figures, claims.json and the printed summary, from the cell records alone."""
     out = Path(out)
     rows = [r for rec in records for r in rec["rows"]]
-    acc, probe = C.select(rows, table="accuracy"), C.select(rows, table="probe")
-    heads, edits = C.select(rows, table="head_std"), C.select(rows, table="edit")
-    tasks = [t for t in TASKS if C.select(acc, task=t)]
-    say = C.Summary()
-    if not C.training_report(records, out, say):  # every cell diverged: nothing else to draw
+    acc, probe = R.select(rows, table="accuracy"), R.select(rows, table="probe")
+    heads, edits = R.select(rows, table="head_std"), R.select(rows, table="edit")
+    tasks = [t for t in TASKS if R.select(acc, task=t)]
+    say = R.Summary()
+    if not R.training_report(records, out, say):  # every cell diverged: nothing else to draw
         return say.write(out)
     th = theory(sorted({r["length"] for r in acc}) or list(cfg.test_lengths))
     fig_accuracy(acc, tasks, cfg, out)
@@ -839,7 +732,7 @@ def report(records, cfg, out):
     if edits:
         fig_edits(acc, edits, tasks, cfg, out)
     verdicts = claims(acc, edits, cfg)
-    C.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\n=== vanishing_variance: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
     say_details(records, acc, ratios, slopes, th, cfg, say)
@@ -861,30 +754,8 @@ def report(records, cfg, out):
 
 
 
-EXPERIMENTS = {  # what --experiment changes, unless the flag itself is given
-    "main": {},
-    "fixes": dict(variants=LADDER, seeds=10),
-}
-
-
-def main():
-    parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
-    parser.add_argument("--experiment", default="main", choices=list(EXPERIMENTS),
-                        help="main: the paper's reproduction; fixes: the fix ladder (variants "
-                             f"{','.join(LADDER)}, 10 seeds) and the test-time edits of the none models, "
-                             "in <out>-fixes")
-    args = parser.parse_args()
-    cfg = C.parse_config(args, Config, PRESETS)
-    cfg = replace(cfg, **{k: v for k, v in EXPERIMENTS[args.experiment].items() if not hasattr(args, k)})
-    if args.plot_only:
-        recs, cfg = C.saved_run(args.plot_only, Config, cfg)
-        return report(recs, cfg, Path(args.plot_only))
-    validate(cfg)
-    C.check(args.experiment != "fixes" or cfg.train_len >= 2, "--experiment fixes needs --train-len >= 2 "
-            "(the edits sharpen by log N / log N_train)")
-    if args.experiment != "main" and args.out == parser.get_default("out"):
-        args.out += f"-{args.experiment}"
-    device, precision, jobs, shard, out = C.setup_run(args, "vanishing_variance")
+def examples(cfg):
+    """Print the theory's slopes and one example of each task."""
     th = theory(cfg.test_lengths)
     print("theory: log-log slope of the attention-output std vs N: " +
           ", ".join(f"{k} {slope(x, y):+.3f}" for k, (x, y) in th.items()))
@@ -892,18 +763,14 @@ def main():
     print(f"argmax example (N=4): {decode(ex, 0, cfg.n_classes)}")
     ex = sample_lookup(np.random.default_rng(0), 1, 4, cfg.n_classes, n_keys(cfg))
     print(f"lookup example (N=4): {decode(ex, 0, cfg.n_classes)}")
-    cells = C.make_cells(cfg, device, precision, sweep_fields=("seeds", "variants", "tasks"), seed=range(cfg.seeds),
-                         task=cfg.tasks, variant=cfg.variants)  # seed by seed: a stopped run has whole seeds
-    for c in cells:
-        c["compile"] = args.compile
-        if args.experiment == "fixes":  # these cells also measure per-head stds, and the none cells the
-            c["heads"] = True            # test-time edits (so they have cell files of their own)
-            if c["variant"] == "none":
-                c["edits"] = True
-    records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, cfg, C.environment(device, precision))
-    report(records, cfg, out)
 
+
+SCRIPT = H.Script(
+    name="vanishing_variance", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
+    axes={"seed": "seeds", "task": "tasks", "variant": "variants"},  # seed-major: a stopped run has whole seeds
+    run_cell=run_cell, report=report, validate=validate, examples=examples,
+    experiments={"main": [{}],  # the paper's reproduction
+                 "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)]})  # the fix ladder and edits
 
 if __name__ == "__main__":
-    C.cli_main(main)
+    H.main(SCRIPT)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common as C
+import harness as H
 
 TOY = [sys.executable, str(Path(__file__).parent / "toy_experiment.py")]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -87,7 +88,7 @@ def test_jobs_and_shards_give_the_same_rows(tmp_path):
     run("--preset", "smoke", "--plot-only", str(tmp_path / "sh"))
     key = lambda r: (r["variant"], r["seed"], r["table"], r["length"], r.get("layer"), r.get("where"))
     assert sorted(rows(tmp_path / "one"), key=str) != []
-    merged = C.load_results(tmp_path / "sh")
+    merged = H.load_results(tmp_path / "sh")
     assert sorted((r for rec in merged for r in rec["rows"]), key=key) == sorted(rows(tmp_path / "one"), key=key)
 
 

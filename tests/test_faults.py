@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import common as C
+import harness as H
 from test_cli import ENV, TOY, run as run_toy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,15 +51,15 @@ BAD = [  # (script, flags, part of the message): every class of bad input, check
 @pytest.mark.parametrize("script,args,msg", BAD, ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in BAD])
 def test_bad_input_is_one_line_before_any_training(script, args, msg, tmp_path):
     p = run(script, "--out", str(tmp_path), *args)
-    one_error_line(p, C.EXIT_USAGE, msg)
+    one_error_line(p, H.EXIT_USAGE, msg)
     assert "sweep:" not in p.stdout  # refused before the sweep started
 
 
 def test_out_and_plot_only_that_are_files(tmp_path):
     f = tmp_path / "a_file"
     f.write_text("x")
-    one_error_line(run(VV, "--out", str(f)), C.EXIT_USAGE, "is a file, not a directory")
-    one_error_line(run(VV, "--plot-only", str(f)), C.EXIT_USAGE, "is a file, not a results directory")
+    one_error_line(run(VV, "--out", str(f)), H.EXIT_USAGE, "is a file, not a directory")
+    one_error_line(run(VV, "--plot-only", str(f)), H.EXIT_USAGE, "is a file, not a results directory")
 
 
 def test_every_cell_diverging_still_writes_summary_and_figure(tmp_path):
@@ -77,9 +78,9 @@ def test_every_cell_diverging_still_writes_summary_and_figure(tmp_path):
 def test_plot_only_refuses_results_of_another_script(tmp_path):
     run_toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
     for script in (VV, PA, SP):
-        one_error_line(run(script, "--plot-only", str(tmp_path)), C.EXIT_USAGE, "written by another script")
+        one_error_line(run(script, "--plot-only", str(tmp_path)), H.EXIT_USAGE, "written by another script")
     (tmp_path / "results.json").unlink()
-    one_error_line(run(VV, "--plot-only", str(tmp_path)), C.EXIT_USAGE, "written by another script")
+    one_error_line(run(VV, "--plot-only", str(tmp_path)), H.EXIT_USAGE, "written by another script")
 
 
 def test_atomic_write_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):
@@ -91,7 +92,7 @@ def test_atomic_write_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(OSError, match="No space left") as e:
-        C.atomic_write(target, "new contents")
+        H.atomic_write(target, "new contents")
     assert e.value.filename == str(target)
     monkeypatch.undo()
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cell.json"]
@@ -110,7 +111,7 @@ def tmpfs(tmp_path):
 
 def test_a_disk_that_fills_up_mid_sweep(tmpfs):
     p = run_toy("--preset", "smoke", "--jobs", "1", "--out", str(tmpfs / "run"), check=False)
-    one_error_line(p, C.EXIT_IO, "No space left on device")
+    one_error_line(p, H.EXIT_IO, "No space left on device")
     assert "re-run the same command to resume" in p.stderr
     cells = list((tmpfs / "run" / "cells").iterdir())
     assert 1 <= len(cells) < 4 and all(c.suffix == ".json" and not c.name.startswith(".") for c in cells)
@@ -120,7 +121,7 @@ def test_a_disk_that_fills_up_mid_sweep(tmpfs):
 def test_a_read_only_out(tmpfs):
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     p = run_toy("--preset", "smoke", "--out", str(tmpfs / "run"), check=False)
-    one_error_line(p, C.EXIT_USAGE, "is not writable: Read-only file system")
+    one_error_line(p, H.EXIT_USAGE, "is not writable: Read-only file system")
 
 
 def test_ctrl_c_ends_with_one_line_and_keeps_finished_cells(tmp_path):
@@ -130,7 +131,7 @@ def test_ctrl_c_ends_with_one_line_and_keeps_finished_cells(tmp_path):
     time.sleep(8)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == C.EXIT_INTERRUPTED
+    assert p.returncode == H.EXIT_INTERRUPTED
     assert err.strip().splitlines()[-1].startswith("interrupted: finished cells are saved")
     assert "Traceback" not in err and "leaked" not in err
     assert not [c for c in (tmp_path / "cells").iterdir() if c.name.startswith(".")]  # no temp files

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import common as C
+import harness as H
+import reporting as R
 import parity_random_access as P
 
 SCRIPT = str(Path(P.__file__))
@@ -252,7 +254,7 @@ def test_claims_oracle():
     by = {c["fmt"]: c for c in out if "seeds" in c}
     mn, sp = by["mnemonic"], by["scratchpad"]
     assert mn["generalize_at"] == 60 and mn["test_max"] == 100  # 3 x the longest training length (20)
-    assert (mn["seeds_ok"], mn["seeds"]) == (7, 10) and mn["seeds_ok_ci"] == C.wilson_ci(7, 10)
+    assert (mn["seeds_ok"], mn["seeds"]) == (7, 10) and mn["seeds_ok_ci"] == R.wilson_ci(7, 10)
     assert abs(mn["beyond"]["mean"] - 0.88) < 1e-12 and mn["beyond"]["median"] == 1.0
     assert mn["verdict"] == "NOT reproduced (partly)"
     assert sp["seeds_ok"] == 0 and sp["inside"]["mean"] == 1.0 and sp["verdict"] == "reproduced"
@@ -275,11 +277,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def cells_of(argv, claims=False):
     """The cells main() would run for these flags (no training)."""
-    parser = C.make_parser("x", P.Config, P.PRESETS)
-    cfg = C.parse_config(parser.parse_args(argv), P.Config, P.PRESETS)
+    parser = H.make_parser("x", P.Config, P.PRESETS)
+    cfg = H.parse_config(parser.parse_args(argv), P.Config, P.PRESETS)
     if claims:
         return P.claims_cells(P.replace(cfg, seeds=10), torch.device("cpu"), None)
-    return C.make_cells(cfg, torch.device("cpu"), None, sweep_fields=("seeds", "formats", "pos"),
+    return H.make_cells(cfg, torch.device("cpu"), None, sweep_fields=("seeds", "formats", "pos"),
                         seed=range(cfg.seeds), fmt=cfg.formats, pos=cfg.pos)
 
 
@@ -289,7 +291,7 @@ def test_claims_experiment_reuses_the_standalone_commands_cells():
     cells = cells_of([], claims=True)
     assert len(cells) == 10 * (1 + 1 + 2 + 2 + 1 + 1 + 2)  # scratchpad, interleaved, mnemonic x 2, constant, cyclic,
     # misaligned, none, add, add-mnemonic
-    keys = {C.cell_key(c) for c in cells}
+    keys = {H.cell_key(c) for c in cells}
     L = ",".join(map(str, P.CLAIMS_TEST))
     standalone = [
         ["--formats", "scratchpad", "--positions", "plain", "--steps", "8000", "--test-lengths", L[:L.index(",80")]],
@@ -302,7 +304,7 @@ def test_claims_experiment_reuses_the_standalone_commands_cells():
     ]
     found = set()
     for argv in standalone:
-        found |= {C.cell_key(c) for c in cells_of(argv + ["--seeds", "10"])} & keys
+        found |= {H.cell_key(c) for c in cells_of(argv + ["--seeds", "10"])} & keys
     assert found == keys
     by = {(c["fmt"], c["pos"]): c["config"] for c in cells}
     assert by[("scratchpad", "rope")]["positions"] == "plain" and by[("mnemonic", "none")]["steps"] == 3000

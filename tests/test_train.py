@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 import common as C
+import harness as H
+import reporting as R
 from toy_experiment import sample_batch
 
 
@@ -79,11 +81,11 @@ def test_probe_pass_scores_like_the_plain_evaluation():
 def test_paired_diff_ci_pairs_by_seed():
     rows = [{"variant": v, "seed": s, "length": 8, "acc": base + s * 0.1 + (0.05 if v == "ln" else 0)}
             for v, base in (("ln", 0.5), ("none", 0.5)) for s in range(3)]
-    (r,) = C.paired_diff_ci(rows, "acc", "ln", "none")
+    (r,) = R.paired_diff_ci(rows, "acc", "ln", "none")
     # the seed effect cancels in the paired difference: every seed gains exactly 0.05, so the CI is a point
     assert abs(r["diff"] - 0.05) < 1e-12 and abs(r["hi"] - r["lo"]) < 1e-9 and r["n"] == 3
     rows[0]["acc"] += 0.3  # one seed differs: the interval widens (t with 2 degrees of freedom)
-    (r,) = C.paired_diff_ci(rows, "acc", "ln", "none")
+    (r,) = R.paired_diff_ci(rows, "acc", "ln", "none")
     assert r["lo"] < r["diff"] < r["hi"] and abs((r["hi"] - r["diff"]) - 4.303 * 0.1) < 1e-9  # sd 0.1732 / sqrt 3 = 0.1
 
 
@@ -102,9 +104,9 @@ def test_named_samplers_share_one_test_set_and_lambdas_draw_their_own():
 def test_fp32_by_default_and_precision_from_the_cell():
     assert C.PRECISION["dtype"] == "fp32" and not torch.backends.cuda.matmul.allow_tf32
     assert isinstance(C.autocast(torch.device("cpu")), contextlib.nullcontext)
-    cell = C.make_cells(C.TrainConfig(), torch.device("cpu"), {"dtype": "fp32", "tf32": False}, seed=[0])[0]
+    cell = H.make_cells(C.TrainConfig(), torch.device("cpu"), {"dtype": "fp32", "tf32": False}, seed=[0])[0]
     assert set(cell) == {"seed", "device", "config"}  # the default precision leaves cell keys as they were
-    bf = C.make_cells(C.TrainConfig(), torch.device("cuda"), {"dtype": "bf16", "tf32": True}, seed=[0])[0]
+    bf = H.make_cells(C.TrainConfig(), torch.device("cuda"), {"dtype": "bf16", "tf32": True}, seed=[0])[0]
     assert bf["dtype"] == "bf16" and bf["tf32"] is True
     try:
         C.set_precision("bf16", False)

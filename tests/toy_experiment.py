@@ -4,6 +4,7 @@ Task "copy the last token": T random tokens from {2..V-1}; the model must output
 Example (T = 4): idx = [7 3 9 5], at = [3], target = [5]. Trivial for any model; the point here is
 the machinery: config flags, presets, the sweep, resume, shards, results files and plots.
 """
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common as C  # noqa: E402
+import harness as H  # noqa: E402
+import reporting as R  # noqa: E402
 
 
 def sample_batch(rng, batch_size, length, vocab=16):
@@ -40,39 +43,32 @@ def run_cell(cell):
     torch.manual_seed(cell["seed"])  # init seed; the data seed is separate below
     model = C.GPT(C.GPTConfig(vocab_size=16, block_size=cfg.block_size, n_layer=1, n_head=2, n_embd=cfg.n_embd,
                               pos=cfg.pos, attn_out_norm=cell["variant"]))
-    device = C.cell_device(cell)
-    train = C.train(model, lambda rng, b: sample_batch(rng, b, cfg.train_len), cfg, device,
-                    data_seed=10_000 + cell["seed"], progress=False)
-    if train["diverged"]:
-        return {"status": "diverged", "train": train, "rows": []}
-    rows, probes, _ = C.evaluate_with_probes(model, sample_batch, cfg.test_lengths, cfg.eval_examples, device)
+    device = torch.device(cell["device"])
+    train = C.train(model, functools.partial(C.sample_length_range, sample=sample_batch, lo=cfg.train_len,
+                                             hi=cfg.train_len), cfg, device, data_seed=10_000 + cell["seed"],
+                    progress=False, on_progress=H.report_progress)
+    rows, probes, _ = C.evaluate_with_probes(model, sample_batch, cfg.test_lengths, cfg.eval_examples, device,
+                                             key="toy")
     return {"train": train, "rows": [{"table": "accuracy", **r} for r in rows] +
                                     [{"table": "probe", **r} for r in probes]}
 
 
 def report(records, cfg, out):
     rows = [r for rec in records for r in rec["rows"]]
-    C.plot_vs_length(C.select(rows, table="accuracy"), "accuracy", out / "accuracy.png", cfg.train_len, chance=1 / 14)
-    C.plot_vs_length(C.select(rows, table="probe", where="pre"), "comp_std", out / "variance.png", cfg.train_len,
+    R.plot_vs_length(R.select(rows, table="accuracy"), "accuracy", out / "accuracy.png", cfg.train_len, chance=1 / 14)
+    R.plot_vs_length(R.select(rows, table="probe", where="pre"), "comp_std", out / "variance.png", cfg.train_len,
                      logy=True)
-    C.summarize([{**rec, "rows": C.select(rec["rows"], table="accuracy")} for rec in records], "accuracy",
+    R.summarize([{**rec, "rows": R.select(rec["rows"], table="accuracy")} for rec in records], "accuracy",
                 cfg.train_len)
 
 
-def main():
-    parser = C.make_parser(__doc__.splitlines()[0], Config, PRESETS)
-    args = parser.parse_args()
-    cfg = C.parse_config(args, Config, PRESETS)
-    if args.plot_only:
-        return report(C.load_results(args.plot_only), cfg, Path(args.plot_only))
+def validate(cfg):
     C.check(cfg.pos != "learned" or max(cfg.test_lengths) <= cfg.block_size,
             f"test length {max(cfg.test_lengths)} exceeds the learned position table ({cfg.block_size})")
-    device, precision, jobs, shard, out = C.setup_run(args, "toy")
-    cells = C.make_cells(cfg, device, precision, variant=cfg.variants, seed=range(cfg.seeds))
-    records = C.run_sweep(cells, run_cell, out, jobs, shard, args.fresh)
-    C.write_results(out, records, cfg, C.environment(device, precision))
-    report(records, cfg, out)
 
+
+SCRIPT = H.Script(name="toy", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
+                  axes={"variant": "variants", "seed": "seeds"}, run_cell=run_cell, report=report, validate=validate)
 
 if __name__ == "__main__":
-    C.cli_main(main)
+    H.main(SCRIPT)

@@ -1,0 +1,532 @@
+"""harness.py: the machinery around an experiment. No result depends on it; read it to run things.
+
+  sweeps    make_cells() (one cell per combination of a script's declared axes), run_sweep(): cells
+            in parallel processes, shards, one atomic file per finished cell, resume
+  results   write_results() (results.json, results.csv), load_results() and saved_run() for
+            --plot-only, environment()
+  the CLI   Script (what a script declares), main(script): flags from the config dataclass, one
+            precedence (class defaults <- preset <- experiment <- flags), device, errors as one line
+            (exit 2 bad input, 3 a file-system fault, 130 interrupted)
+
+A script declares a Script (its config class, presets, named experiments, sweep axes, run_cell and
+report) and its __main__ is `harness.main(SCRIPT)`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+import common as C
+
+EXIT_USAGE, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 130  # bad input; a file-system fault; Ctrl-C
+JOBS_PER_GPU = 8   # default --jobs per GPU
+
+
+# =============================================================================================
+# Sweeps: cells in parallel processes, shards, atomic results, resume
+# =============================================================================================
+
+def make_cells(cfg, axes, device, groups=None):
+    """One cell per combination of the axes: axes maps a cell field to the config field that lists its
+    values ('seeds' gives range(cfg.seeds)); earlier axes vary slowest. groups, if given, is a list of
+    {cell field: values} sub-sweeps (each multiplied out on its own) instead. A cell's config leaves out
+    every config field named in axes, so adding a seed or a variant later reuses every cell done."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in axes.values()}
+    if groups is None:
+        groups = [{cf: range(cfg.seeds) if f == "seeds" else getattr(cfg, f) for cf, f in axes.items()}]
+    return [{**dict(zip(g, combo)), "device": device.type, "config": config}
+            for g in groups for combo in itertools.product(*g.values())]
+
+
+def cell_key(cell):
+    return hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, text: str):
+    """Write through a temp file of this process and thread, then rename: readers see the old file or
+    the new, never half, and two writers never share a temp file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: no half-written temp file left behind, and say where
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except BaseException:  # Ctrl-C, an error in a worker
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _run_and_save(run_cell, cell_dir, cell):
+    t0 = time.time()
+    report_progress(0.0)
+    try:
+        out = run_cell(cell)
+    except C.Diverged as e:  # recorded, and the sweep goes on with the other cells
+        tqdm.write(f"{cell_label(cell)}: {e}; run stopped")
+        out = {"status": "diverged", "train": e.result, "rows": []}
+    ids = {k: v for k, v in cell.items() if k != "config"}
+    rows = [{**ids, **r} for r in out.pop("rows", [])]
+    record = {"cell": cell, "status": out.pop("status", "ok"), "rows": rows,
+              "seconds": round(time.time() - t0, 2), **out}
+    atomic_write(Path(cell_dir) / f"{cell_key(cell)}.json", json.dumps(record))
+    report_progress(0.0)  # before the parent hears of it: the bar never counts a cell twice
+    return record
+
+
+def cell_label(cell):
+    return " ".join(f"{k}={v}" for k, v in cell.items() if k not in ("config", "device"))
+
+
+def is_main_process():
+    """True in the process the user started (show progress bars), False in --jobs worker processes."""
+    return mp.current_process().name == "MainProcess"
+
+
+PROGRESS = {"shared": None, "slot": 0, "parent": None}  # in a --jobs worker: its slot in the parent's array
+
+
+def report_progress(fraction):
+    """Tell the parent's progress bar how far this worker's current cell has trained (0..1). A worker
+    whose parent was killed (kill -9) stops here instead of training on for nobody."""
+    if PROGRESS["shared"] is not None:
+        if os.getppid() != PROGRESS["parent"]:
+            os._exit(1)
+        PROGRESS["shared"][PROGRESS["slot"]] = fraction
+
+
+def train_options(desc):
+    """train()'s progress arguments in a cell: a bar in the main process, the shared progress in workers."""
+    return dict(progress=is_main_process(), on_progress=report_progress, desc=desc)
+
+
+def _worker_init(threads, shared, on_cuda):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    tqdm.set_lock(threading.RLock())  # workers draw no bars: no multiprocessing lock a kill would leak
+    torch.set_num_threads(threads)
+    worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
+    PROGRESS.update(shared=shared, slot=worker % len(shared), parent=os.getppid())
+    if on_cuda:  # several workers per GPU, spread round robin over the GPUs
+        torch.cuda.set_device(worker % torch.cuda.device_count())
+
+
+def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
+    """Run `run_cell(cell) -> {'rows': [...], ...}` for every cell of this shard (cells i with
+    i % N == I), `jobs` at a time in separate processes. Each finished cell is written at once to
+    out_dir/cells/<key>.json; cells already there are skipped unless fresh. A cell is a JSON-able dict:
+    ids (variant, seed, ...) are copied into its rows; 'config' is not."""
+    cells = list({cell_key(c): c for c in cells}.values())  # the same cell asked twice runs once
+    cell_dir = Path(out_dir) / "cells"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    i, n = shard
+    mine = [c for j, c in enumerate(cells) if j % n == i]
+    todo = [c for c in mine if fresh or not (cell_dir / f"{cell_key(c)}.json").exists()]
+    print(f"sweep: {len(cells)} cells, {len(mine)} in shard {i}/{n}, {len(mine) - len(todo)} already "
+          f"done, running {len(todo)} with {jobs} job(s)")
+    bar = tqdm(total=len(todo), desc="cells", disable=len(todo) < 2,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
+    try:
+        if jobs == 1 or len(todo) < 2:
+            for c in todo:  # the cell's own training bar shows its steps
+                _run_and_save(run_cell, cell_dir, c)
+                bar.update()
+        else:
+            _run_in_pool(run_cell, cell_dir, todo, jobs, bar)
+    finally:  # closed now, so that an error or 'interrupted' line is the last thing printed
+        bar.close()
+    return load_cells(out_dir, keys=[cell_key(c) for c in cells])
+
+
+def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
+    """Cells in `jobs` spawned processes (safe with CUDA and threads; each worker single-threaded).
+    The bar moves from the first seconds: finished cells plus the trained fraction of those in flight,
+    which the workers write to a shared array (report_progress)."""
+    ctx = mp.get_context("spawn")
+    shared = ctx.RawArray("d", jobs)  # no lock, no semaphore: each worker writes its own slot
+    on_cuda = any(c.get("device") == "cuda" for c in todo)  # a CPU run never touches a GPU it may have
+    pool = ctx.Pool(jobs, initializer=_worker_init, initargs=(1, shared, on_cuda))
+    try:
+        results, done = pool.imap_unordered(_Runner(run_cell, cell_dir), todo), 0
+        while done < len(todo):
+            try:
+                results.next(timeout=0.5)
+                done += 1
+            except mp.TimeoutError:
+                pass
+            bar.n = done + sum(shared[:])
+            bar.refresh()
+    except BaseException:  # Ctrl-C or an error in a cell: stop the other workers now
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+
+
+class _Runner:  # a picklable partial(_run_and_save, run_cell, cell_dir)
+    def __init__(self, run_cell, cell_dir):
+        self.run_cell, self.cell_dir = run_cell, cell_dir
+
+    def __call__(self, cell):
+        return _run_and_save(self.run_cell, self.cell_dir, cell)
+
+
+# =============================================================================================
+# Results
+# =============================================================================================
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise C.UsageError(f"cannot read results file {path}: {e}; delete it and re-run") from None
+
+
+def load_cells(out_dir, keys=None):
+    """Finished cell records under out_dir/cells (only `keys` if given), in a stable order."""
+    cell_dir = Path(out_dir) / "cells"
+    paths = sorted(cell_dir.glob("*.json")) if keys is None else \
+        [cell_dir / f"{k}.json" for k in keys if (cell_dir / f"{k}.json").exists()]
+    recs = [_read_json(p) for p in paths]
+    for p, r in zip(paths, recs):
+        C.check(isinstance(r, dict) and {"cell", "rows", "status"} <= r.keys(),
+                f"corrupt results file {p}: missing fields; delete it and re-run")
+    return recs
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device, cfg):
+    """What results.json records of the machine: versions, device (GPU names), dtype and TF32."""
+    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "device": str(device), "dtype": cfg.dtype, "tf32": cfg.tf32,
+           "cuda": torch.version.cuda, "git_commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if device.type == "cuda":
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return env
+
+
+def script_of(config_cls):
+    """The script that defines an experiment config class: a results folder is tied to it."""
+    return Path(sys.modules[config_cls.__module__].__file__).stem
+
+
+def write_results(out_dir, records, cfg, env):
+    """results.json (the script, config, environment, per-cell status, tidy rows) and results.csv
+    (the rows), both through atomic_write. cfg: the experiment's config dataclass."""
+    out_dir = Path(out_dir)
+    rows = [r for rec in records for r in rec["rows"]]
+    cells = [{**{k: v for k, v in rec["cell"].items() if k != "config"}, "status": rec["status"],
+              "seconds": rec.get("seconds"), **({"train": rec["train"]} if "train" in rec else {})}
+             for rec in records]
+    atomic_write(out_dir / "results.json", json.dumps(
+        {"script": script_of(type(cfg)), "config": dataclasses.asdict(cfg), "environment": env, "cells": cells,
+         "rows": rows}, indent=1))
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out_dir / "results.csv", buf.getvalue())
+    return rows
+
+
+def load_results(out_dir):
+    """Cell records for --plot-only: merged from cells/ (all shards), else rebuilt from results.json
+    (its cells, each with its rows; without the extras that only cell files keep, such as maps)."""
+    out_dir = Path(out_dir)
+    C.check(out_dir.exists(), f"--plot-only: no such directory {out_dir}")
+    C.check(out_dir.is_dir(), f"--plot-only: {out_dir} is a file, not a results directory")
+    if (out_dir / "cells").is_dir():
+        recs = load_cells(out_dir)
+        if recs:
+            return recs
+    C.check((out_dir / "results.json").exists(), f"--plot-only: no results in {out_dir} (no cells/, no results.json)")
+    res = _read_json(out_dir / "results.json")
+    C.check(isinstance(res, dict) and {"rows", "cells", "config"} <= res.keys(),
+            f"corrupt results file {out_dir / 'results.json'}: missing fields")
+    recs = []
+    for c in res["cells"]:
+        ids = {k: v for k, v in c.items() if k not in ("status", "seconds", "train")}
+        recs.append({"cell": {**ids, "config": res["config"]}, "status": c["status"], "script": res.get("script"),
+                     "rows": [r for r in res["rows"] if all(r.get(k) == v for k, v in ids.items())]})
+    return recs
+
+
+def config_text(rec):
+    return json.dumps(rec["cell"]["config"], sort_keys=True)
+
+
+def saved_run(out_dir, config_cls, mixed=False):
+    """(records, config) of a saved run, for --plot-only: plots use the config the results came from.
+    Refuses results that another script wrote (their config has fields this script does not know).
+    Where cells of several configs of this script share the folder, the newest config's are shown,
+    unless mixed (an experiment of several runs, each cell with its config): then all, with the first's."""
+    recs, script = load_results(out_dir), script_of(config_cls)
+    names = {f.name for f in fields(config_cls)}
+    mine = [r for r in recs if set(r["cell"].get("config", {})) <= names and r.get("script") in (None, script)]
+    C.check(mine, f"--plot-only: {out_dir} holds no results of {script}.py" +
+            (" (they were written by another script)" if recs else ""))
+    if len(mine) < len(recs):
+        print(f"note: {len(recs) - len(mine)} result(s) in {out_dir} come from another script; ignored")
+    if len({config_text(r) for r in mine}) > 1 and not mixed:  # the newest cell file's config wins
+        newest = config_text(max(mine, key=lambda r: (Path(out_dir) / "cells" / f"{cell_key(r['cell'])}.json")
+                                 .stat().st_mtime))
+        kept = [r for r in mine if config_text(r) == newest]
+        print(f"note: {len(mine) - len(kept)} cell(s) in {out_dir} come from another config; ignored")
+        mine = kept
+    return mine, config_cls(**mine[0]["cell"]["config"])
+
+
+# =============================================================================================
+# The command line
+# =============================================================================================
+
+@dataclass
+class Script:
+    """What a script declares to the harness.
+      name         the script's file name without .py (the default --out is out/<name>/<preset>)
+      config       its config dataclass (a common.TrainConfig): every field is a flag
+      presets      {name: {field: value}}: smoke (seconds, the tests), quick (minutes), paper
+      axes         {cell field: config field}: the sweep axes ('seeds' -> seed 0..seeds-1)
+      run_cell     cell -> {'rows': [...], ...}; raises common.Diverged to record a diverged run
+      report       (records, cfg, out) -> figures, claims and the printed summary
+      experiments  {name: [changes, ...]}: a named experiment is one or more runs, each a dict of
+                   config changes; a run's cells all go into one folder, out/<name>/<preset>-<experiment>
+      validate     cfg -> None, raising UsageError: constraints between flags, before any training
+      groups       cfg -> [{cell field: values}] where the axes do not simply multiply
+      examples     cfg -> None: print an example of each task before the sweep"""
+    name: str
+    description: str
+    config: type
+    presets: dict
+    axes: dict
+    run_cell: Callable
+    report: Callable
+    experiments: dict = field(default_factory=lambda: {"main": [{}]})
+    validate: Callable = None
+    groups: Callable = None
+    examples: Callable = None
+
+
+def _parse_value(kind, elem, s):
+    if kind is bool:
+        C.check(s.lower() in ("1", "0", "true", "false", "yes", "no"), f"expected true/false, got {s!r}")
+        return s.lower() in ("1", "true", "yes")
+    if kind is tuple:
+        return tuple(elem(x) for x in s.split(",") if x.strip())
+    return kind(s)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one 'error: ...' line (exit 2), like every other bad input."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "true/false"}
+
+
+def flag_type(kind, elem):
+    """The argparse type of a config field, named for argparse's message ('invalid integer value')."""
+    def parse(s):
+        return _parse_value(kind, elem, s)
+    parse.__name__ = f"comma-separated {TYPE_NAMES[elem]}" if kind is tuple else TYPE_NAMES[kind]
+    return parse
+
+
+def shown(v):
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def make_parser(script: Script):
+    p = OneLineParser(description=script.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="quick", choices=list(script.presets),
+                   help="smoke: seconds (tests); quick: minutes on a laptop CPU; paper: paper scale, for a GPU")
+    if len(script.experiments) > 1:
+        p.add_argument("--experiment", default="main", choices=list(script.experiments),
+                       help="a named experiment: " + "; ".join(
+                           f"{k}: " + " | ".join(", ".join(f"{f}={shown(v)}" for f, v in run.items()) or "the flags"
+                                                 for run in runs) for k, runs in script.experiments.items()))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--out", default="out/<script>/<preset>", help="output directory")
+    p.add_argument("--jobs", type=int, default=0,
+                   help=f"cells run in parallel processes (0 = one per CPU core on CPU; on CUDA "
+                        f"{JOBS_PER_GPU} per GPU, at most one per CPU core)")
+    p.add_argument("--shard", default="0/1", help="I/N: run only cells i with i %% N == I (cluster job arrays)")
+    p.add_argument("--fresh", action="store_true", help="recompute cells that already have results")
+    p.add_argument("--plot-only", metavar="DIR", default=None, help="redraw figures and summary from DIR; no training")
+    g = p.add_argument_group("experiment config (the default in brackets, then what each preset sets)")
+    for f in fields(script.config):
+        d = getattr(script.config(), f.name)
+        kind = type(d) if not isinstance(d, (list, tuple)) else tuple
+        elem = type(d[0]) if kind is tuple and d else str
+        text = "; ".join([shown(d)] + [f"{name}: {shown(v[f.name])}" for name, v in script.presets.items()
+                                       if f.name in v])
+        choices = f" {{{','.join(f.metadata['choices'])}}}" if "choices" in f.metadata else ""
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       metavar=kind.__name__.upper() if kind is not tuple else "A,B,...", type=flag_type(kind, elem),
+                       nargs="?" if kind is bool else None, const="true" if kind is bool else None,
+                       help=f.metadata.get("help", "") + choices + f" [{text}]".replace("%", "%%"))
+    return p
+
+
+def check_fields(cfg):
+    """Every field of cfg within its declared range and choices."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        vals = v if isinstance(v, tuple) else (v,)
+        flag = "--" + f.name.replace("_", "-")
+        C.check(len(vals) > 0, f"{flag} needs at least one value")
+        C.check(all(math.isfinite(x) for x in vals if isinstance(x, float)), f"{flag} must be a finite number, got {v}")
+        if "min" in f.metadata:
+            C.check(all(x >= f.metadata["min"] for x in vals), f"{flag} must be >= {f.metadata['min']}, got {v}")
+        if "max" in f.metadata:
+            C.check(all(x <= f.metadata["max"] for x in vals), f"{flag} must be <= {f.metadata['max']}, got {v}")
+        bad = [x for x in vals if "choices" in f.metadata and x not in f.metadata["choices"]]
+        C.check(not bad, f"{flag}: unknown {bad[0]!r}; choose from {', '.join(f.metadata.get('choices', ()))}"
+                if bad else "")
+
+
+def run_configs(args, script: Script):
+    """The config of each run of the chosen experiment: class defaults <- preset <- the experiment's run
+    <- the flags given on the command line (a flag always wins). Every field is checked."""
+    given = {f.name: getattr(args, f.name) for f in fields(script.config) if hasattr(args, f.name)}
+    runs = script.experiments[getattr(args, "experiment", "main")]
+    cfgs = [replace(replace(replace(script.config(), **script.presets[args.preset]), **run), **given) for run in runs]
+    for cfg in cfgs:
+        check_fields(cfg)
+    return cfgs
+
+
+def pick_device(name, cfg):
+    """The torch.device, printing the choice and the reason; checks the dtype and TF32 asked for."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    why = "requested"
+    if name == "auto":
+        name, why = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu", "auto-detected"
+    C.check(name != "cuda" or torch.cuda.is_available(), "--device cuda requested but CUDA is not available here")
+    C.check(name != "mps" or has_mps, "--device mps requested but MPS is not available here")
+    C.check(cfg.dtype == "fp32" or (name == "cuda" and torch.cuda.is_bf16_supported()),
+            f"--dtype {cfg.dtype} needs a CUDA GPU with bf16; this run is on {name}")
+    C.check(not cfg.tf32 or name == "cuda", "--tf32 applies to CUDA only")
+    what = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
+        if name == "cuda" else platform.processor() or name
+    text = {"fp32": "float32", "bf16": "bfloat16 autocast (probes in float32)"}[cfg.dtype]
+    text += f", TF32 {'on' if cfg.tf32 else 'off'}" if name == "cuda" else ""
+    print(f"device: {name} ({what}, {why}); dtype: {text}")
+    return torch.device(name)
+
+
+def parse_shard(s):
+    try:
+        i, n = (int(x) for x in s.split("/"))
+    except ValueError:
+        raise C.UsageError(f"--shard must look like I/N (e.g. 0/4), got {s!r}") from None
+    C.check(n >= 1 and 0 <= i < n, f"--shard I/N needs 0 <= I < N, got {s!r}")
+    return i, n
+
+
+def default_jobs(device):
+    """One cell process per CPU core on CPU. On CUDA several per GPU: each step of these small models
+    is a few hundred tiny kernels, so one process leaves a GPU mostly idle (bench.py measures it)."""
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(cores, JOBS_PER_GPU * torch.cuda.device_count()))
+    return cores if device.type == "cpu" else 1
+
+
+def prepare_out(out):
+    """Check before any training that results can be written under `out`: a directory, writable."""
+    C.check(not out.exists() or out.is_dir(), f"--out {out} is a file, not a directory")
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        probe = out / "cells" / f".write-test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise C.UsageError(f"--out {out} is not writable: {e.strerror or e}") from None
+
+
+def out_dir(args, parser, script):
+    """--out, with <script> and <preset> filled in; a named experiment's default folder gets its name."""
+    out = args.out
+    experiment = getattr(args, "experiment", "main")
+    if experiment != "main" and out == parser.get_default("out"):
+        out += f"-{experiment}"
+    return Path(out.replace("<script>", script.name).replace("<preset>", args.preset))
+
+
+def run(script: Script):
+    """Parse the flags, then either redraw a saved run (--plot-only) or run the sweep and report."""
+    parser = make_parser(script)
+    args = parser.parse_args()
+    cfgs = run_configs(args, script)
+    if args.plot_only:
+        recs, cfg = saved_run(args.plot_only, script.config, mixed=len(cfgs) > 1)
+        return script.report(recs, cfg, Path(args.plot_only))
+    for cfg in cfgs:
+        if script.validate:
+            script.validate(cfg)
+    C.check(args.jobs >= 0, f"--jobs must be >= 0, got {args.jobs}")
+    device = pick_device(args.device, cfgs[0])
+    jobs = args.jobs or default_jobs(device)
+    # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (bench.py);
+    # with several jobs each worker process is single-threaded anyway.
+    torch.set_num_threads(1)
+    shard = parse_shard(args.shard)
+    out = out_dir(args, parser, script)
+    prepare_out(out)
+    if script.examples:
+        script.examples(cfgs[0])
+    cells = [c for cfg in cfgs for c in make_cells(cfg, script.axes, device, script.groups(cfg) if script.groups
+                                                   else None)]
+    records = run_sweep(cells, script.run_cell, out, jobs, shard, args.fresh)
+    write_results(out, records, cfgs[0], environment(device, cfgs[0]))
+    script.report(records, cfgs[0], out)
+
+
+def main(script: Script):
+    """Run the script; bad input -> one 'error: ...' line and exit 2; a file-system fault (a full disk, a
+    directory that turned read-only) -> one line and exit 3; Ctrl-C -> exit 130. Finished cells are
+    kept in every case: re-running the same command resumes."""
+    try:
+        run(script)
+    except C.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; finished cells are kept: re-run the same command to resume "
+              "once this is fixed", file=sys.stderr)
+        sys.exit(EXIT_IO)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished cells are saved; re-run the same command to resume", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

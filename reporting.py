@@ -1,0 +1,352 @@
+"""reporting.py: statistics over seeds, tables and the figure helpers the three scripts share.
+
+  statistics  select(), per_seed(), seed_stats(), t_half_width(), paired_diff_ci(), wilson_ci(),
+              spearman_ci() (a bootstrap over seeds), mean_std_by(), summarize()
+  tables      markdown_table(): the one writer of every claims table; Summary: the printed summary
+  figures     plot_vs_length() (mean ± std band per group, clipped to [0, 1] for accuracies, training
+              length marked), seed_dots() (a dot per seed, mean ± 95% CI), band(), Palette,
+              training_report(), fig_attention_std() (the attention-output std by length)
+
+Every verdict in the documents is computed here from tidy rows; nothing here trains or reads files.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+# =============================================================================================
+# Statistics
+# =============================================================================================
+
+
+def select(rows, **eq):
+    return [r for r in rows if all(r.get(k) == v for k, v in eq.items())]
+
+
+def per_seed(rows, metric, **eq):
+    """{seed: metric} of the rows matching eq (one row per seed expected)."""
+    return {r["seed"]: r[metric] for r in select(rows, **eq) if metric in r}
+
+
+def seed_stats(values):
+    """{mean, std, median, n} of one number per seed."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "n": len(v)} if len(v) \
+        else {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0}
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}  # Student t, two-sided 95%
+
+
+def t_half_width(values):
+    """Half-width of the 95% t-interval of the mean of `values` (nan with fewer than two)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float("nan")
+    return T975[max(k for k in T975 if k <= len(v) - 1)] * v.std(ddof=1) / math.sqrt(len(v))
+
+
+def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
+    """Per x: mean over seeds of metric(a) - metric(b), paired by seed on identical test sets, with a
+    95% t-interval over seeds. Returns [{x, diff, lo, hi, n}] (lo = hi = nan with one seed)."""
+    val = {(r[by], r["seed"], r[x]): r[metric] for r in rows if metric in r}
+    out = []
+    for xv in sorted({k[2] for k in val}):
+        d = np.array([val[a, s, xv] - val[b, s, xv] for (v, s, xx) in val if v == a and xx == xv and (b, s, xv) in val])
+        if len(d) == 0:
+            continue
+        half = t_half_width(d)
+        out.append({x: xv, "diff": float(d.mean()), "lo": float(d.mean() - half), "hi": float(d.mean() + half),
+                    "n": len(d)})
+    return out
+
+
+def diff_text(d, places=2):
+    """A paired_diff_ci() row as printed: '+0.65 [+0.35, +0.94]'."""
+    return f"{d['diff']:+.{places}f} [{d['lo']:+.{places}f}, {d['hi']:+.{places}f}]"
+
+
+def wilson_ci(k, n, z=1.96):
+    """95% Wilson score interval (lo, hi) of a fraction k / n (sound at k = 0 or k = n, unlike k/n ± 2 se)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def rankdata(x):
+    """Ranks 0..n-1 of x, ties sharing their mean rank."""
+    x = np.asarray(x, float)
+    r = np.empty(len(x))
+    r[x.argsort(kind="mergesort")] = np.arange(len(x))
+    for v in np.unique(x):
+        r[x == v] = r[x == v].mean()
+    return r
+
+
+def spearman(x, y):
+    rx, ry = rankdata(x), rankdata(y)
+    return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() > 0 and ry.std() > 0 else float("nan")
+
+
+def spearman_ci(points, n_boot=2000, seed=0):
+    """Spearman's rho of y against x over (seed, x, y) points, and a 95% bootstrap interval that
+    resamples whole seeds (the independent unit). Returns (rho, lo, hi)."""
+    seeds = sorted({s for s, _, _ in points})
+    by = {s: [(x, y) for ss, x, y in points if ss == s] for s in seeds}
+    rho = spearman([x for _, x, _ in points], [y for _, _, y in points])
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        pts = [p for s in rng.choice(seeds, len(seeds)) for p in by[s]]
+        boots.append(spearman([x for x, _ in pts], [y for _, y in pts]))
+    boots = np.array(boots)
+    boots = boots[~np.isnan(boots)]
+    lo, hi = (np.percentile(boots, [2.5, 97.5]) if len(boots) else (float("nan"),) * 2)
+    return rho, float(lo), float(hi)
+
+
+def group_key(group):
+    """A row's group value: r[group], or a tuple of values when group is a tuple of keys."""
+    def key(r):
+        return tuple(r.get(g) for g in group) if isinstance(group, tuple) else r.get(group)
+    return key
+
+
+def mean_std_by(rows, x, y, group):
+    """{group value: (xs, mean, std, n_seeds)} of y over seeds at each x; `group` is a key or a tuple."""
+    gkey = group_key(group)
+    acc = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get(y) is not None and not (isinstance(r[y], float) and math.isnan(r[y])):
+            acc[gkey(r)][r[x]].append(float(r[y]))
+    out = {}
+    for g, byx in acc.items():
+        xs = sorted(byx)
+        out[g] = (np.array(xs), np.array([np.mean(byx[v]) for v in xs]),
+                  np.array([np.std(byx[v]) for v in xs]), np.array([len(byx[v]) for v in xs]))
+    return out
+
+
+def mean_std_text(v):
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a"
+
+
+def summarize(records, metric, train_len, group="variant", say=print):
+    """Print (with `say`) per group: in-distribution (length <= train_len) and out-of-distribution
+    mean ± std over seeds (each seed first averaged over its lengths), and how many seeds diverged.
+    Returns the table."""
+    table = {}
+    runs = defaultdict(lambda: {"id": [], "ood": [], "diverged": 0})
+    for rec in records:
+        if not rec["rows"] and rec["status"] != "diverged":
+            continue
+        g = rec["cell"].get(group, rec["rows"][0].get(group) if rec["rows"] else None)
+        if rec["status"] == "diverged":
+            runs[g]["diverged"] += 1
+            continue
+        vals = [(r["length"], r[metric]) for r in rec["rows"] if metric in r]
+        inside = [v for L, v in vals if L <= train_len]
+        beyond = [v for L, v in vals if L > train_len]
+        for part, sel in (("id", inside), ("ood", beyond)):
+            if sel:
+                runs[g][part].append(float(np.mean(sel)))
+    say(f"\n{metric}: in-distribution (length <= {train_len}) vs out-of-distribution, mean ± std over seeds")
+    w = max([16] + [len(str(g)) for g in runs])
+    say(f"  {group:<{w}} {'ID':>15} {'OOD':>15}  seeds")
+    for g, r in runs.items():
+        table[g] = {"id_mean": float(np.mean(r["id"])) if r["id"] else None,
+                    "id_std": float(np.std(r["id"])) if r["id"] else None,
+                    "ood_mean": float(np.mean(r["ood"])) if r["ood"] else None,
+                    "ood_std": float(np.std(r["ood"])) if r["ood"] else None,
+                    "seeds": len(r["id"] or r["ood"]), "diverged": r["diverged"]}
+        div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+        say(f"  {str(g):<{w}} {mean_std_text(r['id']):>15} {mean_std_text(r['ood']):>15}  "
+            f"{len(r['id'] or r['ood'])}{div}")
+    return table
+
+
+# =============================================================================================
+# Tables and the printed summary
+# =============================================================================================
+
+def markdown_table(say, header, rows):
+    """Print a markdown table: header (column titles) and rows (lists of cells, already formatted)."""
+    say("\n| " + " | ".join(header) + " |")
+    say("|" + "---|" * len(header))
+    for r in rows:
+        say("| " + " | ".join(str(c) for c in r) + " |")
+
+
+class Summary:
+    """The printed summary of a report: say(line) prints it and keeps it for summary.txt."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, line=""):
+        print(line)
+        self.lines.append(line)
+
+    def write(self, out):
+        (Path(out) / "summary.txt").write_text("\n".join(self.lines) + "\n")
+        print(f"\nfigures and summary.txt in {out}")
+
+
+# =============================================================================================
+# Figures
+# =============================================================================================
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    """tight_layout, save as PNG and close."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def ticks_at(ax, xs):
+    """Label a log-scaled x axis at the values themselves (e.g. the test lengths)."""
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+
+
+def legend_outside(ax):
+    """The legend to the right of the axes, where it cannot cover data."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+class Palette:
+    """One colour per group value (variant, format, ...), fixed for a whole report: pass it as the
+    style of every plot, or read .colors, so that a variant keeps its colour in every figure."""
+
+    def __init__(self, groups):
+        names = sorted(set(groups), key=str)
+        cmap = "tab10" if len(names) <= 10 else "tab20"
+        self.colors = {g: pyplot().get_cmap(cmap)(i % 20) for i, g in enumerate(names)}
+
+    def __call__(self, group):
+        return {"color": self.colors.get(group)}
+
+
+def band(ax, rows, x, y, group, colors, label=str):
+    """A line per group with its mean ± std band over seeds (colors: {group: colour})."""
+    for g, (xs, m, s, n) in sorted(mean_std_by(rows, x, y, group).items(), key=lambda t: str(t[0])):
+        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} (n={n.min()})", color=colors.get(g))
+        ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+
+
+def seed_dots(ax, x, values, color, width=0.25, seed=0):
+    """One dot per seed at x (jittered), with the mean ± 95% t-interval as a bar beside them."""
+    v = np.asarray(values, dtype=float)
+    if not len(v):
+        return
+    jitter = np.random.default_rng(seed).uniform(-width / 2, width / 2, len(v))
+    ax.scatter(x + jitter, v, s=10, color=color, alpha=0.6, lw=0)
+    half = t_half_width(v) if len(v) > 1 else 0.0
+    ax.errorbar(x + width * 0.8, v.mean(), yerr=half, fmt="s", ms=5, color=color, capsize=3)
+
+
+METRIC_LABELS = {  # axis labels for the metrics of the tidy rows
+    "accuracy": "accuracy", "exact": "exact match", "comp_std": "std of a component across samples",
+    "vec_mean": "per-vector mean", "vec_var": "per-vector variance", "entropy": "attention entropy H",
+    "eff_n": "effective number of attended tokens exp(H)", "target_mass": "attention mass on the answer",
+    "token_acc": "per-token accuracy", "id_acc": "position-id accuracy"}
+THEORY_STYLES = [("black", ":"), ("tab:purple", "-."), ("tab:brown", (0, (1, 3))), ("tab:olive", (0, (3, 1, 1, 1)))]
+
+
+def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, logy=False, title=None,
+                   ylabel=None, extra=(), ax=None, style=None):
+    """metric vs test length (log2 x), one line per group with a mean ± std band over seeds, a
+    dashed line at the largest training length, an optional chance line and extra (x, y, label)
+    curves (e.g. theory, each its own colour and dash). style(group) -> {color, ls, label} keeps a
+    variant's colour the same in every figure of a script. The legend sits outside the axes, clear
+    of the data. Saves to path unless an axis is given."""
+    plt = pyplot()
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+    for g, (xs, m, s, n) in sorted(mean_std_by(rows, "length", metric, group).items(), key=lambda t: str(t[0])):
+        st = dict(style(g)) if style else {}
+        label = st.pop("label", " ".join(map(str, g)) if isinstance(g, tuple) else str(g))
+        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label} (n={n.min()})", **st)
+        lo, hi = (np.maximum(m - s, m * 0.05), m + s) if logy else (m - s, m + s)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+    for (x, y, label), (color, ls) in zip(extra, THEORY_STYLES):
+        ax.plot(x, y, color=color, ls=ls, lw=1.4, label=label)
+    ax.axvline(train_len, color="gray", ls="--", lw=1, label=f"max train length {train_len}")
+    if chance is not None:
+        ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("test length")
+    ax.set_ylabel(ylabel or METRIC_LABELS.get(metric, metric))
+    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} vs length (mean ± std over seeds)", fontsize=10)
+    legend_outside(ax)
+    ax.grid(alpha=0.3)
+    if own:
+        save_figure(fig, path)
+
+
+def fig_attention_std(panels, path, xlabel, style):
+    """The attention-output std at the query vs length, the quantity of Li et al.'s Fig. 1, one panel
+    each: panels is [(rows, train_len, title)], rows carrying comp_std and the style's group."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
+    for ax, (rows, train_len, title, group) in zip(axes[0], panels):
+        plot_vs_length(rows, "comp_std", None, train_len, group=group, logy=True, ax=ax, style=style, title=title)
+        ax.set_xlabel(xlabel)
+        ticks_at(ax, sorted({r["length"] for r in rows}))
+    save_figure(fig, path)
+
+
+def cell_label(cell):
+    """'task=lookup variant=none seed=2': a cell's ids, for messages."""
+    return " ".join(f"{k}={v}" for k, v in cell.items() if k not in ("config", "device"))
+
+
+def training_report(records, out, say):
+    """training.png (every cell's loss curve; diverged cells in red, ending in an x) and, in the
+    summary, which cells diverged and the likely cause. Returns False when no cell finished training
+    (the caller then has nothing else to draw)."""
+    bad = [r for r in records if r["status"] == "diverged"]
+    if bad:
+        lrs = sorted({r["cell"].get("config", {}).get("lr") for r in bad} - {None})
+        say(f"\n{len(bad)} of {len(records)} cell(s) diverged (a non-finite loss or gradient stopped training; "
+            f"they have no test rows): " + "; ".join(cell_label(r["cell"]) for r in bad[:8]) +
+            (f"; and {len(bad) - 8} more" if len(bad) > 8 else ""))
+        say(f"  the usual cause is a learning rate too high for the model (here --lr {', '.join(map(str, lrs))}): "
+            "try a smaller --lr, a longer --warmup, or --grad-clip 1")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in records:
+        curve = np.array(r.get("train", {}).get("loss_curve") or [], dtype=float).reshape(-1, 2)
+        if len(curve):
+            ok = r["status"] != "diverged"
+            ax.plot(curve[:, 0], curve[:, 1], color="C0" if ok else "red", alpha=0.35 if ok else 0.9, lw=1)
+            if not ok:
+                ax.plot(curve[-1, 0], curve[-1, 1], "x", color="red", ms=8)
+    ax.plot([], [], color="C0", label=f"finished ({len(records) - len(bad)} cells)")
+    ax.plot([], [], color="red", marker="x", label=f"diverged ({len(bad)} cells)")
+    ax.set(xlabel="training step", ylabel="training loss", title="training loss of every cell")
+    if any(len(line.get_xdata()) for line in ax.get_lines()):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save_figure(fig, Path(out) / "training.png")
+    if len(bad) == len(records):
+        say("no cell finished training: no accuracy or variance figures (training.png shows the losses)")
+    return len(bad) < len(records)
