@@ -35,6 +35,9 @@ import torch
 import common as C
 import harness as H
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+from reference import Reference, reference_forward  # noqa: E402  the explicit T x T path, for comparison
+
 # Default sizes: vanishing_variance.py's default model (its item embedding stood in for by a token
 # table; T = 16 items + the query); parity_random_access.py's default model on its longest training
 # example (mnemonic, n = 20: T = 83, the loss on the 21 produced tokens); sparse_planted.py's sparse
@@ -46,17 +49,6 @@ MODELS = {
                                  loss=list(range(42, 81, 2)) + [81]),
     "sparse_planted": dict(cfg=dict(vocab_size=6, n_layer=2, n_head=4, n_embd=64), T=22, batch=64, loss="last"),
 }
-
-
-class Manual(torch.nn.Module):
-    """The plain reference: the same model, always through the manual (explicit T x T) attention."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx, targets=None, position_ids=None, at=None, pos_targets=None):
-        return self.model(idx, targets, position_ids, at, manual=True, pos_targets=pos_targets)
 
 
 def sampler(spec):
@@ -73,14 +65,14 @@ def sampler(spec):
     return sample
 
 
-def bench_train(spec, device, manual, threads, steps):
+def bench_train(spec, device, manual, threads, steps, dtype):
     if device.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = C.GPT(C.GPTConfig(block_size=spec["T"], **spec["cfg"]))
-    model = Manual(model) if manual else model
-    cfg = C.TrainConfig(steps=steps, batch_size=spec["batch"])
-    C.train(model, sampler(spec), C.TrainConfig(steps=5, batch_size=spec["batch"]), device, 0, progress=False)
+    model = Reference(model) if manual else model
+    cfg = C.TrainConfig(steps=steps, batch_size=spec["batch"], dtype=dtype)
+    C.train(model, sampler(spec), replace(cfg, steps=5), device, 0, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -91,7 +83,7 @@ def bench_train(spec, device, manual, threads, steps):
     return {"tok_s": steps * spec["batch"] * spec["T"] / dt, "ms_step": 1000 * dt / steps}
 
 
-def eval_once(name, T, manual, threads, device_name):
+def eval_once(name, T, manual, threads, device_name, dtype="fp32"):
     """One evaluation forward at length T in this process: tokens/s and peak memory (MiB)."""
     spec, device = MODELS[name], torch.device(device_name)
     if device.type == "cpu":
@@ -105,8 +97,8 @@ def eval_once(name, T, manual, threads, device_name):
         if device.type == "cpu" else 0.0  # resident MiB now; the peak below is an upper bound on the rise
 
     def fwd():
-        with torch.no_grad(), C.autocast(device):
-            return model(idx, at=at, manual=True) if manual else model.probe(idx, at)
+        with torch.no_grad(), C.autocast(device, dtype):
+            return reference_forward(model, idx, at=at) if manual else model.probe(idx, at)
     fwd()  # warm-up (also sets the peak)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -123,10 +115,10 @@ def eval_once(name, T, manual, threads, device_name):
     return {"tok_s": reps * B * T / (time.perf_counter() - t0), "peak_mib": peak}
 
 
-def bench_eval(name, T, manual, threads, device):
+def bench_eval(name, T, manual, threads, device, dtype):
     if device.type == "cuda":
-        return eval_once(name, T, manual, threads, "cuda")
-    p = subprocess.run([sys.executable, __file__, "--_eval", json.dumps([name, T, manual, threads, "cpu"])],
+        return eval_once(name, T, manual, threads, "cuda", dtype)
+    p = subprocess.run([sys.executable, __file__, "--_eval", json.dumps([name, T, manual, threads, "cpu", dtype])],
                        capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
         return {"tok_s": float("nan"), "peak_mib": float("nan"), "error": p.stderr.strip().splitlines()[-1:]}
@@ -136,16 +128,17 @@ def bench_eval(name, T, manual, threads, device):
 def scaling_worker(device_name, dtype, steps, barrier, queue):
     """One of K processes training the vanishing_variance-size model at once: its timed window."""
     torch.set_num_threads(1)
-    C.set_precision(dtype)
     device, spec = torch.device(device_name), MODELS["vanishing_variance"]
     torch.manual_seed(0)
     model = C.GPT(C.GPTConfig(block_size=spec["T"], **spec["cfg"]))
-    C.train(model, sampler(spec), C.TrainConfig(steps=5, batch_size=spec["batch"]), device, 0, progress=False)
+    C.train(model, sampler(spec), C.TrainConfig(steps=5, batch_size=spec["batch"], dtype=dtype), device, 0,
+            progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     barrier.wait()  # every process starts its timed window together
     t0 = time.time()
-    C.train(model, sampler(spec), C.TrainConfig(steps=steps, batch_size=spec["batch"]), device, 1, progress=False)
+    C.train(model, sampler(spec), C.TrainConfig(steps=steps, batch_size=spec["batch"], dtype=dtype), device, 1,
+            progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     queue.put((t0, time.time()))
@@ -175,15 +168,28 @@ def paper_steps():
     pa = replace(PA.Config(), **PA.PRESETS["paper"])
     sp = replace(SP.Config(), **SP.PRESETS["paper"])
     sp_steps = {"sparsity": sp.steps, "fixed": sp.steps, "locality": sp.loc_steps, "ppc": sp.ppc_steps}
+    sp_cells = H.make_cells(sp, SP.SCRIPT.axes, torch.device("cpu"), SP.groups(sp))
     return {"vanishing_variance": len(vv.tasks) * len(vv.variants) * vv.seeds * vv.steps,
             "parity_random_access": len(pa.formats) * len(pa.pos) * pa.seeds * (pa.steps + pa.pretrain_steps),
-            "sparse_planted": sum(len(SP.variants_of(e, sp)) * sp.seeds * sp_steps[e] for e in sp.experiments)}
+            "sparse_planted": sum(sp_steps[c["exp"]] for c in sp_cells)}
+
+
+def print_estimates(results, thr):
+    """The estimated training time of each --preset paper, from the measured ms/step of each model and
+    the best --jobs speed-up in thr ({K: steps/s}); stores it in results[name]['paper_hours']."""
+    best = max(thr, key=thr.get)
+    print(f"\nestimated training time of each --preset paper at --jobs {best} ({thr[best] / thr[1]:.1f}x; "
+          "the speed-up of the vanishing_variance model applied to all; evaluation not included):")
+    for name, total in paper_steps().items():
+        hours = total * results[name]["train"]["ours"]["ms_step"] / 1000 / (thr[best] / thr[1]) / 3600
+        results[name]["paper_hours"] = hours
+        print(f"  {name:<22} {total:>10,} steps  ~{hours:5.2f} h")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device to measure")
-    p.add_argument("--dtype", default="fp32", choices=C.DTYPES, help="fp32, or bf16 autocast (CUDA only)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (CUDA only)")
     p.add_argument("--quick", action="store_true", help="fewer steps, T <= 4k: a one-minute look")
     p.add_argument("--steps", type=int, default=0, help="training steps timed per figure (0: 200, quick 60)")
     p.add_argument("--_eval", help=argparse.SUPPRESS)
@@ -191,7 +197,7 @@ def main():
     if args._eval:
         print(json.dumps(eval_once(*json.loads(args._eval))))
         return
-    device, precision = H.pick_device(args.device, args.dtype)
+    device = H.pick_device(args.device, C.TrainConfig(dtype=args.dtype))
     steps = args.steps or (60 if args.quick else 200)
     lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)
     default_threads = os.cpu_count() if device.type == "cpu" else None
@@ -201,14 +207,14 @@ def main():
     results = {}
     print(f"{'model':<22} {'what':<14} {'ours':>22} {'reference':>22} {'ratio':>7}")
     for name, spec in MODELS.items():
-        a = bench_train(spec, device, False, ours_threads, steps)
-        b = bench_train(spec, device, True, default_threads, steps)
+        a = bench_train(spec, device, False, ours_threads, steps, args.dtype)
+        b = bench_train(spec, device, True, default_threads, steps, args.dtype)
         results[name] = {"train": {"ours": a, "reference": b}}
         print(f"{name:<22} {'train tok/s':<14} {a['tok_s']:>12,.0f} ({a['ms_step']:5.1f} ms) "
               f"{b['tok_s']:>12,.0f} ({b['ms_step']:5.1f} ms) {a['tok_s'] / b['tok_s']:>6.2f}x")
         for T in lengths:
-            a = bench_eval(name, T, False, ours_threads, device)
-            b = bench_eval(name, T, True, default_threads, device)
+            a = bench_eval(name, T, False, ours_threads, device, args.dtype)
+            b = bench_eval(name, T, True, default_threads, device, args.dtype)
             results[name][f"eval_{T}"] = {"ours": a, "reference": b}
             print(f"{'':<22} {f'eval T={T}':<14} {a['tok_s']:>10,.0f} (+{a['peak_mib']:5.0f} MiB)"
                   f" {b['tok_s']:>10,.0f} (+{b['peak_mib']:5.0f} MiB) {a['tok_s'] / b['tok_s']:>6.2f}x")
@@ -219,14 +225,8 @@ def main():
     for k, v in thr.items():
         print(f"  {k:>2} process(es): {v:8.1f} steps/s in all, speed-up {v / thr[1]:5.2f}x")
     if device.type == "cuda":
-        best = max(thr, key=thr.get)
-        print(f"\nestimated training time of each --preset paper at --jobs {best} ({thr[best] / thr[1]:.1f}x; "
-              "the speed-up of the vanishing_variance model applied to all; evaluation not included):")
-        for name, total in paper_steps().items():
-            hours = total * results[name]["train"]["ours"]["ms_step"] / 1000 / (thr[best] / thr[1]) / 3600
-            results[name]["paper_hours"] = hours
-            print(f"  {name:<22} {total:>10,} steps  ~{hours:5.2f} h")
-    print("\n" + json.dumps({"device": str(device), **precision, "torch": torch.__version__, **results},
+        print_estimates(results, thr)
+    print("\n" + json.dumps({"device": str(device), "dtype": args.dtype, "torch": torch.__version__, **results},
                             default=float))
 
 

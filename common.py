@@ -240,7 +240,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, self.Attention) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.add_heads(cfg)  # before the init below: a seed gives the same weights, heads or not
+        self.add_heads(cfg)  # before the init below, which then draws every module's weights
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):

@@ -484,6 +484,12 @@ def out_dir(args, parser, script):
     return Path(out.replace("<script>", script.name).replace("<preset>", args.preset))
 
 
+def sweep_cells(script: Script, cfgs, device):
+    """Every cell of the runs' configs, in order (the same cell twice is run once)."""
+    return [c for cfg in cfgs for c in make_cells(cfg, script.axes, device, script.groups(cfg) if script.groups
+                                                  else None)]
+
+
 def run(script: Script):
     """Parse the flags, then either redraw a saved run (--plot-only) or run the sweep and report."""
     parser = make_parser(script)
@@ -506,9 +512,7 @@ def run(script: Script):
     prepare_out(out)
     if script.examples:
         script.examples(cfgs[0])
-    cells = [c for cfg in cfgs for c in make_cells(cfg, script.axes, device, script.groups(cfg) if script.groups
-                                                   else None)]
-    records = run_sweep(cells, script.run_cell, out, jobs, shard, args.fresh)
+    records = run_sweep(sweep_cells(script, cfgs, device), script.run_cell, out, jobs, shard, args.fresh)
     write_results(out, records, cfgs[0], environment(device, cfgs[0]))
     script.report(records, cfgs[0], out)
 

@@ -226,8 +226,8 @@ class PositionCoupledGPT(C.GPT):
 
 
 def decode_step(model, idx, position_ids, caches):
-    """(next-token logits, position-id logits or None without a position head)."""
-    if isinstance(model, PositionCoupledGPT):
+    """(next-token logits, position-id logits or None for a model without a position head)."""
+    if hasattr(model, "decode_with_ids"):
         return model.decode_with_ids(idx, position_ids, caches)
     return model.decode(idx, position_ids, caches), None
 

@@ -7,33 +7,43 @@ import pytest
 import torch
 
 import common as C
+import vanishing_variance_fixes as F
+from reference import reference_forward
 
-VARIANTS = C.ATTN_OUT_NORMS + ("ssmax", "logn")  # every output-side and logit-side attention variant
+VARIANTS = C.ATTN_OUT_NORMS + F.FIXES  # every attention variant: common's norms and the fix ladder's
 ALL = list(itertools.product(C.POS_ENCODINGS, VARIANTS))
 
 
 def tiny(pos="none", norm="none", seed=0, **kw):
-    """A small random model; `norm` names any attention variant (an attn_out_norm or attn_logits)."""
+    """A small random model; `norm` names any attention variant (a common.GPT norm or a fix)."""
     torch.manual_seed(seed)
-    variant = dict(attn_logits=norm) if norm in C.ATTN_LOGITS else dict(attn_out_norm=norm)
-    cfg = dict(vocab_size=20, block_size=64, n_layer=2, n_head=2, n_embd=16, pos=pos, n_train=8, **variant)
-    m = C.GPT(C.GPTConfig(**{**cfg, **kw})).eval()
+    cfg = {**dict(vocab_size=20, block_size=64, n_layer=2, n_head=2, n_embd=16, pos=pos), **kw}
+    if norm in F.FIXES:
+        m = F.FixGPT(F.FixConfig(**cfg, fix=norm, n_train=8)).eval()
+    else:
+        m = C.GPT(C.GPTConfig(**cfg, attn_out_norm=norm)).eval()
     with torch.no_grad():  # sharper attention than at init, so position effects are far above float noise
         for b in m.blocks:
             b.attn.c_attn.weight[:32] *= 20
     return m
 
 
-@pytest.mark.parametrize("manual", [False, True], ids=["sdpa", "manual"])
+def forward_of(manual):
+    def fused(m, idx):
+        return m(idx)
+    return reference_forward if manual else fused
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["sdpa", "reference"])
 @pytest.mark.parametrize("pos,norm", ALL)
 def test_no_causal_leak(pos, norm, manual):
-    m = tiny(pos, norm)
+    m, forward = tiny(pos, norm), forward_of(manual)
     idx = torch.randint(0, 20, (3, 12), generator=torch.Generator().manual_seed(1))
-    base, _ = m(idx, manual=manual)
+    base, _ = forward(m, idx)
     for t in (0, 5, 11):
         idx2 = idx.clone()
         idx2[:, t] = (idx2[:, t] + 1) % 20
-        new, _ = m(idx2, manual=manual)
+        new, _ = forward(m, idx2)
         assert torch.allclose(base[:, :t], new[:, :t], atol=1e-6), f"token {t} leaked into earlier logits"
         assert not torch.allclose(base[:, t], new[:, t]), "a changed token must change its own logits"
 
@@ -43,7 +53,7 @@ def test_fast_path_equals_manual_path(pos, norm):
     m = tiny(pos, norm)
     idx = torch.randint(0, 20, (4, 33))
     fast, _ = m(idx)
-    slow, _ = m(idx, manual=True)
+    slow, _ = reference_forward(m, idx)
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
@@ -190,67 +200,3 @@ def test_bad_model_config_is_a_usage_error():
         C.GPT(C.GPTConfig(attn_out_norm="rmsnorm"))
     with pytest.raises(C.UsageError, match="divisible"):
         C.GPT(C.GPTConfig(n_embd=30, n_head=4))
-    with pytest.raises(C.UsageError, match="attn_logits"):
-        C.GPT(C.GPTConfig(attn_logits="sparsemax"))
-    with pytest.raises(C.UsageError, match="n_train >= 2"):
-        C.GPT(C.GPTConfig(attn_logits="ssmax"))
-
-
-def one_layer(variant, **kw):
-    torch.manual_seed(0)
-    m = C.GPT(C.GPTConfig(vocab_size=20, n_layer=1, n_head=2, n_embd=16, n_train=8, **variant, **kw)).eval()
-    with torch.no_grad():
-        m.blocks[0].attn.c_attn.weight[:32] *= 20
-    return m
-
-
-def test_ssmax_with_s_log_n_one_is_plain_softmax_and_n_counts_the_keys_of_each_query():
-    """At query position i the query sees n = i + 1 keys: with s = 1 / log(i + 1), SSMax there equals
-    plain softmax, and it does not at other positions (n is not the sequence length)."""
-    plain, ss = one_layer({}), one_layer({"attn_logits": "ssmax"})
-    ss.load_state_dict({**plain.state_dict(), "blocks.0.attn.ssmax_s": ss.blocks[0].attn.ssmax_s}, strict=True)
-    idx = torch.randint(0, 20, (3, 12), generator=torch.Generator().manual_seed(4))
-    ref, _ = plain(idx)
-    for i in (3, 6, 11):
-        with torch.no_grad():
-            ss.blocks[0].attn.ssmax_s.fill_(1 / math.log(i + 1))
-        out, _ = ss(idx)
-        assert torch.allclose(out[:, i], ref[:, i], atol=1e-5)
-        assert not torch.allclose(out[:, i - 2], ref[:, i - 2], atol=1e-3)
-    fresh = one_layer({"attn_logits": "ssmax"})
-    assert torch.allclose(fresh.blocks[0].attn.ssmax_s, torch.full((2,), 1 / math.log(8)))  # starts at n_train
-
-
-def test_logn_scales_only_at_inference_and_only_beyond_n_train():
-    plain, ln = one_layer({}), one_layer({"attn_logits": "logn"})
-    ln.load_state_dict(plain.state_dict())
-    idx = torch.randint(0, 20, (3, 14), generator=torch.Generator().manual_seed(5))
-    ref, out = plain(idx)[0], ln(idx)[0]
-    assert torch.allclose(out[:, :8], ref[:, :8], atol=1e-6)  # n <= n_train = 8: factor 1
-    assert not torch.allclose(out[:, 8:], ref[:, 8:], atol=1e-3)
-    ln.train(), plain.train()
-    assert torch.allclose(ln(idx)[0], plain(idx)[0], atol=1e-6)  # training is unchanged
-
-
-def test_headnorm_standardizes_each_head_before_w_o():
-    m = one_layer({"attn_out_norm": "headnorm"})
-    with torch.no_grad():  # head outputs far above the norm's eps = 1e-5
-        m.blocks[0].attn.c_attn.weight[32:] *= 100
-    seen = []
-    m.blocks[0].attn.c_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    m(torch.randint(0, 20, (3, 10)))
-    heads = seen[0].view(3, 10, 2, 8)  # (B, T, nh, hs): the W_O input, heads side by side
-    assert torch.allclose(heads.mean(-1), torch.zeros(3, 10, 2), atol=1e-5)
-    assert torch.allclose(heads.var(-1, unbiased=False), torch.ones(3, 10, 2), atol=1e-3)
-
-
-def test_a_gate_fixed_at_one_is_the_baseline():
-    plain, gated = one_layer({}), one_layer({"attn_out_norm": "gate"})
-    state = plain.state_dict()
-    state.update({"blocks.0.attn.gate.weight": torch.zeros(2, 16), "blocks.0.attn.gate.bias": torch.full((2,), 1e4)})
-    gated.load_state_dict(state)
-    idx = torch.randint(0, 20, (3, 10))
-    assert torch.allclose(gated(idx)[0], plain(idx)[0], atol=1e-6)
-    with torch.no_grad():
-        gated.blocks[0].attn.gate.bias.fill_(0.0)  # gates of 1/2: another model
-    assert not torch.allclose(gated(idx)[0], plain(idx)[0], atol=1e-4)

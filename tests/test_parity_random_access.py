@@ -277,12 +277,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def cells_of(argv, claims=False):
     """The cells main() would run for these flags (no training)."""
-    parser = H.make_parser("x", P.Config, P.PRESETS)
-    cfg = H.parse_config(parser.parse_args(argv), P.Config, P.PRESETS)
-    if claims:
-        return P.claims_cells(P.replace(cfg, seeds=10), torch.device("cpu"), None)
-    return H.make_cells(cfg, torch.device("cpu"), None, sweep_fields=("seeds", "formats", "pos"),
-                        seed=range(cfg.seeds), fmt=cfg.formats, pos=cfg.pos)
+    args = H.make_parser(P.SCRIPT).parse_args(argv + (["--experiment", "claims"] if claims else []))
+    return H.sweep_cells(P.SCRIPT, H.run_configs(args, P.SCRIPT), torch.device("cpu"))
 
 
 def test_claims_experiment_reuses_the_standalone_commands_cells():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import common as C
+import reporting as R
 import sparse_planted as S
 
 SCRIPT = str(Path(S.__file__))
@@ -129,8 +130,8 @@ def test_pointer_chasing_oracle(n):
 
 def test_position_head_loss_is_the_sum_of_two_cross_entropies():
     torch.manual_seed(0)
-    model = C.GPT(C.GPTConfig(vocab_size=17, block_size=30, n_layer=1, n_head=2, n_embd=16, pos="learned",
-                              pos_vocab=30))
+    model = S.PositionCoupledGPT(C.GPTConfig(vocab_size=17, block_size=30, n_layer=1, n_head=2, n_embd=16,
+                                             pos="learned"), pos_vocab=30)
     b = S.sample_pointer(np.random.default_rng(0), 4, 6, offset_max=10)
     logits, loss = model(b["idx"], b["targets"], b["position_ids"], pos_targets=b["pos_targets"])
     same, pos_logits = model.logits_and_ids(b["idx"], b["position_ids"])
@@ -139,9 +140,11 @@ def test_position_head_loss_is_the_sum_of_two_cross_entropies():
     want = F.cross_entropy(logits.reshape(-1, 17), b["targets"].reshape(-1), ignore_index=-1) + \
         F.cross_entropy(pos_logits.reshape(-1, 30), b["pos_targets"].reshape(-1), ignore_index=-1)
     assert torch.allclose(loss, want)
-    plain = C.GPT(C.GPTConfig(vocab_size=17, n_layer=1, n_head=2, n_embd=16))
-    logits, _ = plain(b["idx"], b["targets"], pos_targets=b["pos_targets"])  # no head: ids are ignored
-    assert torch.is_tensor(logits)
+    assert torch.allclose(model.loss(b), want)  # what train() minimizes
+    plain = C.GPT(C.GPTConfig(vocab_size=17, block_size=30, n_layer=1, n_head=2, n_embd=16, pos="learned"))
+    own = plain(b["idx"], position_ids=b["position_ids"])[0]
+    assert torch.allclose(plain.loss(b), F.cross_entropy(own.reshape(-1, 17), b["targets"].reshape(-1),
+                                                         ignore_index=-1))  # no head: ids are ignored
 
 
 class Scripted(torch.nn.Module):
@@ -155,7 +158,7 @@ class Scripted(torch.nn.Module):
     def new_caches(self, max_len):
         return [{}]
 
-    def decode(self, idx, pos, caches):
+    def decode_with_ids(self, idx, pos, caches):
         t = caches[0]["t"] = caches[0].get("t", 0) + idx.shape[1]  # the position being predicted
         self.seen.append(pos[:, -1].clone())
         nxt, nid = self.b["idx"][:, t].clone(), self.b["position_ids"][:, t].clone()
@@ -202,8 +205,8 @@ def test_greedy_pointer_equals_the_full_forward(ids):
     """Every produced token (and predicted id) is the argmax of a full forward over what was fed."""
     torch.manual_seed(1)
     pos = "rope" if ids == "plain" else "learned"
-    model = C.GPT(C.GPTConfig(vocab_size=17, block_size=40, n_layer=2, n_head=2, n_embd=16, pos=pos,
-                              pos_vocab=0 if ids == "plain" else 40)).eval()
+    shape = C.GPTConfig(vocab_size=17, block_size=40, n_layer=2, n_head=2, n_embd=16, pos=pos)
+    model = (C.GPT(shape) if ids == "plain" else S.PositionCoupledGPT(shape, pos_vocab=40)).eval()
     b = S.sample_pointer(np.random.default_rng(0), 6, 7)
     seq, fed, pred = S.greedy_pointer(model, b, ids)
     P, T = b["prompt"], b["idx"].shape[1]
@@ -216,13 +219,13 @@ def test_greedy_pointer_equals_the_full_forward(ids):
 
 
 def test_rank_statistics():
-    assert list(S.rankdata([3, 1, 2, 2])) == [3, 0, 1.5, 1.5]
-    assert S.spearman([1, 2, 3, 4], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(-1)
+    assert list(R.rankdata([3, 1, 2, 2])) == [3, 0, 1.5, 1.5]
+    assert R.spearman([1, 2, 3, 4], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(-1)
     pts = [(s, k, 1.0 - 0.1 * k + 0.01 * s) for s in range(3) for k in range(1, 6)]
-    rho, lo, hi = S.spearman_ci(pts)
+    rho, lo, hi = R.spearman_ci(pts)
     assert rho < -0.9 and lo <= rho <= hi < 0
     flat = [(s, k, 0.5 + 0.01 * ((s * 7 + k * 3) % 5)) for s in range(5) for k in range(1, 6)]
-    rho, lo, hi = S.spearman_ci(flat)
+    rho, lo, hi = R.spearman_ci(flat)
     assert lo < 0 < hi  # no trend: the interval covers 0
 
 

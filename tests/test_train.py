@@ -5,6 +5,7 @@ import math
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 import common as C
@@ -28,7 +29,7 @@ def fit(seed, steps=150, data_seed=None, norm="none"):
 
 def test_tiny_model_learns_copy_last_token():
     model, out = fit(0)
-    assert not out["diverged"] and out["steps"] == 150
+    assert out["steps"] == 150
     rows = C.evaluate_by_length(model, sample_batch, [8, 16], 500, torch.device("cpu"))
     assert [r["length"] for r in rows] == [8, 16] and all(r["n"] == 500 for r in rows)
     assert rows[0]["accuracy"] >= 0.99, rows
@@ -48,9 +49,10 @@ def test_divergence_is_detected_and_stops_the_run():
     model = make(0)
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
-    out = C.train(model, lambda rng, b: sample_batch(rng, b, 8), C.TrainConfig(steps=50), torch.device("cpu"),
-                  data_seed=0, progress=False)
-    assert out["diverged"] and out["steps"] == 1
+    with pytest.raises(C.Diverged) as e:
+        C.train(model, functools.partial(sample_batch, length=8), C.TrainConfig(steps=50), torch.device("cpu"),
+                data_seed=0, progress=False)
+    assert e.value.result["steps"] == 1 and math.isnan(e.value.result["final_loss"])
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -89,30 +91,24 @@ def test_paired_diff_ci_pairs_by_seed():
     assert r["lo"] < r["diff"] < r["hi"] and abs((r["hi"] - r["diff"]) - 4.303 * 0.1) < 1e-9  # sd 0.1732 / sqrt 3 = 0.1
 
 
-def test_named_samplers_share_one_test_set_and_lambdas_draw_their_own():
+def test_test_sets_are_cached_under_an_explicit_key_only():
     named = functools.partial(sample_batch, vocab=12)
-    first = list(C.eval_batches(named, 9, 700))
-    again = list(C.eval_batches(functools.partial(sample_batch, vocab=12), 9, 700))  # a new, equal partial
+    first = list(C.eval_batches(named, 9, 700, key=("toy", 12)))
+    again = list(C.eval_batches(functools.partial(sample_batch, vocab=12), 9, 700, key=("toy", 12)))
     assert all(a is b for a, b in zip(first, again)) and len(first) == len(again) == 2
-    fresh = list(C.eval_batches(lambda rng, b, n: sample_batch(rng, b, n, vocab=12), 9, 700))  # not cached
+    fresh = list(C.eval_batches(named, 9, 700))  # no key: drawn again, the same examples
     assert fresh[0] is not first[0] and torch.equal(fresh[0]["idx"], first[0]["idx"])
-    other = next(C.eval_batches(functools.partial(sample_batch, vocab=13), 9, 700))
-    assert not torch.equal(other["idx"], first[0]["idx"])  # other arguments: another test set
-    assert C.sampler_key(functools.partial(sample_batch, vocab=np.arange(3))) is None  # unhashable: no cache
+    other = next(C.eval_batches(functools.partial(sample_batch, vocab=13), 9, 700, key=("toy", 13)))
+    assert not torch.equal(other["idx"], first[0]["idx"])  # another key: another test set
 
 
-def test_fp32_by_default_and_precision_from_the_cell():
-    assert C.PRECISION["dtype"] == "fp32" and not torch.backends.cuda.matmul.allow_tf32
-    assert isinstance(C.autocast(torch.device("cpu")), contextlib.nullcontext)
-    cell = H.make_cells(C.TrainConfig(), torch.device("cpu"), {"dtype": "fp32", "tf32": False}, seed=[0])[0]
-    assert set(cell) == {"seed", "device", "config"}  # the default precision leaves cell keys as they were
-    bf = H.make_cells(C.TrainConfig(), torch.device("cuda"), {"dtype": "bf16", "tf32": True}, seed=[0])[0]
-    assert bf["dtype"] == "bf16" and bf["tf32"] is True
-    try:
-        C.set_precision("bf16", False)
-        assert isinstance(C.autocast(torch.device("cpu")), contextlib.nullcontext)  # CPU stays fp32
-        with warnings.catch_warnings():  # without CUDA torch warns that it disables autocast
-            warnings.simplefilter("ignore")
-            assert isinstance(C.autocast(torch.device("cuda")), torch.autocast)
-    finally:
-        C.set_precision()
+def test_fp32_by_default_and_precision_from_the_config():
+    cfg = C.TrainConfig()
+    assert cfg.dtype == "fp32" and not cfg.tf32 and not cfg.compile
+    assert isinstance(C.autocast(torch.device("cpu"), cfg.dtype), contextlib.nullcontext)
+    assert isinstance(C.autocast(torch.device("cpu"), "bf16"), contextlib.nullcontext)  # CPU stays fp32
+    with warnings.catch_warnings():  # without CUDA torch warns that it disables autocast
+        warnings.simplefilter("ignore")
+        assert isinstance(C.autocast(torch.device("cuda"), "bf16"), torch.autocast)
+    cell = H.make_cells(cfg, {"seed": "seeds"}, torch.device("cpu"))[0]
+    assert cell["config"]["dtype"] == "fp32" and "seeds" not in cell["config"]  # precision is part of the cell

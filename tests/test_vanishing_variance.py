@@ -103,84 +103,6 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert tables and sorted(line for line in p.stdout.splitlines() if "±" in line or "paired" in line) == tables
 
 
-# ------------------------------------------------------------------ test-time edits (--experiment fixes)
-
-def one_block(task="lookup", seed=0):
-    torch.manual_seed(seed)
-    cfg = VV.Config(n_layer=1, test_lengths=(16, 64))
-    model = VV.build_model(task, "none", cfg).eval()
-    with torch.no_grad():  # a trained model's attention is not uniform: make the logits matter
-        model.blocks[0].attn.c_attn.weight.mul_(20)
-    return model, VV.calibration(VV.sampler(task, cfg), 64, torch.device("cpu"))
-
-
-def answer(model, idx):
-    return model(idx, at=torch.full((idx.size(0), 1), idx.size(1) - 1))[0]
-
-
-def test_sharpen_edit_equals_scaling_the_query_weights():
-    """One block read at the query: q times s at the query alone == q times s everywhere (only the
-    query's row reaches the answer), which is W_q, b_q times s."""
-    model, idx = one_block()
-    with VV.edited(model, sharpen=2.5):
-        edited = answer(model, idx)
-    plain = answer(model, idx)
-    C = model.cfg.n_embd
-    with torch.no_grad():
-        model.blocks[0].attn.c_attn.weight[:C] *= 2.5
-        model.blocks[0].attn.c_attn.bias[:C] *= 2.5
-    assert (edited - plain).abs().max() > 1e-3  # the edit does something
-    assert torch.allclose(edited, answer(model, idx), atol=1e-5)
-
-
-def test_scale_edit_equals_scaling_w_o_columns():
-    model, idx = one_block(seed=1)
-    factors = torch.tensor([[0.5, 2.0, 1.0, 3.0]])
-    with VV.edited(model, head_scale=factors):
-        edited = answer(model, idx)
-    hs = model.cfg.n_embd // model.cfg.n_head
-    with torch.no_grad():
-        model.blocks[0].attn.c_proj.weight.mul_(factors[0].repeat_interleave(hs)[None, :])  # column block h
-    assert torch.allclose(edited, answer(model, idx), atol=1e-5)
-
-
-def test_edits_are_removed_on_exit_and_identity_at_one():
-    model, idx = one_block(seed=2)
-    before = answer(model, idx)
-    with VV.edited(model, 1.0, torch.ones(1, 4)):
-        assert torch.equal(answer(model, idx), before)
-    with VV.edited(model, 3.0, torch.full((1, 4), 2.0)):
-        assert not torch.allclose(answer(model, idx), before)
-    assert torch.equal(answer(model, idx), before)
-
-
-def test_restore_scale_brings_every_block_back_to_the_reference():
-    """Two blocks: block 1's factors are measured after block 0 is rescaled, so both match."""
-    torch.manual_seed(0)
-    cfg = VV.Config(test_lengths=(16, 256))
-    model = VV.build_model("lookup", "none", cfg).eval()
-    sample = VV.sampler("lookup", cfg)
-    ref = VV.head_std(model, VV.calibration(sample, 16, torch.device("cpu")))
-    idx = VV.calibration(sample, 256, torch.device("cpu"))
-    assert (VV.head_std(model, idx) < 0.8 * ref).all()  # the heads' outputs shrink with N
-    for sharpen in (1.0, 2.0):
-        scale = VV.restore_scale(model, ref, idx, sharpen)
-        with VV.edited(model, sharpen, scale):
-            assert torch.allclose(VV.head_std(model, idx), ref, rtol=1e-4)
-
-
-def test_head_std_oracle():
-    """head_std == the std over examples of each head's slice of W_O's input at the query, recomputed
-    by the manual path."""
-    model, idx = one_block(seed=3)
-    seen = {}
-    h = model.blocks[0].attn.c_proj.register_forward_hook(lambda m, a, o: seen.setdefault("y", a[0]))
-    model(idx, manual=True)
-    h.remove()
-    y = seen["y"][:, -1].double().view(idx.size(0), 4, -1)  # (B, nh, hs)
-    assert torch.allclose(VV.head_std(model, idx)[0].double(), y.var(0).mean(-1).sqrt(), rtol=1e-4)
-
-
 def test_claims_oracle():
     """compare() and verdict() on rows built by hand: layernorm = none + 0.10 or + 0.12 beyond training."""
     cfg = VV.Config(test_lengths=(16, 64))
@@ -195,7 +117,7 @@ def test_claims_oracle():
 
 
 def test_wilson_interval():
-    from common import wilson_ci
+    from reporting import wilson_ci
     lo, hi = wilson_ci(10, 10)
     assert abs(lo - 0.7225) < 1e-3 and hi == 1.0
     lo, hi = wilson_ci(5, 10)
