@@ -1,24 +1,17 @@
 """common.py: the transformer, its training loop and its evaluation, read top to bottom.
 
-  1. the model    GPTConfig, CausalSelfAttention, MLP, Block, GPT: a pre-LN GPT with NoPE, learned or
-                  RoPE positions, explicit position ids, and an optional norm on the attention output
-                  (the paper of vanishing_variance.py). Attention runs one of three ways: fused
-                  (training, evaluation), explicit rows for chosen queries (answers, probes and, with
-                  every query, the full maps), and decoding with a preallocated KVCache.
+  1. the model    a pre-LN GPT (NoPE, learned or RoPE positions, explicit position ids, an optional norm
+                  on the attention output). Attention runs three ways: fused; explicit rows for chosen
+                  queries (answers, probes, and with every query the full maps); decoding with a KVCache.
   2. training     TrainConfig and train(): AdamW, warmup + cosine, gradient clipping; raises Diverged.
-  3. evaluation   eval_batches() (fixed test sets), evaluate_by_length(), evaluate_with_probes():
-                  tidy rows, one dict per (length, metric set).
+  3. evaluation   fixed test sets, evaluate_by_length(), evaluate_with_probes(): tidy rows.
 
 A task is a pure function `sample_batch(rng, batch_size, length) -> dict` of CPU tensors, driven by an
-explicit `np.random.Generator` (never global RNG). The dict holds
-  idx          (B, T) int64 token ids
-  targets      (B, P) int64 labels at the positions in `at` (-1 = ignored), or (B, T) if `at` is absent
-  at           (B, P) int64 positions whose prediction is scored (optional; the last column is probed)
-  position_ids (B, T) int64 (optional; default 0..T-1)
+explicit np.random.Generator: idx (B, T) token ids, targets (B, P) labels (-1 = ignored) at the positions
+`at` (B, P) (without `at`, targets are (B, T)), and optional position_ids (B, T), default 0..T-1.
 
-Read next: one paper's script (vanishing_variance.py, parity_random_access.py, sparse_planted.py).
-harness.py (sweeps, result files, the command line) and reporting.py (statistics, figures) are
-machinery that no result depends on.
+Read next: one paper's script. harness.py (sweeps, files, flags) and reporting.py (statistics, figures)
+are machinery that no result depends on.
 """
 from __future__ import annotations
 
@@ -40,7 +33,7 @@ EVAL_SEED = 12345  # every variant and every training seed is tested on the same
 
 
 class UsageError(ValueError):
-    """Bad input from the user: the command line prints it as one line and exits with status 2."""
+    """Bad input: the command line prints it as one line and exits with status 2."""
 
 
 def check(cond: bool, msg: str) -> None:
@@ -48,9 +41,7 @@ def check(cond: bool, msg: str) -> None:
         raise UsageError(msg)
 
 
-# =============================================================================================
-# 1. The model
-# =============================================================================================
+# ---------------------------------------------------------------------------- 1. the model
 
 @dataclass
 class GPTConfig:
@@ -67,8 +58,7 @@ class GPTConfig:
 
 
 def rope_angles(pos, hs, base):
-    """cos and sin of the RoPE angles pos * base^(-2i/hs), each (B, 1, T, hs/2) in float32; pos (B, T).
-    Computed once per forward and shared by every layer's q and k."""
+    """cos, sin of the RoPE angles pos * base^(-2i/hs), (B, 1, T, hs/2) each, pos (B, T): once per forward."""
     inv_freq = base ** (-torch.arange(0, hs, 2, device=pos.device, dtype=torch.float32) / hs)  # (hs/2,)
     ang = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
     return ang.cos(), ang.sin()
@@ -81,8 +71,7 @@ def apply_rope(x, rope):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def gather_at(x, at):
-    """x (B, T, C) at the positions at (B, P): (B, P, C)."""
+def gather_at(x, at):  # x (B, T, C) at the positions at (B, P): (B, P, C)
     return x.gather(1, at[:, :, None].expand(-1, -1, x.size(-1)))
 
 
@@ -97,14 +86,12 @@ def attention_rows(q, k, at):
 
 
 class KVCache:
-    """Keys and values of one layer for incremental decoding, preallocated for max_len positions and
-    filled left to right: no torch.cat (and no new allocation) per decoded token."""
+    """One layer's keys and values for decoding, preallocated for max_len positions (no torch.cat per token)."""
 
     def __init__(self, max_len):
         self.max_len, self.n, self.k, self.v = max_len, 0, None, None
 
-    def append(self, k, v):
-        """k, v (B, nh, T, hs) of the new positions; returns every cached key and value so far."""
+    def append(self, k, v):  # k, v (B, nh, T, hs) of the new positions; returns all cached so far
         B, nh, T, hs = k.shape
         check(self.n == 0 or T == 1, "after the prompt, decode one token at a time")
         check(self.n + T <= self.max_len, f"the key/value cache holds {self.max_len} positions")
@@ -116,22 +103,19 @@ class KVCache:
 
 
 def check_model_shape(n_embd, n_head, rope=False):
-    """The width splits into equal heads (and, with RoPE, heads of even size). Scripts call it up
-    front, so a bad --n-embd / --n-head is one error line before any training."""
+    """The width splits into equal heads (of even size for RoPE): scripts check it before any training."""
     check(n_embd % n_head == 0, f"--n-embd {n_embd} must be divisible by --n-head {n_head}")
     check(not rope or (n_embd // n_head) % 2 == 0, f"rope needs an even head size; --n-embd / --n-head = "
           f"{n_embd // n_head}")
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, run one of three ways (x is (B, T, C); rope is rope_angles()
-    of the position ids, or None without RoPE):
-      forward     y (B, T, C) from the fused kernel (flash / memory-efficient); with rows_at (B, P)
-                  also the attention rows of those queries (B, nh, P, T), for probes
-      forward_at  y (B, P, C) for the queries at `at` alone, from explicit rows (returned too): the
-                  last block when only the answers are read; with every position, the full maps
+    """Multi-head causal self-attention, three ways (x (B, T, C); rope: rope_angles() of the ids, or None):
+      forward     y (B, T, C) from the fused kernel; with rows_at (B, P) also those queries' rows (probes)
+      forward_at  y (B, P, C) for the queries at `at` alone from explicit rows (B, nh, P, T), returned too:
+                  the last block when only answers are read; with every position, the full maps
       decode      y for the new positions, attending to everything in the KVCache
-    qkv() and out() are the two places a subclass changes (vanishing_variance_fixes.py does)."""
+    qkv() and out() are where a subclass changes it (vanishing_variance_fixes.py)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -149,8 +133,7 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def out(self, y, x):
-        """Heads y (B, nh, T, hs) -> (B, T, C) through W_O. x (B, T, C), the attention input at the same
-        queries, is for subclasses that gate on it."""
+        """Heads y (B, nh, T, hs) -> (B, T, C) through W_O; x, the input at the same queries, is for gates."""
         B, nh, T, hs = y.shape
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs))  # (B, T, C): heads side by side
 
@@ -181,9 +164,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block: x + norm_out(attn(ln_1(x))), then x + mlp(ln_2(x)). The probed methods also return
-    a record of the attention output at `at` before ('pre') and after ('post') the extra norm,
-    (B, P, C), and the query rows ('attn', (B, nh, P, T))."""
+    """Pre-LN block: x + norm_out(attn(ln_1(x))), then x + mlp(ln_2(x)). The probed methods also return the
+    attention output at `at` before ('pre') and after ('post') the norm (B, P, C), and the rows ('attn')."""
 
     def __init__(self, cfg: GPTConfig, attention=CausalSelfAttention):
         super().__init__()
@@ -199,9 +181,7 @@ class Block(nn.Module):
         """x + norm_out(a), then the MLP; returns the block output and norm_out(a)."""
         n = self.attn_out_norm(a)
         x = x + n
-        if self.mlp is not None:
-            x = x + self.mlp(self.ln_2(x))
-        return x, n
+        return (x if self.mlp is None else x + self.mlp(self.ln_2(x))), n
 
     def forward(self, x, rope):
         return self.residual(x, self.attn(self.ln_1(x), rope)[0])[0]
@@ -226,13 +206,13 @@ def token_loss(logits, targets):
 
 
 class GPT(nn.Module):
-    Attention = CausalSelfAttention  # a subclass may swap in its own attention (vanishing_variance_fixes.py)
+    Attention = CausalSelfAttention  # a subclass may swap in its own (vanishing_variance_fixes.py)
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         check(cfg.pos in POS_ENCODINGS, f"unknown positional encoding {cfg.pos!r}; choose from {POS_ENCODINGS}")
-        check(cfg.attn_out_norm in ATTN_OUT_NORMS,
-              f"unknown attn_out_norm {cfg.attn_out_norm!r}; choose from {ATTN_OUT_NORMS}")
+        check(cfg.attn_out_norm in ATTN_OUT_NORMS, f"unknown attn_out_norm {cfg.attn_out_norm!r}; choose from "
+              f"{ATTN_OUT_NORMS}")
         check_model_shape(cfg.n_embd, cfg.n_head, cfg.pos == "rope")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -259,10 +239,9 @@ class GPT(nn.Module):
     def embed(self, idx, position_ids=None):
         """Token (+ learned position) embeddings (B, T, C) and the RoPE angles (or None), once per forward."""
         B, T = idx.shape
-        if self.wpe is not None:  # an id past the table would index out of range: say so plainly. Only
-            # where it is free: on a GPU, max() would wait for the device on every forward
-            on_cpu = position_ids is None or (position_ids.device.type == "cpu" and not torch.compiler.is_compiling())
-            top = (T - 1 if position_ids is None else int(position_ids.max())) if on_cpu else -1
+        if self.wpe is not None and (position_ids is None or position_ids.device.type == "cpu"):
+            # an id past the table would index out of range: say so (on a GPU max() would sync every forward)
+            top = T - 1 if position_ids is None else -1 if torch.compiler.is_compiling() else int(position_ids.max())
             check(top < self.cfg.block_size, f"position id {top} is beyond the learned position table "
                   f"(block_size={self.cfg.block_size}); raise block_size or test shorter lengths")
         if position_ids is None:
@@ -275,28 +254,24 @@ class GPT(nn.Module):
         return x, rope
 
     def trunk(self, idx, position_ids=None, at=None):
-        """Final hidden states (B, T, C), or (B, P, C) at `at` if given. When only the positions `at`
-        are read, the last block runs for those queries alone (its keys and values still come from
-        every position): O(P T) attention there, and its MLP on P positions."""
+        """Final hidden states (B, T, C), or (B, P, C) at `at`: then the last block runs for those queries
+        alone (keys and values still from every position), O(P T) attention and its MLP on P positions."""
         x, rope = self.embed(idx, position_ids)
         for i, block in enumerate(self.blocks):
             x = block.forward_at(x, rope, at)[0] if at is not None and i == len(self.blocks) - 1 else block(x, rope)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, position_ids=None, at=None):
-        """idx (B, T) -> (logits, loss). With at (B, P), logits only at those positions: (B, P, V)
-        and targets (B, P); otherwise logits (B, T, V) and targets (B, T). Targets < 0 are ignored."""
+        """idx (B, T) -> (logits, loss): logits (B, T, V), or (B, P, V) at `at` (B, P), with targets shaped alike."""
         logits = self.lm_head(self.trunk(idx, position_ids, at))
         return logits, (None if targets is None else token_loss(logits, targets))
 
-    def loss(self, batch):
-        """The training loss of a batch from a task's sampler."""
+    def loss(self, batch):  # what train() minimizes, for a batch of a task's sampler
         return self(batch["idx"], batch["targets"], batch.get("position_ids"), batch.get("at"))[1]
 
     @torch.no_grad()
     def probe(self, idx, at, position_ids=None):
-        """Logits at `at` (B, P, V) and, per layer, Block's record at `at` ('pre', 'post', 'attn').
-        Memory stays linear in T: the last block runs for the queries at `at` alone."""
+        """Logits at `at` (B, P, V) and, per layer, Block's record at `at` ('pre', 'post', 'attn'); O(T) memory."""
         x, rope = self.embed(idx, position_ids)
         recs = []
         for i, block in enumerate(self.blocks):
@@ -304,24 +279,11 @@ class GPT(nn.Module):
             recs.append(rec)
         return self.lm_head(self.ln_f(x)), recs
 
-    @torch.no_grad()
-    def attention_maps(self, idx, position_ids=None):
-        """Full attention maps per layer, (B, nh, T, T) each: every query's explicit rows (short inputs)."""
-        x, rope = self.embed(idx, position_ids)
-        every = torch.arange(idx.size(1), device=idx.device).expand(idx.size(0), -1)  # (B, T)
-        maps = []
-        for block in self.blocks:
-            x, rec = block.forward_at(x, rope, every)
-            maps.append(rec["attn"])
-        return maps
-
     def new_caches(self, max_len):
-        """One empty KVCache per block, for decode() of sequences up to max_len tokens."""
-        return [KVCache(max_len) for _ in self.blocks]
+        return [KVCache(max_len) for _ in self.blocks]  # one per block, for decode() of up to max_len tokens
 
     @torch.no_grad()
-    def decode_hidden(self, idx, position_ids, caches):
-        """The final hidden state (B, C) after the last token: decode() before the head."""
+    def decode_hidden(self, idx, position_ids, caches):  # decode() before the head: (B, C)
         x, rope = self.embed(idx, position_ids)
         for block, cache in zip(self.blocks, caches):
             x = block.decode(x, rope, cache)
@@ -329,21 +291,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def decode(self, idx, position_ids, caches):
-        """Incremental decoding with a key/value cache (caches: new_caches(T)). idx (B, T) is the prompt
-        while the caches are empty, then one new token (B, 1); position_ids (B, T) its positions.
-        Returns the logits of the next token, (B, V). O(T) per token."""
+        """Next-token logits (B, V), decoding with caches = new_caches(T): idx is the prompt (B, T) while the
+        caches are empty, then one new token (B, 1); position_ids its positions. O(T) per token."""
         return self.lm_head(self.decode_hidden(idx, position_ids, caches))
 
 
-# =============================================================================================
-# 2. Training
-# =============================================================================================
+# ---------------------------------------------------------------------------- 2. training
 
 def arg(default, help, **meta):
     """A dataclass field whose help text (and optional min / max / choices) becomes a command-line flag."""
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: tuple(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+    value = dict(default_factory=lambda: tuple(default)) if isinstance(default, tuple) else dict(default=default)
+    return field(**value, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -389,22 +347,19 @@ def autocast(device, dtype="fp32"):
     return nullcontext()
 
 
-def to_device(batch, device):
+def to_device(batch, device):  # a sampler's batch (CPU tensors) on the device
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def sample_length_range(rng, batch_size, sample, lo, hi):
-    """A training batch of one length l ~ U[lo, hi], drawn per batch: sample(rng, batch_size, l).
-    Bind sample, lo and hi with functools.partial to get a sampler for train()."""
+    """A training batch of one length l ~ U[lo, hi]: sample(rng, batch_size, l) (bind with functools.partial)."""
     return sample(rng, batch_size, int(rng.integers(lo, hi + 1)))
 
 
 def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None, progress=True, desc="train",
           on_progress=None):
-    """Train `model` on batches from `sample_batch(rng, batch_size)` with AdamW (no decay on gains and
-    biases), warmup + cosine and gradient clipping. Returns {'steps', 'final_loss', 'seconds',
-    'loss_curve'}; raises Diverged at a non-finite loss or gradient (checked every 10 steps, the only
-    times it waits for the device). on_progress(fraction) hears how far it is."""
+    """Train on batches of `sample_batch(rng, batch_size)`. Returns {steps, final_loss, seconds, loss_curve};
+    raises Diverged at a non-finite loss or gradient (checked every 10 steps: the only device syncs)."""
     model.to(device).train()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -444,26 +399,23 @@ def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None
     return {"steps": step + 1, "final_loss": loss_val, "seconds": round(time.time() - t0, 2), "loss_curve": curve}
 
 
-# =============================================================================================
-# 3. Evaluation by length
-# =============================================================================================
+# ---------------------------------------------------------------------------- 3. evaluation by length
 
-TEST_SETS = OrderedDict()  # (key, length, n, seed, tokens per batch) -> [batch, ...] on the CPU
-TEST_SET_CACHE_BYTES = 2**30
+TEST_SETS = OrderedDict()  # (key, length, n, seed, tokens per batch) -> [batch, ...] on the CPU, 1 GiB at most
 
 
 def eval_batches(sample_batch, length, n, seed=EVAL_SEED, tokens_per_batch=2**16, key=None):
-    """Yield batches totalling n examples of one length, from a generator seeded by (seed, length)
-    only: every variant and training seed sees the same test set. Batches shrink as length grows.
-    With a key (hashable, naming what sample_batch draws: the caller's promise), the batches are
-    drawn once per process and reused by every later cell (shared: do not modify them in place)."""
+    """Batches totalling n examples of one length from a generator seeded by (seed, length) only: every
+    variant and seed sees the same test set. With a key (hashable, naming what sample_batch draws), they
+    are drawn once per process and shared by later cells (do not modify them in place)."""
     if key is None:
         yield from draw_test_set(sample_batch, length, n, seed, tokens_per_batch)
         return
     key = (key, length, n, seed, tokens_per_batch)
     if key not in TEST_SETS:
         TEST_SETS[key] = list(draw_test_set(sample_batch, length, n, seed, tokens_per_batch))
-        while len(TEST_SETS) > 1 and sum(map(test_set_bytes, TEST_SETS.values())) > TEST_SET_CACHE_BYTES:
+        while len(TEST_SETS) > 1 and sum(v.numel() * v.element_size() for batches in TEST_SETS.values()
+                                         for b in batches for v in b.values() if torch.is_tensor(v)) > 2**30:
             TEST_SETS.popitem(last=False)  # the oldest first
     yield from TEST_SETS[key]
 
@@ -475,12 +427,8 @@ def draw_test_set(sample_batch, length, n, seed, tokens_per_batch):
         yield sample_batch(rng, min(bs, n - start), length)
 
 
-def test_set_bytes(batches):
-    return sum(v.numel() * v.element_size() for b in batches for v in b.values() if torch.is_tensor(v))
-
-
 def accuracy_at(model, batch):
-    """Per-example score for tasks that read answers at batch['at']: all answers right -> 1."""
+    """1 for an example whose answers at batch['at'] are all right, else 0."""
     logits, _ = model(batch["idx"], position_ids=batch.get("position_ids"), at=batch["at"])
     hit = (logits.argmax(-1) == batch["targets"]) | (batch["targets"] < 0)  # (B, P)
     return {"accuracy": hit.all(-1).float()}
@@ -489,8 +437,7 @@ def accuracy_at(model, batch):
 @torch.no_grad()
 def evaluate_by_length(model, sample_batch, lengths, n, device, score=accuracy_at, seed=EVAL_SEED,
                        tokens_per_batch=2**16, key=None, dtype="fp32"):
-    """Tidy rows [{length, <metric>: mean over n examples, ..., n}] with score(model, batch) giving
-    per-example values (B,). Runs the eager path (never compiled: lengths vary). key: eval_batches'."""
+    """Rows [{length, <metric>: mean over n examples, ..., n}] of score(model, batch) -> {metric: (B,)}."""
     model.eval()
     rows = []
     for length in lengths:
@@ -506,15 +453,13 @@ def evaluate_by_length(model, sample_batch, lengths, n, device, score=accuracy_a
 
 
 def mean_of_sums(sums, n):
-    """{metric: mean over n examples} from per-batch sums (device tensors), added in float64 in batch
-    order, as Python floats."""
+    """{metric: mean over n examples} from per-batch sums (device tensors), added in float64 in batch order."""
     return {k: sum(torch.stack(v).tolist()) / n for k, v in sums.items()}
 
 
 def probe_stats(v):
-    """v: (n, C) attention outputs of n samples at one position. The paper's quantities: the
-    per-component std across samples (mean over components), and the per-vector ('global') mean and
-    variance over components, averaged over samples."""
+    """The paper's quantities of v (n, C), attention outputs of n samples at one position: the std of each
+    component across samples (mean over components), and each vector's mean and variance (mean over samples)."""
     v = v.double()
     return {"comp_std": float(v.std(0).mean()), "vec_mean": float(v.mean(1).mean()),
             "vec_var": float(v.var(1, unbiased=False).mean())}
@@ -523,16 +468,11 @@ def probe_stats(v):
 @torch.no_grad()
 def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, keep=(), seed=EVAL_SEED,
                          tokens_per_batch=2**16, key=None):
-    """One pass per length that scores the answer at the last `at` position and probes the attention
-    output there (the query), per layer, before ('pre') and after ('post') the extra norm. Always in
-    float32, whatever the dtype: these are the paper's own quantities. Memory is linear in the length.
-
-    Returns (rows, probe_rows, kept):
-      rows        [{length, accuracy, <extra metrics>, n}]; extra(batch, logits, recs) gives more
-                  per-example metrics, e.g. the attention mass on the right item;
-      probe_rows  [{length, layer, where, comp_std, vec_mean, vec_var, entropy, eff_n, n}], entropy H
-                  of the query's attention (mean over heads and samples), eff_n = exp(H);
-      kept        {(length, layer, where): (n, C) array} of the raw vectors for lengths in `keep`."""
+    """One float32 pass per length (memory linear in it) that scores the answer at the last `at` position
+    and probes the attention output there, per layer, before ('pre') and after ('post') the norm.
+    Returns rows [{length, accuracy, <extra(batch, logits, recs) metrics>, n}], probe rows [{length,
+    layer, where, comp_std, vec_mean, vec_var, entropy H of the query's attention, eff_n = exp(H), n}],
+    and kept {(length, layer, where): (n, C) array} of the raw vectors at the lengths in `keep`."""
     model.eval()
     rows, probe_rows, kept = [], [], {}
     for length in lengths:
@@ -540,8 +480,8 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
         for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch, key):
             b = to_device(b, device)
             logits, recs = model.probe(b["idx"], b["at"][:, -1:], b.get("position_ids"))
-            metrics = {"accuracy": (logits[:, 0].argmax(-1) == b["targets"][:, -1]).float()}
-            metrics.update(extra(b, logits, recs) if extra else {})
+            metrics = {"accuracy": (logits[:, 0].argmax(-1) == b["targets"][:, -1]).float(),
+                       **(extra(b, logits, recs) if extra else {})}
             for k, v in metrics.items():
                 sums[k].append(v.float().sum())
             for layer, r in enumerate(recs):

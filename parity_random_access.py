@@ -300,11 +300,23 @@ def score(fmt):
 
 
 @torch.no_grad()
+def attention_maps(model, idx, position_ids=None):
+    """Full attention maps per layer, (B, nh, T, T) each: the explicit rows of every query."""
+    x, rope = model.embed(idx, position_ids)
+    every = torch.arange(idx.size(1), device=idx.device).expand(idx.size(0), -1)  # (B, T)
+    maps = []
+    for block in model.blocks:
+        x, rec = block.forward_at(x, rope, every)
+        maps.append(rec["attn"])
+    return maps
+
+
+@torch.no_grad()
 def attention_on_bits(model, batch):
     """Attention from the query that writes step i (the token before p_i) to the position of input
     bit i, per layer and head: (L, nh, S) averaged over the batch, and the maps (L, nh, S, n) of
-    example 0 (rows: steps, columns: input bits). From the manual path on a teacher-forced batch."""
-    maps = model.attention_maps(batch["idx"], batch.get("position_ids"))  # L x (B, nh, T, T)
+    example 0 (rows: steps, columns: input bits). From explicit maps of a teacher-forced batch."""
+    maps = attention_maps(model, batch["idx"], batch.get("position_ids"))  # L x (B, nh, T, T)
     q, k = batch["steps"] - 1, batch["inputs"]
     sub = torch.stack([m[:, :, q][:, :, :, k] for m in maps])  # (L, B, nh, S, n)
     right = sub.diagonal(dim1=-2, dim2=-1)  # (L, B, nh, S): query of step i -> bit i

@@ -3,6 +3,20 @@
 import torch
 
 
+def reference_maps(model, idx, position_ids=None):
+    """Every layer's full attention maps (B, nh, T, T) from explicit q k^T, causal mask and softmax."""
+    x, rope = model.embed(idx, position_ids)
+    T, maps = idx.size(1), []
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for block in model.blocks:
+        q, k, v = block.attn.qkv(block.ln_1(x), rope)
+        m = torch.softmax(((q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5).masked_fill(future, float("-inf")), -1)
+        maps.append(m)
+        every = torch.arange(T).expand(idx.size(0), -1)
+        x = block.forward_at(x, rope, every)[0]
+    return maps
+
+
 def reference_forward(model, idx, targets=None, position_ids=None, at=None):
     """(logits, loss) as model(idx, targets, position_ids, at) gives them, computed by every query's
     explicit attention rows in every block (CausalSelfAttention.forward_at with all positions)."""

@@ -103,7 +103,7 @@ BAD = [
     (["--plot-only", "/nonexistent/dir"], "no such directory"),
     (["--preset", "huge"], "invalid choice"),
     (["--steps", "many"], "invalid"),
-    (["--dtype", "fp16"], "invalid choice"),
+    (["--dtype", "fp16"], "unknown 'fp16'"),
 ]
 if not torch.cuda.is_available():
     BAD += [(["--device", "cuda"], "CUDA is not available"),

@@ -8,7 +8,7 @@ import torch
 
 import common as C
 import vanishing_variance_fixes as F
-from reference import reference_forward
+from reference import reference_forward, reference_maps
 
 VARIANTS = C.ATTN_OUT_NORMS + F.FIXES  # every attention variant: common's norms and the fix ladder's
 ALL = list(itertools.product(C.POS_ENCODINGS, VARIANTS))
@@ -151,7 +151,7 @@ def test_probe_matches_manual_attention(pos, norm):
     idx = torch.randint(0, 20, (2, 15))
     at = torch.tensor([[3, 14], [7, 9]])
     logits, recs = m.probe(idx, at)
-    maps = m.attention_maps(idx)
+    maps = reference_maps(m, idx)
     assert torch.allclose(logits, m(idx, at=at)[0], atol=1e-6)
     for r, full in zip(recs, maps):
         rows = full[torch.arange(2)[:, None], :, at].transpose(1, 2)  # (B, nh, P, T)

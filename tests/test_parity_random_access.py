@@ -15,6 +15,7 @@ import common as C
 import harness as H
 import reporting as R
 import parity_random_access as P
+from reference import reference_maps
 
 SCRIPT = str(Path(P.__file__))
 
@@ -202,7 +203,7 @@ def test_attention_on_bits_reads_the_maps():
     model = tiny("scratchpad")
     b = P.sample_batch(np.random.default_rng(0), 4, 10, "scratchpad")
     mass, maps = P.attention_on_bits(model, b)
-    full = model.attention_maps(b["idx"])
+    full = reference_maps(model, b["idx"])  # an independent computation
     i = 3  # step 4 is written at position steps[3] - 1 and should read bit 4 at inputs[3]
     assert torch.allclose(mass[1, 0, i], full[1][:, 0, b["steps"][i] - 1, b["inputs"][i]].mean())
     assert maps.shape == (2, 4, 10, 10) and torch.allclose(maps[0, 1, i, 0], full[0][0, 1, b["steps"][i] - 1, b["inputs"][0]])
