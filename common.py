@@ -85,9 +85,7 @@ def attention_rows(q, k, at):
     return F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
 
 
-class KVCache:
-    """One layer's keys and values for decoding, preallocated for max_len positions (no torch.cat per token)."""
-
+class KVCache:  # one layer's keys and values for decoding, preallocated (no torch.cat per token)
     def __init__(self, max_len):
         self.max_len, self.n, self.k, self.v = max_len, 0, None, None
 
@@ -249,9 +247,8 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
-        rope = rope_angles(position_ids, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_base) \
-            if self.cfg.pos == "rope" else None
-        return x, rope
+        hs = self.cfg.n_embd // self.cfg.n_head
+        return x, (rope_angles(position_ids, hs, self.cfg.rope_base) if self.cfg.pos == "rope" else None)
 
     def trunk(self, idx, position_ids=None, at=None):
         """Final hidden states (B, T, C), or (B, P, C) at `at`: then the last block runs for those queries
@@ -291,8 +288,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def decode(self, idx, position_ids, caches):
-        """Next-token logits (B, V), decoding with caches = new_caches(T): idx is the prompt (B, T) while the
-        caches are empty, then one new token (B, 1); position_ids its positions. O(T) per token."""
+        """Next-token logits (B, V) with caches = new_caches(T): the prompt (B, T), then one token (B, 1) at a time."""
         return self.lm_head(self.decode_hidden(idx, position_ids, caches))
 
 
@@ -347,7 +343,7 @@ def autocast(device, dtype="fp32"):
     return nullcontext()
 
 
-def to_device(batch, device):  # a sampler's batch (CPU tensors) on the device
+def to_device(batch, device):  # a sampler's batch on the device
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -364,11 +360,9 @@ def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     rng = np.random.default_rng(data_seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # gains, biases
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     step_loss = torch.compile(model.loss) if cfg.compile else model.loss  # eval always uses the eager model
     t0, curve, loss_val = time.time(), [], float("nan")
     pbar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
@@ -446,15 +440,21 @@ def evaluate_by_length(model, sample_batch, lengths, n, device, score=accuracy_a
             with autocast(device, dtype):
                 out = score(model, to_device(b, device))
             for k, v in out.items():
-                sums[k].append(v.float().sum())
+                sums[k].append(batch_sum(v))
         rows.append({"length": length, **mean_of_sums(sums, n), "n": n})
     model.train()
     return rows
 
 
+def batch_sum(v):
+    """A per-example metric (B,) summed over the batch; one of shape (B, S) column by column (float32)."""
+    return v.float().sum() if v.dim() == 1 else torch.stack([c.contiguous().sum() for c in v.float().unbind(1)])
+
+
 def mean_of_sums(sums, n):
-    """{metric: mean over n examples} from per-batch sums (device tensors), added in float64 in batch order."""
-    return {k: sum(torch.stack(v).tolist()) / n for k, v in sums.items()}
+    """{metric: mean over n examples} of per-batch sums, added in float64 in batch order (a list for (B, S))."""
+    means = {k: torch.stack(v).tolist() for k, v in sums.items()}  # (batches,) or (batches, S)
+    return {k: [sum(c) / n for c in zip(*s)] if isinstance(s[0], list) else sum(s) / n for k, s in means.items()}
 
 
 def probe_stats(v):
@@ -483,7 +483,7 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
             metrics = {"accuracy": (logits[:, 0].argmax(-1) == b["targets"][:, -1]).float(),
                        **(extra(b, logits, recs) if extra else {})}
             for k, v in metrics.items():
-                sums[k].append(v.float().sum())
+                sums[k].append(batch_sum(v))
             for layer, r in enumerate(recs):
                 for where in ("pre", "post"):
                     vecs[layer, where].append(r[where][:, 0])  # kept on the device until the length is done

@@ -73,6 +73,7 @@ the scratchpad) and the '$' stopping rule are our choices.
 """
 import functools
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -294,7 +295,7 @@ def score(fmt):
             end = int(prod[-1])
             first = first_eos(seq)  # greedy() keeps the model's first '$' and blanks what follows
             out.update(stop_early=first < end, stop_late=first > end)
-        out.update({f"step{i}": steps[:, i] for i in range(steps.size(1))})
+        out["step_acc"] = steps  # (B, S): evaluate_by_length gives one mean per step
         return out
     return fn
 
@@ -501,9 +502,9 @@ def run_cell(cell):
     rows = []
     for r in C.evaluate_by_length(model, test, lengths, cfg.eval_examples, device, score(fmt), tokens_per_batch=2**15,
                                   key=key, dtype=cfg.dtype):
-        steps = sorted((int(k[4:]), v) for k, v in r.items() if k.startswith("step"))
-        rows.append({"table": "accuracy", **{k: v for k, v in r.items() if not k.startswith("step")}})
-        rows += [{"table": "step", "length": r["length"], "step": i + 1, "accuracy": v} for i, v in steps]
+        step_acc = r.pop("step_acc")
+        rows.append({"table": "accuracy", **r})
+        rows += [{"table": "step", "length": r["length"], "step": i + 1, "accuracy": v} for i, v in enumerate(step_acc)]
     _, probes, _ = C.evaluate_with_probes(model, functools.partial(sample_answer_only, test=test), lengths,
                                           cfg.probe_examples, device, key=("answer only",) + key)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
@@ -515,7 +516,8 @@ def run_cell(cell):
         out["maps"] = np.round(maps.cpu().numpy(), 3).tolist()  # (L, nh, S, n), example 0
         by_n = {n: attention_on_bits(model, C.to_device(next(C.eval_batches(test, n, 32, key=key)), device))
                 for n in lengths}
-        out["mass_by_n"] = {str(n): np.round(m.mean(-1).cpu().numpy(), 4).tolist() for n, (m, _) in by_n.items()}  # (L, nh)
+        out["mass_by_n"] = [{"length": n, "mass": np.round(m.mean(-1).cpu().numpy(), 4).tolist()}  # (L, nh)
+                            for n, (m, _) in by_n.items()]
         if cfg.train_max in by_n:  # the maps of one example inside the training length, next to n = map_length
             out["maps_train"] = np.round(by_n[cfg.train_max][1].cpu().numpy(), 3).tolist()  # (L, nh, S, n)
     return out
@@ -589,12 +591,8 @@ def fig_accuracy(acc, groups, palette, out):
         for ax, metric, ylabel, title in ((axes[i, 0], "accuracy", "final-answer accuracy", "final answer, greedy"),
                                           (axes[i, 1], "exact", "exact match", "exact match of everything produced")):
             R.plot_vs_length(sel, metric, None, hi, chance=chance if metric == "accuracy" else None, ax=ax,
-                             ylabel=ylabel, style=palette, title=f"{title} (mean ± std, dots: seeds); x: {what}")
-            labels = sorted({r["variant"] for r in sel})
-            for k, g in enumerate(labels):  # a dot per seed, each setting a little to the side
-                pts = [r for r in sel if r["variant"] == g and metric in r]
-                ax.scatter([r["length"] * (1 + 0.03 * (k - len(labels) / 2)) for r in pts], [r[metric] for r in pts],
-                           s=7, alpha=0.5, lw=0, color=palette.colors.get(g))
+                             ylabel=ylabel, style=palette, title=f"{title} (mean ± std, dots: seeds); x: {what}",
+                             seeds=True)
             R.ticks_at(ax, sorted({r["length"] for r in sel}))
     R.save_figure(fig, out / "accuracy.png")
 
@@ -606,9 +604,7 @@ def fig_steps(acc, steps, groups, palette, out):
     for ax, (fmts, hi, chance, what) in zip(axes[0], groups):
         L = max(r["length"] for r in acc if r["fmt"] in fmts)
         sel = [r for r in steps if r["fmt"] in fmts and r["length"] == L]
-        for g, (xs, m, s, n) in sorted(R.mean_std_by(sel, "step", "accuracy", "variant").items()):
-            line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})", color=palette.colors.get(g))
-            ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+        R.band(ax, sel, "step", "accuracy", "variant", palette.colors)
         ax.axvline(hi, color="gray", ls="--", lw=1, label=f"max train length {hi}")
         if chance:
             ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")
@@ -633,11 +629,10 @@ def retrieval_mass(records, cfg):
 def retrieving_head(rec, cfg):
     """(layer, head) that reads bit i best at the longest tested n within the training length (from
     mass_by_n), or, for records without it, within the first train_max steps at n = map_length."""
-    by_n = rec.get("mass_by_n")
-    inside = [int(n) for n in by_n or () if int(n) <= cfg.train_max]
+    inside = [m for m in rec.get("mass_by_n") or () if m["length"] <= cfg.train_max]
     if not inside:
         return best_head(rec["mass"], cfg.train_max)
-    m = np.asarray(by_n[str(max(inside))])  # (L, nh)
+    m = np.asarray(max(inside, key=lambda m: m["length"])["mass"])  # (L, nh)
     return np.unravel_index(m.argmax(), m.shape)
 
 
@@ -649,73 +644,85 @@ def mass_rows(records, cfg):
         if rec.get("mass_by_n"):
             layer, head = retrieving_head(rec, cfg)
             rows += [{"variant": rec["label"], "fmt": rec["cell"]["fmt"], "setting": rec["setting"],
-                      "seed": rec["cell"]["seed"], "length": int(n), "mass": m[layer][head]}
-                     for n, m in rec["mass_by_n"].items()]
+                      "seed": rec["cell"]["seed"], "length": m["length"], "mass": m["mass"][layer][head]}
+                     for m in rec["mass_by_n"]]
     return rows
 
 
-def fig_attention(records, cfg, palette, out):
-    """attention.png: the maps of the retrieving layer (per format and setting, the seed that did best
-    at map_length), and the mass from step i to bit i vs i, mean ± std over seeds."""
-    plt = R.pyplot()
-    with_maps = [rec for rec in records if rec.get("maps")]
-    if not with_maps:
-        return
+def learned_score(rec, cfg):
+    """Final-answer accuracy at the longest training length, then nearest map_length: which seed to show."""
+    rows = R.select(rec["rows"], table="accuracy")
+    if not rows:
+        return 0.0, 0.0
+    return tuple(min(rows, key=lambda r: abs(r["length"] - L))["accuracy"] for L in (cfg.train_max, cfg.map_length))
 
-    def learned(rec):  # final-answer accuracy at the longest training length, then nearest map_length
-        rows = R.select(rec["rows"], table="accuracy")
-        near = lambda L: min(rows, key=lambda r: abs(r["length"] - L))["accuracy"] if rows else 0.0
-        return near(cfg.train_max), near(cfg.map_length)
 
-    show = []  # (record, seeds it was chosen from, which maps, their n)
+def maps_to_show(with_maps, cfg):
+    """[(record, seeds it was chosen from, which maps, their n)]: per scratchpad / mnemonic setting, the seed
+    that learned best (a map of a model that failed in distribution would show nothing about length)."""
+    show = []
     for f in ("scratchpad", "mnemonic"):
         for lab in sorted({rec["label"] for rec in with_maps if rec["cell"]["fmt"] == f}):
             recs = [rec for rec in with_maps if rec["label"] == lab]
-            rec = max(recs, key=learned)  # the seed that learned the task best: a map of a model that failed
-            if rec.get("maps_train"):     # in distribution would show nothing about length
+            rec = max(recs, key=lambda r: learned_score(r, cfg))
+            if rec.get("maps_train"):
                 show.append((rec, len(recs), "maps_train", cfg.train_max))
             show.append((rec, len(recs), "maps", cfg.map_length))
-    show = show or [(with_maps[0], 1, "maps", cfg.map_length)]
-    nh = len(show[0][0]["maps"][0])
-    fig, axes = plt.subplots(len(show) + 1, nh, figsize=(3.1 * nh, 3.0 * (len(show) + 1)), squeeze=False)
-    for i, (rec, of, key, n) in enumerate(show):
-        layer, _ = retrieving_head(rec, cfg)
-        for h in range(nh):
-            ax = axes[i, h]
-            ax.imshow(np.asarray(rec[key][layer][h]), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
-            if n > cfg.train_max:
-                ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-                ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-            ax.set(title=f"n = {n}: layer {layer} head {h}", xlabel="input bit j", ylabel="step i")
-            if h == 0:
-                best = f" (best of {of})" if of > 1 else ""
-                ax.set_ylabel(f"{rec['label']}\nseed {rec['cell']['seed']}{best}\nstep i", fontsize=7)
-            ax.title.set_fontsize(8)
-    gs = axes[-1, 0].get_gridspec()
-    for ax in axes[-1]:
-        ax.remove()
-    by_n = mass_rows(records, cfg)
-    ax = fig.add_subplot(gs[-1, :nh // 2 if by_n else nh])
+    return show or [(with_maps[0], 1, "maps", cfg.map_length)]
+
+
+def draw_maps(axes, rec, of, key, n, cfg):
+    """One row of heatmaps: every head of the retrieving layer of rec, maps `key` at n."""
+    layer, _ = retrieving_head(rec, cfg)
+    for h, ax in enumerate(axes):
+        ax.imshow(np.asarray(rec[key][layer][h]), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+        if n > cfg.train_max:
+            ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
+            ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
+        ax.set(title=f"n = {n}: layer {layer} head {h}", xlabel="input bit j", ylabel="step i")
+        if h == 0:
+            best = f" (best of {of})" if of > 1 else ""
+            ax.set_ylabel(f"{rec['label']}\nseed {rec['cell']['seed']}{best}\nstep i", fontsize=7)
+        ax.title.set_fontsize(8)
+
+
+def draw_mass(ax, ax_n, records, cfg, palette):
+    """The retrieving head's mass on bit i: per step at n = map_length (ax), and by n (ax_n, if given)."""
     curves = [{"variant": lab, "step": i + 1, "mass": v} for lab, m in retrieval_mass(records, cfg)
               for i, v in enumerate(m)]
-    for g, (xs, m, s, n) in sorted(R.mean_std_by(curves, "step", "mass", "variant").items()):
-        line, = ax.plot(xs, m, lw=1.2, label=f"{g} (n={n.min()})", color=palette.colors.get(g))
-        ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+    R.band(ax, curves, "step", "mass", "variant", palette.colors)
     ax.axvline(cfg.train_max, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_max}")
     ax.set(xlabel="step i", ylabel="attention on bit i", ylim=(0, 1.02),
            title=f"per step, n = {cfg.map_length} (mean ± std over seeds)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    if by_n:
-        ax = fig.add_subplot(gs[-1, nh // 2:])
-        R.plot_vs_length(by_n, "mass", None, cfg.train_max, ax=ax, style=palette, ylabel="attention on bit i",
-                         title="vs n, averaged over the steps (mean ± std, dots: seeds)")
-        for r in by_n:
-            ax.scatter(r["length"], r["mass"], s=7, alpha=0.5, lw=0, color=palette.colors.get(r["variant"]))
-        ax.set_ylim(0, 1.02)
-        R.ticks_at(ax, sorted({r["length"] for r in by_n}))
-        ax.title.set_fontsize(9)
+    if ax_n is not None:
+        by_n = mass_rows(records, cfg)
+        R.plot_vs_length(by_n, "mass", None, cfg.train_max, ax=ax_n, style=palette, ylabel="attention on bit i",
+                         title="vs n, averaged over the steps (mean ± std, dots: seeds)", seeds=True)
+        ax_n.set_ylim(0, 1.02)
+        R.ticks_at(ax_n, sorted({r["length"] for r in by_n}))
+        ax_n.title.set_fontsize(9)
+
+
+def fig_attention(records, cfg, palette, out):
+    """attention.png: the maps of the retrieving layer (per format and setting, the seed that did best
+    at map_length), and the mass from step i to bit i vs i, mean ± std over seeds."""
+    with_maps = [rec for rec in records if rec.get("maps")]
+    if not with_maps:
+        return
+    show = maps_to_show(with_maps, cfg)
+    nh = len(show[0][0]["maps"][0])
+    fig, axes = R.pyplot().subplots(len(show) + 1, nh, figsize=(3.1 * nh, 3.0 * (len(show) + 1)), squeeze=False)
+    for i, (rec, of, key, n) in enumerate(show):
+        draw_maps(axes[i], rec, of, key, n, cfg)
+    gs = axes[-1, 0].get_gridspec()
+    for ax in axes[-1]:
+        ax.remove()
+    by_n = bool(mass_rows(records, cfg))
+    draw_mass(fig.add_subplot(gs[-1, :nh // 2 if by_n else nh]), fig.add_subplot(gs[-1, nh // 2:]) if by_n else None,
+              records, cfg, palette)
     fig.suptitle("attention from scratchpad step i (rows) to input bit j (columns), one example, layer of the retrieving "
                  "head\n(the head that reads bit i best within the training length); dashed: training length. "
                  "Bottom: the mass that head puts on bit i", fontsize=10)
@@ -832,85 +839,128 @@ def seeds_learned(acc, g, hi):
     return k, len(seeds), R.wilson_ci(k, len(seeds))
 
 
+def reproduced(ok, why=""):
+    return "reproduced" if ok else f"NOT reproduced{why}"
+
+
+# The verdict rules, each (accuracy at the longest training n, at 3x, mnemonic's at its longest n) -> words.
+def learns_then_collapses(inside, at_3x, mnemonic):
+    return reproduced(inside >= 0.95 and at_3x <= 0.6)
+
+
+def no_length_general_rule(inside, at_3x, mnemonic):
+    return reproduced(at_3x <= 0.6)
+
+
+def generalizes(inside, at_3x, mnemonic):
+    return reproduced(at_3x >= 0.95, " (partly)" if at_3x > 0.6 else "")
+
+
+def fails_without_a_unique_key(inside, at_3x, mnemonic):
+    """Near chance at 3x, and well below mnemonic where it ran."""
+    if math.isnan(mnemonic):
+        return reproduced(at_3x <= 0.6) + " (no mnemonic run to compare)"
+    return reproduced(at_3x <= 0.6 and at_3x < mnemonic - 0.2)
+
+
+def measured(inside, at_3x, mnemonic):
+    return "measured"
+
+
+def measured_alone(inside, at_3x, mnemonic):  # add-mnemonic's, until addition_verdict() pairs it with plain add
+    return "measured (no plain add run to compare)"
+
+
+ACCURACY_CLAIMS = (  # (format, claim, verdict rule), in the order of the paper
+    ("scratchpad", "(1) scratchpad learns in distribution, collapses beyond", learns_then_collapses),
+    ("none", "(1) no scratchpad: no length-general rule", no_length_general_rule),
+    ("interleaved", "(2) interleaved (no indexing) generalizes", generalizes),
+    ("mnemonic", "(3) mnemonic anchors generalize", generalizes),
+    ("constant", "(3) without a unique key it fails", fails_without_a_unique_key),
+    ("cyclic", "(3) without a unique key it fails", fails_without_a_unique_key),
+    ("misaligned", "(3) without a unique key it fails", fails_without_a_unique_key),
+    ("add", "(5) addition, plain", measured),
+    ("add-mnemonic", "(5) addition with mnemonics generalizes further than plain", measured_alone))
+
+
+def accuracy_claim(acc, fmt, setting, claim, rule, mnemonic, cfg):
+    """One claim on final-answer accuracy as data: at the longest training n, at GENERALIZE_X x it and at
+    the longest tested n (mean, std, median over seeds), the seeds that learned and that generalize (95%
+    Wilson intervals), and rule's verdict. None where the format was not run in this setting."""
+    g = next((r["variant"] for r in acc if r["fmt"] == fmt and r["setting"] == setting), None)
+    if g is None:
+        return None
+    hi = cfg.add_train_max if fmt in ADD_FORMATS else cfg.train_max
+    tested = sorted({r["length"] for r in R.select(acc, variant=g)})
+    top, gen_at = tested[-1], max([L for L in tested if L <= GENERALIZE_X * hi] or [tested[-1]])
+    inside, at_gen, beyond = (R.seed_stats(list(R.per_seed(acc, "accuracy", variant=g, length=L).values()))
+                              for L in (hi, gen_at, top))
+    k, n, ci = seeds_generalizing(acc, g, gen_at)
+    kl, _, cil = seeds_learned(acc, g, hi)
+    return {"claim": claim, "setting": setting, "fmt": fmt, "variant": g, "train_max": hi, "test_max": top,
+            "inside": inside, "at_generalize": at_gen, "beyond": beyond, "seeds_learned": kl, "seeds_learned_ci": cil,
+            "generalize_at": gen_at, "seeds_ok": k, "seeds": n, "seeds_ok_ci": ci,
+            "verdict": rule(inside["mean"], at_gen["mean"], mnemonic)}
+
+
+def mass_claim(by_n, fmt, setting, cfg):
+    """Claim (4) as data: the retrieving head's mass on bit i at n = train_max and at 3x (mass_rows())."""
+    rows = R.select(by_n, fmt=fmt, setting=setting)
+    if not rows:
+        return None
+    tested = sorted({r["length"] for r in rows})
+    at_in = max([L for L in tested if L <= cfg.train_max] or tested[:1])
+    at_out = max([L for L in tested if L <= GENERALIZE_X * cfg.train_max] or tested[-1:])
+    return {"claim": "(4) step i attends to bit i", "setting": setting, "fmt": fmt, "n_inside": at_in,
+            "n_beyond": at_out, "mass_inside": R.seed_stats(list(R.per_seed(rows, "mass", length=at_in).values())),
+            "mass_beyond": R.seed_stats(list(R.per_seed(rows, "mass", length=at_out).values())), "verdict": "measured"}
+
+
+def addition_verdict(acc, add, mnem):
+    """Claim (5): add-mnemonic minus plain add at 3x the digits, paired by seed on the same sums."""
+    d = [p for p in R.paired_diff_ci(acc, "accuracy", mnem["variant"], add["variant"])
+         if p["length"] == mnem["generalize_at"]]
+    mnem["paired_at_generalize"] = d[0] if d else None
+    mnem["verdict"] = reproduced(bool(d) and d[0]["lo"] > 0) + \
+        ("" if add["seeds_learned"] else " (plain add never learned the training range)")
+
+
 def claims(acc, by_n, cfg):
-    """The paper's claims as data, one dict per (claim, setting): claim, setting, fmt, the training
-    and test lengths, final-answer accuracy there (mean, std, median over seeds), the seeds that
-    learned the task and that generalize, and the verdict, judged at GENERALIZE_X x the longest
-    training length (the paper's 20 -> 60). by_n: mass_rows()."""
+    """The paper's claims as data, one dict per (claim, setting), judged at GENERALIZE_X x the longest
+    training length (the paper's 20 -> 60): ACCURACY_CLAIMS, then the attention mass of claim (4), then
+    the paired addition comparison. by_n: mass_rows()."""
     out = []
-    yes = lambda ok, why="": "reproduced" if ok else f"NOT reproduced{why}"
-
-    def row(fmt, pos, claim, test):
-        g = next((r["variant"] for r in acc if r["fmt"] == fmt and r["setting"] == pos), None)
-        if g is None:
-            return None
-        hi = cfg.add_train_max if fmt in ADD_FORMATS else cfg.train_max
-        tested = sorted({r["length"] for r in R.select(acc, variant=g)})
-        top, gen_at = tested[-1], max([L for L in tested if L <= GENERALIZE_X * hi] or [tested[-1]])
-        inside, at_gen, beyond = (R.seed_stats(list(R.per_seed(acc, "accuracy", variant=g, length=L).values()))
-                                  for L in (hi, gen_at, top))
-        k, n, ci = seeds_generalizing(acc, g, gen_at)
-        kl, _, cil = seeds_learned(acc, g, hi)
-        c = {"claim": claim, "setting": pos, "fmt": fmt, "variant": g, "train_max": hi, "test_max": top, "inside": inside,
-             "at_generalize": at_gen, "beyond": beyond, "seeds_learned": kl, "seeds_learned_ci": cil, "generalize_at": gen_at,
-             "seeds_ok": k, "seeds": n, "seeds_ok_ci": ci, "verdict": test(inside["mean"], at_gen["mean"])}
-        out.append(c)
-        return c
-
-    for pos in sorted({r["setting"] for r in acc}):
-        row("scratchpad", pos, "(1) scratchpad learns in distribution, collapses beyond",
-            lambda i, o: yes(i >= 0.95 and o <= 0.6))
-        row("none", pos, "(1) no scratchpad: no length-general rule", lambda i, o: yes(o <= 0.6))
-        row("interleaved", pos, "(2) interleaved (no indexing) generalizes",
-            lambda i, o: yes(o >= 0.95, " (partly)" if o > 0.6 else ""))
-        mn = row("mnemonic", pos, "(3) mnemonic anchors generalize",
-                 lambda i, o: yes(o >= 0.95, " (partly)" if o > 0.6 else ""))
-        ref = mn["beyond"]["mean"] if mn else float("nan")  # mnemonic at its longest n (nan: not run)
-        for fmt in ("constant", "cyclic", "misaligned"):
-            row(fmt, pos, "(3) without a unique key it fails",  # near chance, and well below mnemonic if it ran
-                lambda i, o: yes(o <= 0.6 and o < ref - 0.2) if mn else yes(o <= 0.6) + " (no mnemonic run to compare)")
-        for fmt in ("scratchpad", "mnemonic"):  # the retrieving head's mass on bit i, at n = train_max and 3x
-            rows = R.select(by_n, fmt=fmt, setting=pos)
-            if rows:
-                tested = sorted({r["length"] for r in rows})
-                at_in = max([L for L in tested if L <= cfg.train_max] or tested[:1])
-                at_out = max([L for L in tested if L <= GENERALIZE_X * cfg.train_max] or tested[-1:])
-                out.append({"claim": "(4) step i attends to bit i", "setting": pos, "fmt": fmt, "n_inside": at_in,
-                            "n_beyond": at_out,
-                            "mass_inside": R.seed_stats(list(R.per_seed(rows, "mass", length=at_in).values())),
-                            "mass_beyond": R.seed_stats(list(R.per_seed(rows, "mass", length=at_out).values())),
-                            "verdict": "measured"})
-        add = row("add", pos, "(5) addition, plain", lambda i, o: "measured")
-        mnem = row("add-mnemonic", pos, "(5) addition with mnemonics generalizes further than plain",
-                   lambda i, o: "measured (no plain add run to compare)")
-        if add and mnem:  # paired by seed on the same sums (one test set per n for both formats)
-            at = mnem["generalize_at"]
-            d = [p for p in R.paired_diff_ci(acc, "accuracy", mnem["variant"], add["variant"])
-                 if p["length"] == at]
-            mnem["paired_at_generalize"] = d[0] if d else None
-            mnem["verdict"] = yes(bool(d) and d[0]["lo"] > 0) + \
-                ("" if add["seeds_learned"] else " (plain add never learned the training range)")
+    for setting in sorted({r["setting"] for r in acc}):
+        made, mnemonic = {}, float("nan")  # mnemonic's accuracy at its longest n, where it ran
+        for fmt, claim, rule in ACCURACY_CLAIMS:
+            made[fmt] = accuracy_claim(acc, fmt, setting, claim, rule, mnemonic, cfg)
+            if fmt == "mnemonic" and made[fmt]:
+                mnemonic = made[fmt]["beyond"]["mean"]
+        out += [c for fmt, c in made.items() if c and fmt not in ADD_FORMATS]
+        out += [c for c in (mass_claim(by_n, f, setting, cfg) for f in ("scratchpad", "mnemonic")) if c]
+        if made["add"] and made["add-mnemonic"]:
+            addition_verdict(acc, made["add"], made["add-mnemonic"])
+        out += [c for c in (made["add"], made["add-mnemonic"]) if c]
     return out
 
 
+def stat_text(s):
+    return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['median']:.2f})"
+
+
 def say_claim_table(verdicts, say):
-    """The accuracy claims as a markdown table (pasted into the README as printed): final-answer
-    accuracy mean ± std (median) over seeds at the longest training length, at 3x and at the longest
-    tested length; the seeds that learned the task and that generalize, with 95% Wilson intervals."""
-    rows = [c for c in verdicts if "inside" in c]
-    if not rows:
-        return
-    say(f"\n| claim | format | setting | longest training n | at 3x | longest n | "
-        f"seeds that learned it (>= {LEARNED} at every n within training) [95% CI] | seeds that generalize "
-        f"(>= {GENERALIZES} at 3x) [95% CI] | verdict |")
-    say("|---|---|---|---|---|---|---|---|---|")
-    stat = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f} ({s['median']:.2f})"
-    for c in rows:
-        cl, cg = c["seeds_learned_ci"], c["seeds_ok_ci"]
-        say(f"| {c['claim']} | `{c['fmt']}` | {c['setting']} | n = {c['train_max']}: {stat(c['inside'])} | "
-            f"n = {c['generalize_at']}: "
-            f"{stat(c['at_generalize'])} | n = {c['test_max']}: {stat(c['beyond'])} | {c['seeds_learned']}/{c['seeds']} "
-            f"[{cl[0]:.2f}, {cl[1]:.2f}] | {c['seeds_ok']}/{c['seeds']} [{cg[0]:.2f}, {cg[1]:.2f}] | {c['verdict']} |")
+    """The accuracy claims as a markdown table: final-answer accuracy mean ± std (median) over seeds at the
+    longest training n, at 3x and at the longest tested n; the seeds that learned the task and that
+    generalize, with 95% Wilson intervals."""
+    rows = [[c["claim"], f"`{c['fmt']}`", c["setting"], f"n = {c['train_max']}: {stat_text(c['inside'])}",
+             f"n = {c['generalize_at']}: {stat_text(c['at_generalize'])}", f"n = {c['test_max']}: {stat_text(c['beyond'])}",
+             f"{c['seeds_learned']}/{c['seeds']} [{c['seeds_learned_ci'][0]:.2f}, {c['seeds_learned_ci'][1]:.2f}]",
+             f"{c['seeds_ok']}/{c['seeds']} [{c['seeds_ok_ci'][0]:.2f}, {c['seeds_ok_ci'][1]:.2f}]", c["verdict"]]
+            for c in verdicts if "inside" in c]
+    if rows:
+        R.markdown_table(say, ["claim", "format", "setting", "longest training n", "at 3x", "longest n",
+                               f"seeds that learned it (>= {LEARNED} at every n within training) [95% CI]",
+                               f"seeds that generalize (>= {GENERALIZES} at 3x) [95% CI]", "verdict"], rows)
 
 
 def claim_line(c):

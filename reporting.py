@@ -248,6 +248,18 @@ def band(ax, rows, x, y, group, colors, label=str):
         ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
 
 
+def dots(ax, rows, x, y, group, colors, spread=0.03, log=True):
+    """A dot per row (one seed each) at (x, y), each group shifted a little sideways so that groups do not
+    hide each other: by a factor 1 + spread * offset on a log x axis, by spread * offset on a linear one."""
+    key = group_key(group)
+    groups = sorted({key(r) for r in rows if y in r}, key=str)
+    for i, g in enumerate(groups):
+        pts = [r for r in rows if key(r) == g and y in r]
+        off = spread * (i - (len(groups) - 1) / 2)
+        ax.scatter([r[x] * (1 + off) if log else r[x] + off for r in pts], [r[y] for r in pts], s=7, alpha=0.5, lw=0,
+                   color=colors.get(g))
+
+
 def seed_dots(ax, x, values, color, width=0.25, seed=0):
     """One dot per seed at x (jittered), with the mean ± 95% t-interval as a bar beside them."""
     v = np.asarray(values, dtype=float)
@@ -268,22 +280,26 @@ THEORY_STYLES = [("black", ":"), ("tab:purple", "-."), ("tab:brown", (0, (1, 3))
 
 
 def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, logy=False, title=None,
-                   ylabel=None, extra=(), ax=None, style=None):
-    """metric vs test length (log2 x), one line per group with a mean ± std band over seeds, a
-    dashed line at the largest training length, an optional chance line and extra (x, y, label)
-    curves (e.g. theory, each its own colour and dash). style(group) -> {color, ls, label} keeps a
-    variant's colour the same in every figure of a script. The legend sits outside the axes, clear
-    of the data. Saves to path unless an axis is given."""
+                   ylabel=None, extra=(), ax=None, style=None, seeds=False):
+    """metric vs test length (log2 x), one line per group with a mean ± std band over seeds (and with
+    seeds=True a dot per seed), a dashed line at the largest training length, an optional chance line
+    and extra (x, y, label) curves (e.g. theory, each its own colour and dash). style(group) -> {color,
+    ls, label} keeps a variant's colour the same in every figure of a script. The legend sits outside
+    the axes, clear of the data. Saves to path unless an axis is given."""
     plt = pyplot()
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(7.5, 4))
+    colors = {}
     for g, (xs, m, s, n) in sorted(mean_std_by(rows, "length", metric, group).items(), key=lambda t: str(t[0])):
         st = dict(style(g)) if style else {}
         label = st.pop("label", " ".join(map(str, g)) if isinstance(g, tuple) else str(g))
         line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label} (n={n.min()})", **st)
         lo, hi = (np.maximum(m - s, m * 0.05), m + s) if logy else (m - s, m + s)
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        colors[g] = line.get_color()
+    if seeds:
+        dots(ax, rows, "length", metric, group, colors)
     for (x, y, label), (color, ls) in zip(extra, THEORY_STYLES):
         ax.plot(x, y, color=color, ls=ls, lw=1.4, label=label)
     ax.axvline(train_len, color="gray", ls="--", lw=1, label=f"max train length {train_len}")

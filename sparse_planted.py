@@ -400,18 +400,21 @@ def run_sparse(cell, cfg, device):
     for k in ks:  # accuracy and the mass on the planted bits, in the probed pass's own hook
         acc, _, _ = C.evaluate_with_probes(model, test_k(k), cfg.test_lengths, cfg.eval_examples, device,
                                            extra=planted_mass)
-        rows += [{"table": "accuracy", "k": k, **r} for r in acc]
+        for r in acc:
+            mass = r.pop("mass")  # one value per layer
+            rows.append({"table": "accuracy", "k": k, **r})
+            rows += [{"table": "mass", "k": k, "length": r["length"], "layer": layer, "mass": v, "n": r["n"]}
+                     for layer, v in enumerate(mass)]
     _, probes, _ = C.evaluate_with_probes(model, probe_test, cfg.test_lengths, cfg.probe_examples, device)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
     return {"train": result, "rows": rows, "examples": sparse_examples(model, test_k(ks[-1]), cfg, device)}
 
 
 def planted_mass(batch, logits, recs):
-    """evaluate_with_probes' extra metric: per example and layer, the attention mass that the query '='
-    puts on the planted bits, in the head that puts the most there (mass_l0, mass_l1, ...)."""
+    """evaluate_with_probes' extra metric: per example, the attention mass that the query '=' puts on the
+    planted bits in the head that puts the most there, one column per layer (B, n_layer)."""
     planted = batch["planted"].to(recs[0]["attn"].dtype)[:, None, :]  # (B, 1, T)
-    return {f"mass_l{layer}": (r["attn"][:, :, 0] * planted).sum(-1).amax(1)  # (B, nh, T) -> (B,)
-            for layer, r in enumerate(recs)}
+    return {"mass": torch.stack([(r["attn"][:, :, 0] * planted).sum(-1).amax(1) for r in recs], 1)}  # (B, nh, T) -> (B,)
 
 
 @torch.no_grad()
@@ -547,6 +550,14 @@ def say_table(say, rows, metric, group, x="l", label=str, width=20):
         say(f"  {label(g):<{width}}" + "".join(f"{a:>7.2f}±{b:<5.2f}" for a, b in zip(m, s)) + f"  ({n.min()} seeds)")
 
 
+def k_label(fam, k):
+    return f"{fam}, k={k}"
+
+
+def pos_w_label(g):
+    return f"{g[0]}, W={g[1]}"
+
+
 def families(sp):
     return sorted({r["family"] for r in sp}, key=lambda f: (f.startswith("fixed"), f))
 
@@ -574,23 +585,23 @@ def fig_sparsity(sp, L, palette, k_palette, out):
     R.save_figure(fig, out / "sparsity_vs_k.png")
 
 
-def fig_sparsity_mass(sp, L, k_palette, out):
+def fig_sparsity_mass(mass, L, k_palette, out):
     """sparsity_mass.png: the attention mass the query '=' puts on the planted bits (the head that puts
     the most there) vs l, one line per k; a row per layer, a column per family."""
     plt = R.pyplot()
-    fams, layers = families(sp), sorted(int(m[6:]) for m in sp[0] if m.startswith("mass_l"))
+    fams, layers = families(mass), sorted({r["layer"] for r in mass})
     fig, axes = plt.subplots(len(layers), len(fams), figsize=(6.5 * len(fams), 3.8 * len(layers)), squeeze=False)
     for i, layer in enumerate(layers):
         for ax, fam in zip(axes[i], fams):
-            R.plot_vs_length([r for r in sp if r["family"] == fam], f"mass_l{layer}", None, L, group="k", ax=ax,
+            R.plot_vs_length(R.select(mass, family=fam, layer=layer), "mass", None, L, group="k", ax=ax,
                              style=k_palette, ylabel="attention mass on the planted bits",
                              title=f"{fam}, layer {layer}: mass on the planted bits\n(best head; legend: k, seeds)")
             ax.set(xlabel="bits l", ylim=(0, 1.05))
-            R.ticks_at(ax, sorted({r["length"] for r in sp}))
+            R.ticks_at(ax, sorted({r["length"] for r in mass}))
     R.save_figure(fig, out / "sparsity_mass.png")
 
 
-def fig_locality(loc, cfg, out):
+def fig_locality(loc, loc_mass, cfg, out):
     """locality.png: top, accuracy vs l per position encoding, a panel per window W, then accuracy at
     the longest l vs W with a dot per seed; bottom, the attention mass of '=' on the planted bits in
     layer 0 (the best head) vs l."""
@@ -601,7 +612,7 @@ def fig_locality(loc, cfg, out):
         where = ", ".join(map(str, spread_offsets(cfg.loc_k, w)))
         R.plot_vs_length(R.select(loc, W=w), "accuracy", None, L, group="pos", chance=0.5, ax=axes[0, i],
                          style=pos_style, title=f"W = {w}: label from the bit(s) {where} places before '='")
-        R.plot_vs_length(R.select(loc, W=w), "mass_l0", None, L, group="pos", ax=axes[1, i], style=pos_style,
+        R.plot_vs_length(R.select(loc_mass, W=w, layer=0), "mass", None, L, group="pos", ax=axes[1, i], style=pos_style,
                          ylabel="attention mass on the planted bits",
                          title=f"W = {w}: layer 0, mass of '=' on the planted bits (best head)")
         for ax in axes[:, i]:
@@ -834,18 +845,55 @@ def say_value(v):
     return str(v)
 
 
+def say_sparsity(sp, mass, L, say):
+    say(f"\n(1) sparse parity, accuracy by k and length l (trained on l <= {L}); mean ± std over seeds")
+    for fam in families(sp):
+        say_table(say, R.select(sp, family=fam), "accuracy", "k", label=functools.partial(k_label, fam), width=32)
+    say("  attention mass of '=' on the planted bits (best head, last layer), mean ± std over seeds")
+    last = max(r["layer"] for r in mass)
+    for fam in families(sp):
+        say_table(say, R.select(mass, family=fam, layer=last), "mass", "k", label=functools.partial(k_label, fam),
+                  width=32)
+
+
+def say_locality(loc, loc_mass, cfg, say):
+    say(f"\n(2) locality (the {cfg.loc_k} bits spread over the last W before '='): accuracy, mean ± std over seeds")
+    say_table(say, loc, "accuracy", ("pos", "W"), label=pos_w_label)
+    for layer in sorted({r["layer"] for r in loc_mass}):
+        say(f"  attention mass of '=' on the planted bits, layer {layer} (best head), mean ± std over seeds")
+        say_table(say, R.select(loc_mass, layer=layer), "mass", ("pos", "W"), label=pos_w_label)
+
+
+def say_ppc(ppc, say):
+    say("\n(3) pointer-chasing copy, greedy decoding; mean ± std over seeds")
+    for m in [m for m in PPC_TITLES if any(m in r for r in ppc)]:
+        say(f"  {m}:")
+        say_table(say, ppc, m, "variant", x="n")
+
+
+def say_variance(probe, say):
+    say("\n(4) attention-output std at '=', std(longest l) / std(shortest l), mean over seeds:")
+    for g, (xs, m, _, _) in sorted(R.mean_std_by(probe, "length", "comp_std", ("model", "layer")).items()):
+        say(f"  {g[0]:<20} layer {g[1]}: {m[-1] / m[0]:.2f}  (l = {xs[0]} -> {xs[-1]})")
+
+
+def say_examples(records, say):
+    for rec in records:
+        if rec["cell"].get("seed") == 0 and rec.get("examples"):
+            say(f"\nexamples ({H.cell_label(rec['cell'])}):")
+            for e in rec["examples"][:4]:
+                say(f"  {e if len(e) < 300 else e[:300] + ' ...'}")
+
+
 def report(records, cfg, out):
     """Figures, claims.json and the printed summary, from the cell records alone (so --plot-only
     redraws them)."""
     out, L = Path(out), cfg.train_max
-    rows = [r for rec in records for r in rec["rows"]]
-    for r in rows:
-        r["model"] = model_label(r)
-    acc, probe = R.select(rows, table="accuracy"), R.select(rows, table="probe")
-    sp = [r for r in acc if r["exp"] in ("sparsity", "fixed")]
-    for r in sp:
-        r["family"] = family(r)
-    loc, ppc = R.select(acc, exp="locality"), R.select(acc, exp="ppc")
+    rows = [{**r, "model": model_label(r)} for rec in records for r in rec["rows"]]
+    rows = [{**r, "family": family(r)} if r["exp"] in ("sparsity", "fixed") else r for r in rows]
+    acc, probe, mass = (R.select(rows, table=t) for t in ("accuracy", "probe", "mass"))
+    sp, sp_mass = ([r for r in t if r["exp"] in ("sparsity", "fixed")] for t in (acc, mass))
+    loc, loc_mass, ppc = R.select(acc, exp="locality"), R.select(mass, exp="locality"), R.select(acc, exp="ppc")
     palette = R.Palette([r["family"] for r in sp] + [r["model"] for r in probe])  # one colour per model,
     k_palette = R.Palette(r["k"] for r in sp)                                     # in every figure
     say = R.Summary()
@@ -856,43 +904,21 @@ def report(records, cfg, out):
     verdicts = []
     if sp:
         fig_sparsity(sp, L, palette, k_palette, out)
-        fig_sparsity_mass(sp, L, k_palette, out)
-        say(f"\n(1) sparse parity, accuracy by k and length l (trained on l <= {L}); mean ± std over seeds")
-        for fam in families(sp):
-            say_table(say, [r for r in sp if r["family"] == fam], "accuracy", "k", label=lambda k, f=fam: f"{f}, k={k}",
-                      width=32)
-        say("  attention mass of '=' on the planted bits (best head, last layer), mean ± std over seeds")
-        last = max(int(m[6:]) for m in sp[0] if m.startswith("mass_l"))
-        for fam in families(sp):
-            say_table(say, [r for r in sp if r["family"] == fam], f"mass_l{last}", "k",
-                      label=lambda k, f=fam: f"{f}, k={k}", width=32)
+        fig_sparsity_mass(sp_mass, L, k_palette, out)
+        say_sparsity(sp, sp_mass, L, say)
         verdicts += sparsity_claims(sp, L)
     if loc:
-        fig_locality(loc, cfg, out)
-        say(f"\n(2) locality (the {cfg.loc_k} bits spread over the last W before '='): accuracy, mean ± std over seeds")
-        say_table(say, loc, "accuracy", ("pos", "W"), label=lambda g: f"{g[0]}, W={g[1]}")
-        for m in sorted(m for m in loc[0] if m.startswith("mass_l")):
-            say(f"  attention mass of '=' on the planted bits, layer {m[6:]} (best head), mean ± std over seeds")
-            say_table(say, loc, m, ("pos", "W"), label=lambda g: f"{g[0]}, W={g[1]}")
+        fig_locality(loc, loc_mass, cfg, out)
+        say_locality(loc, loc_mass, cfg, say)
         verdicts += locality_claims(loc, L)
     if ppc:
         fig_ppc(ppc, cfg, out)
-        say("\n(3) pointer-chasing copy, greedy decoding; mean ± std over seeds")
-        for m in [m for m in PPC_TITLES if any(m in r for r in ppc)]:
-            say(f"  {m}:")
-            say_table(say, ppc, m, "variant", x="n")
+        say_ppc(ppc, say)
         verdicts += ppc_claims(ppc, cfg)
     if probe:  # (4) attention-output variance at the query '=' (the sparsity models' if there are any)
-        shown = [r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe
-        fig_variance(shown, L, palette, out)
-        say("\n(4) attention-output std at '=', std(longest l) / std(shortest l), mean over seeds:")
-        for g, (xs, m, _, _) in sorted(R.mean_std_by(probe, "length", "comp_std", ("model", "layer")).items()):
-            say(f"  {g[0]:<20} layer {g[1]}: {m[-1] / m[0]:.2f}  (l = {xs[0]} -> {xs[-1]})")
-    for rec in records:
-        if rec["cell"].get("seed") == 0 and rec.get("examples"):
-            say(f"\nexamples ({R.cell_label(rec['cell'])}):")
-            for e in rec["examples"][:4]:
-                say(f"  {e if len(e) < 300 else e[:300] + ' ...'}")
+        fig_variance([r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe, L, palette, out)
+        say_variance(probe, say)
+    say_examples(records, say)
     H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\nthe paper's claims next to what was measured (mean ± std (median) over seeds; a seed holds at a "
         f"length when it scores >= {HOLDS} there)")

@@ -196,7 +196,7 @@ def test_stopping_rules_on_hand_made_models(mode, expect):
     b = P.sample_batch(np.random.default_rng(0), 4, 5, "scratchpad")
     out = P.score("scratchpad")(Scripted(b["idx"], mode), b)
     assert {k: float(out[k].float().mean()) for k in expect} == expect
-    assert float(out["step0"].float().mean()) == (0 if mode == "early" else 1)
+    assert float(out["step_acc"][:, 0].float().mean()) == (0 if mode == "early" else 1)
 
 
 def test_attention_on_bits_reads_the_maps():

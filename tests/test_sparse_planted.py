@@ -84,7 +84,7 @@ def test_mass_on_planted_bits_matches_a_manual_softmax():
     q, k = C.apply_rope(q, rope), C.apply_rope(k, rope)
     p = torch.softmax(q[:, :, -1:] @ k.transpose(-1, -2) / 8 ** 0.5, -1)[:, :, 0]  # (B, nh, T): '=' attends to all
     want = (p * b["planted"][:, None].float()).sum(-1).amax(1)
-    assert torch.allclose(out["mass_l0"], want, atol=1e-5)
+    assert torch.allclose(out["mass"][:, 0], want, atol=1e-5) and out["mass"].shape == (8, model.cfg.n_layer)
     assert torch.equal(out["accuracy"], C.accuracy_at(model, b)["accuracy"])
 
 
@@ -262,7 +262,9 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert all("id_acc" in r and "ids_ok" in r for r in acc if r.get("variant") in ("oracle", "ppc"))
     assert {(r["pos"], r["W"]) for r in acc if r["exp"] == "locality"} == {(v, w) for v in S.LOCALITY_VARIANTS
                                                                           for w in (1, 4)}
-    assert all(0 <= r["mass_l1"] <= 1 for r in acc if r["exp"] != "ppc")
+    mass = [r for r in res["rows"] if r["table"] == "mass"]
+    assert {(r["exp"], r["layer"]) for r in mass} == {(e, layer) for e in ("sparsity", "fixed", "locality") for layer in (0, 1)}
+    assert len(mass) == 2 * len([r for r in acc if r["exp"] != "ppc"]) and all(0 <= r["mass"] <= 1 for r in mass)
     assert all(0 <= r[k] <= 1 for r in acc for k in ("accuracy", "token_acc", "exact", "id_acc") if k in r)
     assert any(r["table"] == "probe" and r["comp_std"] > 0 for r in res["rows"])
     figs = ["sparsity_by_length.png", "sparsity_vs_k.png", "sparsity_mass.png", "locality.png", "ppc.png",
