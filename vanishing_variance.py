@@ -385,14 +385,14 @@ def claims(acc, edits, cfg):
         t_acc = R.select(acc, task=task)
         for v in [v for v in VARIANTS if v != "none" and R.select(t_acc, variant=v)]:
             d = R.paired_diff_ci(t_acc, "accuracy", v, "none")
-            out.append({"claim": CLAIMS[v], "task": task, "what": v, "baseline": "none",
+            out.append({"claim": CLAIMS[v], "task": task, "variant": v, "edit": None, "what": v, "baseline": "none",
                         "setting": f"trained at N = {cfg.train_len}, tested at N = {top}",
                         **compare(t_acc, "accuracy", v, "none", top, "variant", d),
                         "verdict": verdict(d, cfg.train_len)})
         t_edit = edit_table(t_acc, R.select(edits, task=task))
         for e in [e for e in EDITS if R.select(t_edit, edit=e)]:
             d = R.paired_diff_ci(t_edit, "accuracy", e, "no edit", by="edit")
-            out.append({"claim": CLAIMS[e], "task": task, "what": f"none + {e} (test time)",
+            out.append({"claim": CLAIMS[e], "task": task, "variant": "none", "edit": e, "what": f"none + {e} (test time)",
                         "baseline": "the same none model, unedited",
                         "setting": f"none trained at N = {cfg.train_len}, edited at N = {top}",
                         **compare(t_edit, "accuracy", e, "no edit", top, "edit", d),
@@ -594,7 +594,7 @@ def say_ladder(acc, probe, ratios, verdicts, cfg, say):
     none, and at the longest N: exp(H) of the query in layer 0, its mass on the answering item and the
     per-head output std ratio (layer 0)."""
     top, lo = max(cfg.test_lengths), cfg.train_len
-    by = {(c["task"], c["what"]): c for c in verdicts}
+    by = {(c["task"], c["variant"], c["edit"]): c for c in verdicts}
     say(f"\n| task | variant | accuracy at N = {lo} | accuracy at N = {top} (median) | − none, paired [95% CI] | "
         f"seeds better than none [95% CI] | exp(H), layer 0 | mass on the answer | head std ratio {top}/{lo} |")
     say("|---|---|---|---|---|---|---|---|---|")
@@ -606,11 +606,15 @@ def say_ladder(acc, probe, ratios, verdicts, cfg, say):
                                              where="pre").values()))
             m = R.seed_stats(list(R.per_seed(acc, "target_mass", task=task, variant=v, length=top).values()))
             r = R.seed_stats(ratios.get((task, v, 0), []))
-            c = by.get((task, v))
+            c = by.get((task, v, None))
             diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
             wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
             say(f"| {task} | {v} | {a_lo['mean']:.3f} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) | {diff} | "
                 f"{wins} | {h['mean']:.1f} | {m['mean']:.2f} | {r['mean']:.2f} |")
+
+
+def edit_stats(rows, metric):
+    return R.seed_stats([r[metric] for r in rows if metric in r])
 
 
 def say_edits(acc, probe, edits, verdicts, cfg, say):
@@ -618,15 +622,15 @@ def say_edits(acc, probe, edits, verdicts, cfg, say):
     median), the paired difference to the same model unedited with its 95% CI, the seeds it helps,
     exp(H) of the query in layer 0, its mass on the answering item, and the mean layer-0 head factor."""
     top = max(cfg.test_lengths)
-    by = {(c["task"], c["what"]): c for c in verdicts}
+    by = {(c["task"], c["variant"], c["edit"]): c for c in verdicts}
     say(f"\n| task | none models at N = {top} | accuracy (median) | − unedited, paired [95% CI] | seeds it helps "
         "[95% CI] | exp(H), layer 0 | mass on the answer | layer-0 head factor |")
     say("|---|---|---|---|---|---|---|---|")
     for task in TASKS:
         rows = [r for r in edit_table(R.select(acc, task=task), R.select(edits, task=task)) if r["length"] == top]
         for e in [e for e in ("no edit",) + EDITS if R.select(rows, edit=e)]:
-            stat = lambda m: R.seed_stats([r[m] for r in R.select(rows, edit=e) if m in r])
-            a, c = stat("accuracy"), by.get((task, f"none + {e} (test time)"))
+            stat = functools.partial(edit_stats, R.select(rows, edit=e))
+            a, c = stat("accuracy"), by.get((task, "none", e))
             diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
             wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
             eff = stat("eff_n") if e != "no edit" else R.seed_stats(list(R.per_seed(
@@ -656,6 +660,10 @@ def say_headline(acc, probe, say):
                 f"exp(H) {h[1][0]:.1f} -> {h[1][-1]:.1f}   mass on the answer {m[1][0]:.2f} -> {m[1][-1]:.2f}")
 
 
+def key(r):  # a row's model: (variant, seed)
+    return r["variant"], r["seed"]
+
+
 def predictors(acc, probe, cfg, variants=VARIANTS):
     """Which measurement tracks accuracy beyond the training length? Pearson r, per task, over every
     (cell, N > N_train) point of the given variants, between accuracy and: the attention mass on the
@@ -664,7 +672,6 @@ def predictors(acc, probe, cfg, variants=VARIANTS):
     out = {}
     acc = [r for r in acc if r["variant"] in variants]
     for task in TASKS:
-        key = lambda r: (r["variant"], r["seed"])
         base = {key(r): r["comp_std"] for r in R.select(probe, task=task, layer=0, where="pre", length=cfg.train_len)}
         pr = {key(r) + (r["length"],): r for r in R.select(probe, task=task, layer=0, where="pre")}
         pts = [(r["accuracy"], r["target_mass"], math.log(pr[key(r) + (r["length"],)]["eff_n"]),
