@@ -130,8 +130,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
 
-    def out(self, y, x):
-        """Heads y (B, nh, T, hs) -> (B, T, C) through W_O; x, the input at the same queries, is for gates."""
+    def out(self, y, x, at=None):
+        """Heads y (B, nh, T, hs) -> (B, T, C) through W_O; x (at `at`, if given) is the input, for gates."""
         B, nh, T, hs = y.shape
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs))  # (B, T, C): heads side by side
 
@@ -143,7 +143,7 @@ class CausalSelfAttention(nn.Module):
     def forward_at(self, x, rope, at):
         q, k, v = self.qkv(x, rope)
         rows = attention_rows(q, k, at)  # (B, nh, P, T)
-        return self.out(rows.to(v.dtype) @ v, gather_at(x, at)), rows  # (B, P, C)
+        return self.out(rows.to(v.dtype) @ v, x, at), rows  # (B, P, C)
 
     def decode(self, x, rope, cache: KVCache):
         q, k, v = self.qkv(x, rope, start=cache.n)

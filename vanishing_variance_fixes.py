@@ -69,10 +69,11 @@ class FixAttention(C.CausalSelfAttention):
             return (self.ssmax_s[:, None] * log_n)[:, :, None]  # (nh, T, 1)
         return (log_n / math.log(self.cfg.n_train)).clamp_min(1.0)[None, :, None]  # (1, T, 1)
 
-    def out(self, y, x):
+    def out(self, y, x, at=None):
         if self.cfg.fix == "headnorm":
             y = F.layer_norm(y, (y.size(-1),))
         elif self.cfg.fix == "gate":
+            x = x if at is None else C.gather_at(x, at)  # the input at the queries y belongs to
             y = y * torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]  # (B, nh, T, 1) gates
         return super().out(y, x)
 
