@@ -731,6 +731,12 @@ def locality_claims(loc, L):
             verdict = "reproduced" if by["coupled"]["verdict"] != "depends on W" and worst >= HOLDS else "NOT reproduced"
         out.append({"claim": "(2) position coupling removes the dependence on W", "setting": "coupled",
                     "uncoupled_dependent": uncoupled, "coupled_worst": worst, "verdict": verdict})
+    pairs = [{"W": w, "a": "coupled", "b": "rope", **d} for w in Ws
+             for d in R.paired_diff_ci(R.select(loc, W=w), "accuracy", "coupled", "rope", by="pos") if d["length"] > L]
+    pairs += [{"pos": p, "a": Ws[-1], "b": Ws[0], **d} for p in sorted({r["pos"] for r in loc}, key=POS_ORDER.index)
+              for d in R.paired_diff_ci(R.select(loc, pos=p), "accuracy", Ws[-1], Ws[0], by="W") if d["length"] > L]
+    out.append({"claim": "(2) paired differences in accuracy, by length", "setting": "locality", "pairs": pairs,
+                "verdict": "measured"})
     return out
 
 
@@ -765,6 +771,10 @@ def ppc_claims(ppc, cfg):
         base = max((g for g in ("nope", "rope") if g in by), key=lambda g: by[g]["token_acc"]["mean"])
         best = by[base]["token_acc"]["mean"]
         paired = [d for d in R.paired_diff_ci(ppc, "token_acc", "ppc", base) if d["length"] == by["ppc"]["n"]]
+        out.append({"claim": "(3) paired differences in per-token accuracy, by length", "setting": "ppc",
+                    "verdict": "measured", "pairs": [{"a": "ppc", "b": b, **d} for b in ("nope", "rope", "oracle")
+                                                     if b in by for d in R.paired_diff_ci(ppc, "token_acc", "ppc", b)
+                                                     if d["length"] > cfg.ppc_max]})
         out.append({"claim": "(3) PPC length-generalizes where NoPE / RoPE do not", "setting": "ppc",
                     "n": by["ppc"]["n"], "ppc_token_acc": ppc_t, "ppc_exact": ppc_e, "best_baseline": base,
                     "best_baseline_token_acc": best, "paired_minus_baseline": paired[0] if paired else None,
@@ -831,7 +841,13 @@ def say_claims(verdicts, say):
                 say(f"| {c['setting']} | {d['n']} | {stat_ci(d['token_acc'])} | {stat_ci(d['exact'])} | "
                     f"{frac(d['exact']['hold'])} | {ida} | {ok} | {by_j} |")
     for c in verdicts:
-        if "by_k" not in c and "by_W" not in c and "by_n" not in c:
+        if "pairs" in c:
+            say(f"  {c['claim']} (paired by seed on the same test sequences, 95% t-interval):")
+            for d in c["pairs"]:
+                within = f"W = {d['W']}: " if "W" in d else f"{d['pos']}: W = " if "pos" in d else ""
+                say(f"    {within}{d['a']} - {d['b']} at {'n' if c['setting'] == 'ppc' else 'l'} = {d['length']}: "
+                    f"{R.diff_text(d)} ({d['n']} seeds)")
+        elif "by_k" not in c and "by_W" not in c and "by_n" not in c:
             detail = {k: v for k, v in c.items() if k not in ("claim", "setting", "verdict")}
             say(f"  {c['claim']}: {c['verdict']}  ({', '.join(f'{k} {say_value(v)}' for k, v in detail.items())})")
 
