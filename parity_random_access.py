@@ -731,18 +731,11 @@ def fig_attention(records, cfg, palette, out):
 
 def fig_variance(probe, groups, palette, out):
     """variance.png: the attention-output std at the query that writes the final answer, per layer."""
-    plt = R.pyplot()
-    layers = sorted({r["layer"] for r in probe})
-    if not layers:
-        return
-    fig, axes = plt.subplots(len(groups), len(layers), figsize=(7 * len(layers), 4.2 * len(groups)), squeeze=False)
-    for i, (fmts, hi, _, what) in enumerate(groups):
-        for j, layer in enumerate(layers):
-            sel = [r for r in probe if r["fmt"] in fmts and r["layer"] == layer]
-            R.plot_vs_length(sel, "comp_std", None, hi, logy=True, ax=axes[i, j], style=palette,
-                             title=f"layer {layer}: attention-output std\nat the answer query; x: {what}")
-            R.ticks_at(axes[i, j], sorted({r["length"] for r in sel}))
-    R.save_figure(fig, out / "variance.png")
+    panels = [([r for r in probe if r["fmt"] in fmts and r["layer"] == layer], hi,
+               f"layer {layer}: attention-output std\nat the answer query; x: {what}", "variant")
+              for fmts, hi, _, what in groups for layer in sorted({r["layer"] for r in probe})]
+    if panels:
+        R.fig_attention_std(panels, out / "variance.png", "test length", palette)
 
 
 def say_tables(records, acc, probe, groups, cfg, say):

@@ -241,11 +241,16 @@ class Palette:
         return {"color": self.colors.get(group)}
 
 
+def seeds_text(n):
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
 def band(ax, rows, x, y, group, colors, label=str):
     """A line per group with its mean ± std band over seeds (colors: {group: colour})."""
     for g, (xs, m, s, n) in sorted(mean_std_by(rows, x, y, group).items(), key=lambda t: str(t[0])):
-        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} (n={n.min()})", color=colors.get(g))
-        ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} ({seeds_text(n.min())})", color=colors.get(g))
+        lo, hi = (np.clip(m - s, 0, 1), np.clip(m + s, 0, 1)) if y in FRACTIONS else (m - s, m + s)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
 
 
 def dots(ax, rows, x, y, group, colors, spread=0.03, log=True):
@@ -276,6 +281,7 @@ METRIC_LABELS = {  # axis labels for the metrics of the tidy rows
     "vec_mean": "per-vector mean", "vec_var": "per-vector variance", "entropy": "attention entropy H",
     "eff_n": "effective number of attended tokens exp(H)", "target_mass": "attention mass on the answer",
     "token_acc": "per-token accuracy", "id_acc": "position-id accuracy"}
+FRACTIONS = {"accuracy", "exact", "token_acc", "id_acc", "target_mass", "mass", "stop_early", "stop_late"}
 THEORY_STYLES = [("black", ":"), ("tab:purple", "-."), ("tab:brown", (0, (1, 3))), ("tab:olive", (0, (3, 1, 1, 1)))]
 
 
@@ -294,8 +300,10 @@ def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, 
     for g, (xs, m, s, n) in sorted(mean_std_by(rows, "length", metric, group).items(), key=lambda t: str(t[0])):
         st = dict(style(g)) if style else {}
         label = st.pop("label", " ".join(map(str, g)) if isinstance(g, tuple) else str(g))
-        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label} (n={n.min()})", **st)
+        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label} ({seeds_text(n.min())})", **st)
         lo, hi = (np.maximum(m - s, m * 0.05), m + s) if logy else (m - s, m + s)
+        if metric in FRACTIONS:  # a band of an accuracy or a probability stays in [0, 1]
+            lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
         colors[g] = line.get_color()
     if seeds:
@@ -306,6 +314,7 @@ def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, 
     if chance is not None:
         ax.axhline(chance, color="red", ls=":", lw=1, label=f"chance {chance:g}")
     ax.set_xscale("log", base=2)
+    ticks_at(ax, sorted({r["length"] for r in rows}) or [train_len])  # plain numbers, not 2^k
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("test length")
@@ -319,7 +328,7 @@ def plot_vs_length(rows, metric, path, train_len, group="variant", chance=None, 
 
 def fig_attention_std(panels, path, xlabel, style):
     """The attention-output std at the query vs length, the quantity of Li et al.'s Fig. 1, one panel
-    each: panels is [(rows, train_len, title)], rows carrying comp_std and the style's group."""
+    each: panels is [(rows, train_len, title, group)], rows carrying comp_std and the group's field."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
     for ax, (rows, train_len, title, group) in zip(axes[0], panels):

@@ -519,21 +519,6 @@ def model_label(row):
     return row["variant"]
 
 
-def line_with_band(ax, rows, x, y, group, colors, label=str):
-    for g, (xs, m, s, n) in sorted(R.mean_std_by(rows, x, y, group).items(), key=lambda t: str(t[0])):
-        line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} (n={n.min()})", color=colors.get(g))
-        ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
-
-
-def seed_dots(ax, rows, x, y, group, colors, width=0.08):
-    """Every seed as a dot next to its group's line (the spread is often bimodal)."""
-    groups = sorted({r[group] for r in rows}, key=str)
-    for i, g in enumerate(groups):
-        pts = [r for r in rows if r[group] == g]
-        ax.scatter([r[x] + width * (i - (len(groups) - 1) / 2) for r in pts], [r[y] for r in pts], s=8, alpha=0.4,
-                   color=colors.get(g))
-
-
 def accuracy_axes(ax, xlabel, title):
     """Chance line, labels, 0..1 range, legend and grid of an accuracy-vs-category panel."""
     ax.axhline(0.5, color="red", ls=":", lw=1, label="chance 0.5")
@@ -578,8 +563,8 @@ def fig_sparsity(sp, L, palette, k_palette, out):
     fig, axes = plt.subplots(1, len(ood), figsize=(6.5 * len(ood), 4), squeeze=False)
     for ax, length in zip(axes[0], ood):
         sel = [r for r in sp if r["length"] == length]
-        line_with_band(ax, sel, "k", "accuracy", "family", colors=palette.colors)
-        seed_dots(ax, sel, "k", "accuracy", "family", palette.colors)
+        R.band(ax, sel, "k", "accuracy", "family", palette.colors)
+        R.dots(ax, sel, "k", "accuracy", "family", palette.colors, spread=0.08, log=False)
         accuracy_axes(ax, "k (planted bits)", f"l = {length} ({length / L:g} x the training length {L}); "
                                               "mean ± std, dots: seeds")
     R.save_figure(fig, out / "sparsity_vs_k.png")
@@ -621,8 +606,8 @@ def fig_locality(loc, loc_mass, cfg, out):
     axes[1, -1].axis("off")
     top = max(r["length"] for r in loc)
     sel = [{**r, "w_i": Ws.index(r["W"])} for r in loc if r["length"] == top]  # W as categories, evenly spaced
-    line_with_band(axes[0, -1], sel, "w_i", "accuracy", "pos", colors=POS_COLORS)
-    seed_dots(axes[0, -1], sel, "w_i", "accuracy", "pos", POS_COLORS)
+    R.band(axes[0, -1], sel, "w_i", "accuracy", "pos", POS_COLORS)
+    R.dots(axes[0, -1], sel, "w_i", "accuracy", "pos", POS_COLORS, spread=0.08, log=False)
     axes[0, -1].set_xticks(range(len(Ws)), Ws)
     accuracy_axes(axes[0, -1], "window W", f"accuracy at l = {top} ({top / L:g} x L); mean ± std, dots: seeds")
     R.save_figure(fig, out / "locality.png")
@@ -641,7 +626,7 @@ def fig_ppc(ppc, cfg, out):
     for ax, m in zip(axes[0], metrics):
         R.plot_vs_length(ppc, m, None, cfg.ppc_max, ax=ax, style=pos_style,
                          title=PPC_TITLES[m] + " (mean ± std, dots: seeds)")
-        seed_dots(ax, [r for r in ppc if m in r], "length", m, "variant", POS_COLORS)
+        R.dots(ax, [r for r in ppc if m in r], "length", m, "variant", POS_COLORS)
         ax.set(xlabel="cells n", ylim=(0, 1.05))
         R.ticks_at(ax, sorted({r["length"] for r in ppc}))
     R.save_figure(fig, out / "ppc.png")
@@ -649,15 +634,9 @@ def fig_ppc(ppc, cfg, out):
 
 def fig_variance(probe, L, palette, out):
     """variance.png: the attention-output std at the query '=' vs l, a panel per layer."""
-    plt = R.pyplot()
-    layers = sorted({r["layer"] for r in probe})
-    fig, axes = plt.subplots(1, len(layers), figsize=(7 * len(layers), 4.2), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        R.plot_vs_length(R.select(probe, layer=layer), "comp_std", None, L, group="model", logy=True, ax=ax,
-                         style=palette, title=f"layer {layer}: attention-output std\nat the query '='")
-        ax.set_xlabel("bits l")
-        R.ticks_at(ax, sorted({r["length"] for r in probe}))
-    R.save_figure(fig, out / "variance.png")
+    R.fig_attention_std([(R.select(probe, layer=layer), L, f"layer {layer}: attention-output std\nat the query '='",
+                          "model") for layer in sorted({r["layer"] for r in probe})], out / "variance.png", "bits l",
+                        palette)
 
 
 def holding(values, ok=HOLDS):
