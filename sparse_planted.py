@@ -646,34 +646,38 @@ def holding(values, ok=HOLDS):
     return {"k": k, "n": len(v), "ci": list(R.wilson_ci(k, len(v)))}
 
 
+def unlearned_pairs(rows, ks, L):
+    """[(seed, k)] whose accuracy at the training length L is below LEARNED: left out of rho one by one."""
+    return [(seed, k) for k in ks for seed, v in sorted(R.per_seed(rows, "accuracy", k=k, length=L).items())
+            if v < LEARNED]
+
+
 def sparsity_claims(sp, L):
     """Claim (1) as data, one dict per model family: per k the accuracy at L and at each longer l (mean,
-    std, median over seeds; seeds that hold >= HOLDS), the k learned in distribution, Spearman's rho of
-    accuracy with k at the longest l over the learned k (95% bootstrap CI over seeds) and the verdict."""
+    std, median over seeds; seeds that hold >= HOLDS), and Spearman's rho of accuracy with k at each l
+    beyond L (95% bootstrap CI over seeds) over every k the family was trained on. A (seed, k) that was
+    not learned in distribution is left out of rho alone and reported (never the k for every seed)."""
     out = []
     for fam in families(sp):
-        rows = [r for r in sp if r["family"] == fam]
+        rows = R.select(sp, family=fam)
         lengths, ks = sorted({r["length"] for r in rows}), sorted({r["k"] for r in rows})
-        by_k = []
-        for k in ks:
-            at = {Lx: list(R.per_seed(rows, "accuracy", k=k, length=Lx).values()) for Lx in lengths}
-            by_k.append({"k": k, "by_length": [{"length": Lx, **R.seed_stats(v), "hold": holding(v)}
-                                               for Lx, v in at.items()]})
-        learned = [d["k"] for d in by_k if next(x["mean"] for x in d["by_length"] if x["length"] == L) >= LEARNED]
+        by_k = [{"k": k, "by_length": [{"length": Lx, **R.seed_stats(v), "hold": holding(v)} for Lx, v in (
+            (Lx, list(R.per_seed(rows, "accuracy", k=k, length=Lx).values())) for Lx in lengths)]} for k in ks]
+        unlearned = unlearned_pairs(rows, ks, L)
+        kept = [r for r in rows if (r["seed"], r["k"]) not in unlearned]
         top = lengths[-1]
-        at_top = [next(x["mean"] for x in d["by_length"] if x["length"] == top) for d in by_k if d["k"] in learned]
-        pts = [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == top and r["k"] in learned]
-        rho, lo, hi = R.spearman_ci(pts) if len(learned) > 1 else (float("nan"),) * 3
+        at_top = [np.mean(v) for v in (list(R.per_seed(kept, "accuracy", k=k, length=top).values()) for k in ks) if v]
         rho_by = [{"length": Lx, **dict(zip(("rho", "lo", "hi"), R.spearman_ci(
-            [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == Lx and r["k"] in learned])))}
-            for Lx in lengths if Lx > L and len(learned) > 1]
+            [(r["seed"], r["k"], r["accuracy"]) for r in kept if r["length"] == Lx])))} for Lx in lengths if Lx > L]
+        rho, lo, hi = (rho_by[-1]["rho"], rho_by[-1]["lo"], rho_by[-1]["hi"]) if rho_by else (float("nan"),) * 3
         mono = all(a >= b - 0.02 for a, b in zip(at_top, at_top[1:]))
-        verdict = ("untested: fewer than two k learned in distribution" if len(learned) < 2 else
+        verdict = ("untested: fewer than two k learned in distribution" if len(at_top) < 2 else
                    "reproduced" if mono and hi < 0 else "direction reproduced, not significant" if mono and rho < 0
                    else "NOT reproduced")
         out.append({"claim": "(1) accuracy beyond the training length falls as k grows", "setting": fam,
-                    "train_max": L, "test_max": top, "by_k": by_k, "learned_k": learned, "rho": rho,
-                    "rho_ci": [lo, hi], "rho_by_length": rho_by, "monotone": mono, "verdict": verdict})
+                    "train_max": L, "test_max": top, "by_k": by_k, "ks": ks,
+                    "unlearned": [{"seed": seed, "k": k} for seed, k in unlearned], "rho": rho, "rho_ci": [lo, hi],
+                    "rho_by_length": rho_by, "monotone": mono, "verdict": verdict})
     return out
 
 
@@ -788,9 +792,11 @@ def say_claims(verdicts, say):
                 say(f"| {c['setting']} | {d['k']} | {stat(at[c['train_max']])} | " + " | ".join(
                     f"{stat(at[Lx])} | {frac(at[Lx]['hold'])}" for Lx in longer if Lx in at) + " |")
         for c in sp:
-            say(f"  {c['setting']}: rho(accuracy, k) at l = {c['test_max']} over the learned k "
-                f"{','.join(map(str, c['learned_k']))}: {c['rho']:+.2f} [{c['rho_ci'][0]:+.2f}, {c['rho_ci'][1]:+.2f}]"
-                f"; monotone: {'yes' if c['monotone'] else 'no'} -> {c['verdict']}")
+            left = ", ".join(f"seed {u['seed']} at k = {u['k']}" for u in c["unlearned"]) or "none"
+            say(f"  {c['setting']}: rho(accuracy, k) at l = {c['test_max']} over k = {','.join(map(str, c['ks']))}: "
+                f"{c['rho']:+.2f} [{c['rho_ci'][0]:+.2f}, {c['rho_ci'][1]:+.2f}]; monotone: "
+                f"{'yes' if c['monotone'] else 'no'} -> {c['verdict']}")
+            say(f"    left out, not learned in distribution (< {LEARNED} at l = {c['train_max']}): {left}")
             say("    rho by length: " + ", ".join(f"l = {x['length']}: {x['rho']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}]"
                                            for x in c["rho_by_length"]))
     loc = [c for c in verdicts if "by_W" in c]

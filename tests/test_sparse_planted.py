@@ -290,3 +290,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, word):
     p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", *flags, "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and word in p.stderr and "Traceback" not in p.stderr
+
+
+def test_rho_keeps_every_k_when_one_seed_fails_one_k():
+    """One seed that did not learn k = 3 in distribution is left out at k = 3 alone, and reported; rho is
+    still over k = 1, 2, 3 with the other seeds' k = 3 (a k is never dropped for every seed)."""
+    rows = [{"exp": "fixed", "family": "fixed", "seed": s, "k": k, "length": L,
+             "accuracy": (0.5 if (s, k) == (0, 3) else 1.0) if L == 20 else 1.0 - 0.1 * k - 0.01 * s}
+            for s in range(4) for k in (1, 2, 3) for L in (20, 160)]
+    (c,) = S.sparsity_claims(rows, 20)
+    assert c["ks"] == [1, 2, 3] and c["unlearned"] == [{"seed": 0, "k": 3}]
+    kept = [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == 160 and (r["seed"], r["k"]) != (0, 3)]
+    assert len(kept) == 11 and c["rho"] == pytest.approx(R.spearman_ci(kept)[0])
+    assert c["rho"] < -0.8 and c["verdict"] == "reproduced"
+    by_k3 = next(d for d in c["by_k"] if d["k"] == 3)["by_length"]
+    assert next(x for x in by_k3 if x["length"] == 160)["n"] == 4  # the per-k table still shows every seed
