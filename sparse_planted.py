@@ -49,7 +49,7 @@ trained; a position-id head is trained with cross-entropy next to the token loss
 greedy and autoregressive (key/value cache): 'oracle' feeds the gold ids, 'ppc' the head's argmax.
 Metrics: per-token accuracy of the output (values and '$'), exact match, and id accuracy.
 
-Commands and measured run times (2-core CPU; results in the README section):
+Commands and measured run times (2-core CPU; the results are in docs/sparse_planted.md):
   python sparse_planted.py                         # quick: sparsity (K = 4, 6) + fixed k = 1..5, 5 seeds,
                                                    #   35 cells: 10.8 min
   python sparse_planted.py --seeds 10              # the sparsity claims: the same 10 seeds, reusing quick's 5 (70 cells)
@@ -59,14 +59,15 @@ Commands and measured run times (2-core CPU; results in the README section):
   python sparse_planted.py --experiments ppc       # NoPE, RoPE, coupled (oracle and PPC), 4000 steps: 24.2 min
   python sparse_planted.py --experiments ppc --ppc-steps 16000 --seeds 5 \
       --out results/sparse_planted/ppc16k          # the PPC claims: 15 cells, 80 min on 2 cores
-  python sparse_planted.py --device cuda --preset paper   # everything at paper scale (not run: no GPU yet)
+  python sparse_planted.py --device cuda --preset paper   # everything at paper scale (not run yet)
 
-Deviations: no code was released and the paper's body could not be read here; the protocol follows
-SPEC.md. Our choices: the token layouts above, the locality task (unmarked bits at fixed distances
+Deviations: no code was released with the paper. Our choices: the token layouts above, the locality task (unmarked bits at fixed distances
 before '='), coupling in it by giving the planted bits the query's id, the pointer-chasing task and its id scheme,
 absolute (learned) position embeddings for the coupled models (the id head needs absolute ids), and one
 coupled model evaluated two ways (oracle / ppc) instead of two models. The paper's natural-language
-experiment (C4) is out of scope: nothing is downloaded here.
+experiment (C4) is out of scope: nothing is downloaded.
+
+Read with common.py (the model, training and evaluation); the results are in docs/sparse_planted.md.
 """
 import functools
 import json
@@ -778,53 +779,54 @@ def frac(h):
     return f"{h['k']}/{h['n']} [{h['ci'][0]:.2f}, {h['ci'][1]:.2f}]"
 
 
+def say_sparsity_claims(sp, say):
+    longer = [x["length"] for x in sp[0]["by_k"][0]["by_length"] if x["length"] > sp[0]["train_max"]]
+    R.markdown_table(say, ["model", "k", f"l = {sp[0]['train_max']} (training)"] + [
+        f"l = {Lx}: {what}" for Lx in longer for what in ("accuracy", f"seeds >= {HOLDS} [95% CI]")],
+        [[c["setting"], d["k"], stat({x["length"]: x for x in d["by_length"]}[c["train_max"]])] +
+         [cell for x in d["by_length"] if x["length"] in longer for cell in (stat(x), frac(x["hold"]))]
+         for c in sp for d in c["by_k"]])
+    for c in sp:
+        left = ", ".join(f"seed {u['seed']} at k = {u['k']}" for u in c["unlearned"]) or "none"
+        say(f"  {c['setting']}: rho(accuracy, k) at l = {c['test_max']} over k = {','.join(map(str, c['ks']))}: "
+            f"{c['rho']:+.2f} [{c['rho_ci'][0]:+.2f}, {c['rho_ci'][1]:+.2f}]; monotone: "
+            f"{'yes' if c['monotone'] else 'no'} -> {c['verdict']}")
+        say(f"    left out, not learned in distribution (< {LEARNED} at l = {c['train_max']}): {left}")
+        say("    rho by length: " + ", ".join(f"l = {x['length']}: {x['rho']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}]"
+                                       for x in c["rho_by_length"]))
+
+
+def say_locality_claims(loc, say):
+    top = loc[0]["test_max"]
+    rows = []
+    for c in loc:
+        d = c["diff_W"]
+        for i, x in enumerate(c["by_W"]):
+            diff = "" if i else c["verdict"] if d is None else f"W = {d['a']} - {d['b']}: {R.diff_text(d)} -> {c['verdict']}"
+            rows.append([c["setting"], x["W"], stat(x["inside"]), stat(x["beyond"]), frac(x["beyond"]["hold"]), diff])
+    R.markdown_table(say, ["position ids", "W", f"l = {loc[0]['train_max']} (training)", f"l = {top}",
+                           f"seeds >= {HOLDS} at l = {top} [95% CI]",
+                           f"largest - smallest W learned in distribution, at l = {top}, paired [95% CI]"], rows)
+
+
+def say_ppc_claims(pp, say):
+    rows = []
+    for c in pp:
+        for d in c["by_n"]:
+            by_j = " / ".join(f"{d['drift_by_jump'][j]['mean']:.3f}" for j in (1, 2, 3)) if "ids_ok" in d else "-"
+            rows.append([c["setting"], d["n"], stat_ci(d["token_acc"]), stat_ci(d["exact"]), frac(d["exact"]["hold"]),
+                         stat_ci(d["id_acc"]) if "id_acc" in d else "-", stat(d["ids_ok"]) if "ids_ok" in d else "-",
+                         by_j])
+    R.markdown_table(say, ["model / decoding", "n", "per-token accuracy [95% CI of the mean]", "exact match [95% CI]",
+                           f"seeds with exact >= {HOLDS} [95% CI]", "id accuracy [95% CI]",
+                           "ids right before the first wrong one", "first-drift chance at a jump of 1 / 2 / 3"], rows)
+
+
 def say_claims(verdicts, say):
-    """The claims as markdown tables (pasted into the README as printed)."""
-    sp = [c for c in verdicts if "by_k" in c]
-    if sp:
-        longer = [x["length"] for x in sp[0]["by_k"][0]["by_length"] if x["length"] > sp[0]["train_max"]]
-        say(f"\n| model | k | l = {sp[0]['train_max']} (training) | " + " | ".join(
-            f"l = {Lx}: accuracy | seeds >= {HOLDS} [95% CI]" for Lx in longer) + " |")
-        say("|---|---|---|" + "---|---|" * len(longer))
-        for c in sp:
-            for d in c["by_k"]:
-                at = {x["length"]: x for x in d["by_length"]}
-                say(f"| {c['setting']} | {d['k']} | {stat(at[c['train_max']])} | " + " | ".join(
-                    f"{stat(at[Lx])} | {frac(at[Lx]['hold'])}" for Lx in longer if Lx in at) + " |")
-        for c in sp:
-            left = ", ".join(f"seed {u['seed']} at k = {u['k']}" for u in c["unlearned"]) or "none"
-            say(f"  {c['setting']}: rho(accuracy, k) at l = {c['test_max']} over k = {','.join(map(str, c['ks']))}: "
-                f"{c['rho']:+.2f} [{c['rho_ci'][0]:+.2f}, {c['rho_ci'][1]:+.2f}]; monotone: "
-                f"{'yes' if c['monotone'] else 'no'} -> {c['verdict']}")
-            say(f"    left out, not learned in distribution (< {LEARNED} at l = {c['train_max']}): {left}")
-            say("    rho by length: " + ", ".join(f"l = {x['length']}: {x['rho']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}]"
-                                           for x in c["rho_by_length"]))
-    loc = [c for c in verdicts if "by_W" in c]
-    if loc:
-        say(f"\n| position ids | W | l = {loc[0]['train_max']} (training) | l = {loc[0]['test_max']} | "
-            f"seeds >= {HOLDS} at l = {loc[0]['test_max']} [95% CI] | largest - smallest W learned in "
-            f"distribution, at l = {loc[0]['test_max']}, paired [95% CI] |")
-        say("|---|---|---|---|---|---|")
-        for c in loc:
-            d = c["diff_W"]
-            for i, x in enumerate(c["by_W"]):
-                diff = "" if i else c["verdict"] if d is None else \
-                    f"W = {d['a']} - {d['b']}: {R.diff_text(d)} -> {c['verdict']}"
-                say(f"| {c['setting']} | {x['W']} | {stat(x['inside'])} | {stat(x['beyond'])} | "
-                    f"{frac(x['beyond']['hold'])} | {diff} |")
-    pp = [c for c in verdicts if "by_n" in c]
-    if pp:
-        say(f"\n| model / decoding | n | per-token accuracy [95% CI of the mean] | exact match [95% CI] | seeds with "
-            f"exact >= {HOLDS} [95% CI] | id accuracy [95% CI] | ids right before the first wrong one | "
-            f"first-drift chance at a jump of 1 / 2 / 3 |")
-        say("|---|---|---|---|---|---|---|---|")
-        for c in pp:
-            for d in c["by_n"]:
-                ida = stat_ci(d["id_acc"]) if "id_acc" in d else "-"
-                ok = stat(d["ids_ok"]) if "ids_ok" in d else "-"
-                by_j = " / ".join(f"{d['drift_by_jump'][j]['mean']:.3f}" for j in (1, 2, 3)) if "ids_ok" in d else "-"
-                say(f"| {c['setting']} | {d['n']} | {stat_ci(d['token_acc'])} | {stat_ci(d['exact'])} | "
-                    f"{frac(d['exact']['hold'])} | {ida} | {ok} | {by_j} |")
+    """The claims as markdown tables (as docs/sparse_planted.md quotes them), then the other claims' lines."""
+    for key, table in (("by_k", say_sparsity_claims), ("by_W", say_locality_claims), ("by_n", say_ppc_claims)):
+        if any(key in c for c in verdicts):
+            table([c for c in verdicts if key in c], say)
     for c in verdicts:
         if "pairs" in c:
             say(f"  {c['claim']} (paired by seed on the same test sequences, 95% t-interval):")

@@ -12,7 +12,7 @@ What this script does (`python vanishing_variance.py`, the `quick` preset):
   * theory: the closed form sigma^2/N and a simulation of softmax attention with a fixed query, with
     their log-log slopes (numpy, seconds);
   * trains NoPE transformers at N = 16 on both tasks, with attn_out_norm = none | layernorm |
-    standardize (common.GPTConfig), several seeds, and tests every model on the same examples at
+    standardize (common.GPTConfig.attn_out_norm), several seeds, and tests every model on the same examples at
     N = 16 ... 2048 (quick) or ... 16384 (paper);
   * measures per length, at the query: accuracy, the per-component std of the attention output across
     samples (the paper's Fig. 1) before and after the norm, the per-vector mean and variance (its
@@ -23,10 +23,9 @@ What this script does (`python vanishing_variance.py`, the `quick` preset):
 
 Beyond the paper (`--experiment fixes`): is the failure at long N one of scale (the paper's account)
 or of selection (the query's attention spreads out)? A fix ladder, retrained with 10 seeds: none,
-layernorm, headnorm and gate act on the attention output; ssmax and logn act on the logits
-(common.GPTConfig.attn_out_norm / attn_logits, their formulas and sources there). And test-time
-edits of the trained none models, no retraining (edited()): restore each head's output scale, sharpen
-the query's logits, or both.
+layernorm, headnorm and gate act on the attention output; ssmax and logn act on the logits. And
+test-time edits of the trained none models, no retraining: restore each head's output scale, sharpen
+the query's logits, or both. Both live in vanishing_variance_fixes.py, with their formulas and sources.
 
 Tasks (order-invariant; the model has no positional encoding). Every input token is one item
 (a, b) embedded as A(a) + B(b); b = n_classes marks the query token. The answer is read at the query.
@@ -45,14 +44,16 @@ Commands and measured run times (2-core CPU, this repository's machine):
   python vanishing_variance.py --experiment fixes       # the fix ladder and the edits, 10 seeds: 96 min
   python vanishing_variance.py --device cuda --preset paper   # N to 16384, 5 seeds (not yet run on a GPU)
   python vanishing_variance.py --n-layer 1              # one block: 205 s (sweep)
-  python vanishing_variance.py --n-layer 1 --mlp false  # one attention-only block (see README)
+  python vanishing_variance.py --n-layer 1 --mlp false  # one attention-only block (docs/vanishing_variance.md)
 
 Deviations from the paper: the paper's body gives few architecture details, so we train small
 NoPE models from scratch (2 pre-LN blocks, d = 64, 4 heads by default: of the architectures we
-tried, the one where the claim shows most; see README); the argmax encoding follows
+tried, the one where the claim shows most; docs/vanishing_variance.md); the argmax encoding follows
 Velickovic et al.'s max-retrieval setup with our own priority embedding; the Llama-3.2-1B measurement
 of Fig. 1 is out of scope (no model downloads here), our Fig. 1 quantity comes from the trained
 models and the theory curves.
+
+Read with common.py (the model, training and evaluation); the results are in docs/vanishing_variance.md.
 """
 import functools
 import json
@@ -195,7 +196,7 @@ def validate(cfg):
 
 
 def n_keys(cfg):
-    return 4 * max(cfg.test_lengths)  # SPEC: the key set is >= 4x the largest test N
+    return 4 * max(cfg.test_lengths)  # a key set of 4x the largest test N: keys stay distinct and mostly unseen
 
 
 def sampler(task, cfg):
@@ -362,11 +363,15 @@ def compare(rows, metric, a, b, length, by, diffs):
             "wins_ci": R.wilson_ci(wins, len(seeds))}
 
 
+MATTERS = 0.02  # a paired difference counts when its 95% interval excludes 0 and it is at least this large
+
+
 def verdict(d_rows, train_len):
-    """Plain words from the paired differences by length [{length, diff, lo, hi}] beyond training."""
+    """Plain words from the paired differences by length [{length, diff, lo, hi}] beyond training: better
+    (or worse) where the interval excludes 0 and the difference is at least MATTERS."""
     ood = [r for r in d_rows if r["length"] > train_len]
-    better = [r["length"] for r in ood if r["lo"] > 0]
-    worse = [r["length"] for r in ood if r["hi"] < 0]
+    better = [r["length"] for r in ood if r["lo"] > 0 and r["diff"] >= MATTERS]
+    worse = [r["length"] for r in ood if r["hi"] < 0 and r["diff"] <= -MATTERS]
     if ood and len(better) == len(ood):
         return "yes, at every N > training"
     if better and not worse and better == [r["length"] for r in ood][-len(better):]:
@@ -379,7 +384,7 @@ def verdict(d_rows, train_len):
 def claims(acc, edits, cfg):
     """The verdicts as data: one dict per (task, variant or edit) against its baseline (none, or the
     same model unedited): claim, task, what, setting, the comparison at the longest N (compare())
-    and the verdict over all N. The printed summary and the README tables come from these."""
+    and the verdict over all N. The printed summary and the documents' tables come from these."""
     out, top = [], max(cfg.test_lengths)
     for task in TASKS:
         t_acc = R.select(acc, task=task)
@@ -577,7 +582,7 @@ def fig_edits(acc, edits, tasks, cfg, out):
 
 
 def say_claims(rows, say):
-    """The claims as a markdown table (pasted into the README as printed)."""
+    """The claims as a markdown table (as docs/vanishing_variance.md quotes it)."""
     say("\n| task | variant or edit | claim | accuracy at the longest N: it / baseline (mean ± std, median) "
         "| paired difference [95% CI] | seeds where it beats the baseline [95% CI] | verdict over N |")
     say("|---|---|---|---|---|---|---|")
@@ -641,7 +646,7 @@ def say_edits(acc, probe, edits, verdicts, cfg, say):
 
 
 def say_headline(acc, probe, say):
-    """The README's headline numbers: at the training N and the longest N, per task and variant,
+    """The headline numbers: at the training N and the longest N, per task and variant,
     accuracy (mean ± std over seeds), exp(H) of the query's layer-0 attention, and its attention mass
     on the item that holds the answer (mean over seeds)."""
     lengths = sorted({r["length"] for r in acc})
@@ -750,6 +755,7 @@ def report(records, cfg, out):
             say(f"  {task:<7} {models:<12} " + ", ".join(f"{name}: r = {r:+.2f}" for name, (r, n) in rs.items()) +
                 f" ({next(iter(rs.values()))[1]} points)")
     say(f"\npaper's claim: {CLAIMS['layernorm']}")
+    say(f"(better or worse at N: the paired 95% interval excludes 0 and the difference is at least {MATTERS})")
     say(f"{'task':<8} {'variant or edit':<28} reproduced?")
     for r in verdicts:
         say(f"{r['task']:<8} {r['what']:<28} {r['verdict']}")

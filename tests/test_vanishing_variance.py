@@ -142,3 +142,12 @@ def test_fixes_experiment_end_to_end(tmp_path):
     for f in ("ladder.png", "edits.png", "accuracy.png"):
         assert (tmp_path / f).stat().st_size > 10_000, f
     assert "| lookup | none + select (test time) |" in (tmp_path / "summary.txt").read_text()
+
+
+def test_verdict_needs_a_minimum_effect():
+    """A difference whose interval excludes 0 but is smaller than MATTERS (e.g. -0.001) is no verdict."""
+    tiny = [{"length": 32, "diff": -0.001, "lo": -0.0015, "hi": -0.0005}, {"length": 64, "diff": 0.05, "lo": 0.03,
+                                                                           "hi": 0.07}]
+    assert VV.verdict(tiny, 16) == "yes, at every N >= 64"
+    assert VV.verdict([dict(tiny[0])], 16) == "no (no significant difference)"
+    assert VV.verdict([{"length": 32, "diff": -0.03, "lo": -0.05, "hi": -0.01}], 16) == "no (worse at N = [32])"
