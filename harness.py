@@ -29,6 +29,8 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -141,6 +143,8 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
     i, n = shard
     mine = [c for j, c in enumerate(cells) if j % n == i]
     todo = [c for c in mine if fresh or not (cell_dir / f"{cell_key(c)}.json").exists()]
+    load_cells(out_dir, keys=[cell_key(c) for c in mine if c not in todo])  # a broken one: one line, before training
+    jobs = max(1, min(jobs, len(todo)))
     print(f"sweep: {len(cells)} cells, {len(mine)} in shard {i}/{n}, {len(mine) - len(todo)} already "
           f"done, running {len(todo)} with {jobs} job(s)")
     bar = tqdm(total=len(todo), desc="cells", disable=len(todo) < 2,
@@ -157,30 +161,42 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
     return load_cells(out_dir, keys=[cell_key(c) for c in cells])
 
 
+class WorkerDied(OSError):
+    """A --jobs worker process died (killed, out of memory, a crash) or could not start."""
+
+
 def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
     """Cells in `jobs` spawned processes (safe with CUDA and threads; each worker single-threaded).
     The bar moves from the first seconds: finished cells plus the trained fraction of those in flight,
-    which the workers write to a shared array (report_progress)."""
+    which the workers write to a shared array (report_progress). A worker that dies breaks the pool:
+    the sweep stops with WorkerDied (exit 3) instead of waiting for a cell that will never finish."""
     ctx = mp.get_context("spawn")
     shared = ctx.RawArray("d", jobs)  # no lock, no semaphore: each worker writes its own slot
     on_cuda = any(c.get("device") == "cuda" for c in todo)  # a CPU run never touches a GPU it may have
-    pool = ctx.Pool(jobs, initializer=_worker_init, initargs=(1, shared, on_cuda))
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(1, shared, on_cuda))
     try:
-        results, done = pool.imap_unordered(_Runner(run_cell, cell_dir), todo), 0
-        while done < len(todo):
-            try:
-                results.next(timeout=0.5)
-                done += 1
-            except mp.TimeoutError:
-                pass
-            bar.n = done + sum(shared[:])
+        pending = {pool.submit(_Runner(run_cell, cell_dir), c) for c in todo}
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in done:
+                f.result()  # a cell's own error, or BrokenProcessPool
+            bar.n = len(todo) - len(pending) + sum(shared[:])
             bar.refresh()
+    except BrokenProcessPool:
+        _stop(pool)
+        raise WorkerDied(None, "a worker process died or could not start (killed, out of memory, or a crash); "
+                               "finished cells are kept") from None
     except BaseException:  # Ctrl-C or an error in a cell: stop the other workers now
-        pool.terminate()
-        pool.join()
+        _stop(pool)
         raise
-    pool.close()
-    pool.join()
+    pool.shutdown()
+
+
+def _stop(pool):
+    """Kill the pool's workers now (shutdown(cancel_futures) alone would wait for the cells in flight)."""
+    for p in list(getattr(pool, "_processes", {}).values()):
+        p.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Runner:  # a picklable partial(_run_and_save, run_cell, cell_dir)
@@ -405,6 +421,7 @@ def check_fields(cfg):
         vals = v if isinstance(v, tuple) else (v,)
         flag = "--" + f.name.replace("_", "-")
         C.check(len(vals) > 0, f"{flag} needs at least one value")
+        C.check(len(set(vals)) == len(vals), f"{flag} lists a value twice: {shown(v)}")
         C.check(all(math.isfinite(x) for x in vals if isinstance(x, float)), f"{flag} must be a finite number, got {v}")
         if "min" in f.metadata:
             C.check(all(x >= f.metadata["min"] for x in vals), f"{flag} must be >= {f.metadata['min']}, got {v}")
@@ -477,7 +494,8 @@ def prepare_out(out):
 
 def out_dir(args, parser, script):
     """--out, with <script> and <preset> filled in; a named experiment's default folder gets its name."""
-    out = args.out
+    out = os.path.expanduser(args.out)
+    C.check(out.strip() != "", "--out needs a directory name")
     experiment = getattr(args, "experiment", "main")
     if experiment != "main" and out == parser.get_default("out"):
         out += f"-{experiment}"
@@ -517,16 +535,23 @@ def run(script: Script):
     script.report(records, cfgs[0], out)
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(script: Script):
     """Run the script; bad input -> one 'error: ...' line and exit 2; a file-system fault (a full disk, a
-    directory that turned read-only) -> one line and exit 3; Ctrl-C -> exit 130. Finished cells are
-    kept in every case: re-running the same command resumes."""
+    directory that turned read-only) or a dead worker -> one line and exit 3; Ctrl-C, SIGTERM or SIGHUP
+    (what a cluster scheduler sends) -> exit 130. Finished cells are kept in every case: re-running the
+    same command resumes."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     try:
         run(script)
     except C.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except OSError as e:
+    except OSError as e:  # WorkerDied too
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}; finished cells are kept: re-run the same command to resume "
               "once this is fixed", file=sys.stderr)

@@ -135,3 +135,63 @@ def test_ctrl_c_ends_with_one_line_and_keeps_finished_cells(tmp_path):
     assert err.strip().splitlines()[-1].startswith("interrupted: finished cells are saved")
     assert "Traceback" not in err and "leaked" not in err
     assert not [c for c in (tmp_path / "cells").iterdir() if c.name.startswith(".")]  # no temp files
+
+
+def children(pid):
+    """The process ids whose parent is pid (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_dead_worker_ends_the_sweep_with_one_line_instead_of_hanging(tmp_path):
+    p = subprocess.Popen(TOY + ["--device", "cpu", "--preset", "smoke", "--steps", "3000", "--jobs", "2",
+                                "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV, start_new_session=True)
+    deadline = time.time() + 60
+    workers = []
+    while time.time() < deadline and len(workers) < 2:
+        time.sleep(0.5)
+        workers = [c for c in children(p.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="ignore")]
+    assert workers, "no worker started"
+    time.sleep(3)
+    subprocess.run(["kill", "-9", str(workers[0])], check=True)  # as the out-of-memory killer would
+    _, err = p.communicate(timeout=120)  # no hang
+    last = err.strip().splitlines()[-1]
+    assert p.returncode == H.EXIT_IO, err[-2000:]
+    assert last.startswith("error: a worker process died") and "Traceback" not in err, err[-2000:]
+
+
+def test_sigterm_ends_like_ctrl_c(tmp_path):
+    p = subprocess.Popen(TOY + ["--device", "cpu", "--preset", "smoke", "--steps", "3000", "--jobs", "1",
+                                "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV)
+    time.sleep(6)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == H.EXIT_INTERRUPTED, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: finished cells are saved") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,msg", [(["--test-lengths", "8,16,16"], "lists a value twice"),
+                                      (["--variants", "none,none"], "lists a value twice"),
+                                      (["--out", ""], "--out needs a directory name")])
+def test_duplicates_and_an_empty_out_are_refused(args, msg, tmp_path):
+    p = run_toy("--preset", "smoke", *args, check=False) if args[0] == "--out" else \
+        run_toy("--preset", "smoke", "--out", str(tmp_path), *args, check=False)
+    one_error_line(p, H.EXIT_USAGE, msg)
+
+
+def test_a_truncated_cell_of_this_sweep_is_found_before_training(tmp_path):
+    run_toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
+    cell = sorted((tmp_path / "cells").glob("*.json"))[0]
+    cell.write_text('{"cell": 1}')  # valid JSON of the wrong shape
+    p = run_toy("--preset", "smoke", "--seeds", "2", "--out", str(tmp_path), check=False)
+    one_error_line(p, H.EXIT_USAGE, str(cell))
+    assert "sweep:" not in p.stdout  # found before any training
