@@ -55,9 +55,26 @@ def make_cells(cfg, axes, device, groups=None):
     every config field named in axes, so adding a seed or a variant later reuses every cell done."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in axes.values()}
     if groups is None:
-        groups = [{cf: range(cfg.seeds) if f == "seeds" else getattr(cfg, f) for cf, f in axes.items()}]
+        groups = [{cf: seed_list(cfg.seeds) if f == "seeds" else getattr(cfg, f) for cf, f in axes.items()}]
     return [{**dict(zip(g, combo)), "device": device.type, "config": config}
             for g in groups for combo in itertools.product(*g.values())]
+
+
+def seed_list(seeds):
+    """The seeds a --seeds value names: a count N (0..N-1), or the tuple of a list or range."""
+    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+
+def parse_seeds(s):
+    """--seeds: '10' (seeds 0..9), '10-19' (a range, both ends in) or '3,7' (a list)."""
+    try:
+        if "-" in s.strip()[1:]:
+            a, b = (int(x) for x in s.split("-"))
+            C.check(0 <= a <= b, f"--seeds {s}: a range A-B needs 0 <= A <= B")
+            return tuple(range(a, b + 1))
+        return tuple(int(x) for x in s.split(",")) if "," in s else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seeds value: {s!r} (a count, A-B or A,B,...)") from None
 
 
 def cell_key(cell):
@@ -408,7 +425,8 @@ def make_parser(script: Script):
                                        if f.name in v])
         choices = f" {{{','.join(f.metadata['choices'])}}}" if "choices" in f.metadata else ""
         g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       metavar=kind.__name__.upper() if kind is not tuple else "A,B,...", type=flag_type(kind, elem),
+                       metavar=kind.__name__.upper() if kind is not tuple else "A,B,...",
+                       type=parse_seeds if f.metadata.get("seeds") else flag_type(kind, elem),
                        nargs="?" if kind is bool else None, const="true" if kind is bool else None,
                        help=f.metadata.get("help", "") + choices + f" [{text}]".replace("%", "%%"))
     return p
@@ -423,6 +441,9 @@ def check_fields(cfg):
         C.check(len(vals) > 0, f"{flag} needs at least one value")
         C.check(len(set(vals)) == len(vals), f"{flag} lists a value twice: {shown(v)}")
         C.check(all(math.isfinite(x) for x in vals if isinstance(x, float)), f"{flag} must be a finite number, got {v}")
+        if f.metadata.get("seeds"):
+            C.check(all(x >= 0 for x in vals) and (not isinstance(v, int) or v >= 1),
+                    f"{flag} needs a count >= 1 or seeds >= 0, got {shown(v)}")
         if "min" in f.metadata:
             C.check(all(x >= f.metadata["min"] for x in vals), f"{flag} must be >= {f.metadata['min']}, got {v}")
         if "max" in f.metadata:

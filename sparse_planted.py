@@ -941,7 +941,7 @@ SLOW_FIRST = {"ppc": 0, "locality": 1, "sparsity": 2, "fixed": 2}  # so that par
 
 def groups(cfg):
     """One sub-sweep per experiment, the slow ones first: its own axes (axes_of), then the seed."""
-    return [{"exp": [exp], **axes_of(exp, cfg), "seed": range(cfg.seeds)}
+    return [{"exp": [exp], **axes_of(exp, cfg), "seed": H.seed_list(cfg.seeds)}
             for exp in sorted(cfg.experiments, key=SLOW_FIRST.get)]
 
 

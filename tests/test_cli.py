@@ -124,3 +124,12 @@ def test_corrupt_results_file_is_reported_not_raised(tmp_path):
     cell.write_text(cell.read_text()[:50])  # truncated, as by a full disk
     p = run("--preset", "smoke", "--plot-only", str(tmp_path), check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "cannot read results file" in p.stderr
+
+
+def test_seed_lists_and_ranges_reuse_the_cells_of_a_count(tmp_path):
+    run("--preset", "smoke", "--seeds", "2", "--variants", "none", "--out", str(tmp_path))
+    p = run("--preset", "smoke", "--seeds", "1-3", "--variants", "none", "--out", str(tmp_path))
+    assert "3 cells, 3 in shard 0/1, 1 already done, running 2" in p.stdout  # seed 1 is reused
+    p = run("--preset", "smoke", "--seeds", "3,0", "--variants", "none", "--out", str(tmp_path))
+    assert "2 cells, 2 in shard 0/1, 2 already done, running 0" in p.stdout
+    assert sorted({r["seed"] for r in rows(tmp_path)}) == [0, 3]  # results.json holds the seeds asked for
