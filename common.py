@@ -303,7 +303,7 @@ def arg(default, help, **meta):
 @dataclass
 class TrainConfig:
     """Training hyper-parameters. Experiment configs subclass this and add their own fields."""
-    seeds: int = arg(3, "training seeds: N (0..N-1), a range A-B or a list A,B,...; each sets init and data", seeds=True)
+    seeds: int = arg(3, "training seeds: N (0..N-1), a range A-B or a list A,B; each sets init and data", seeds=True)
     steps: int = arg(2000, "optimizer steps per run", min=1)
     batch_size: int = arg(64, "training batch size", min=1)
     lr: float = arg(1e-3, "peak learning rate (AdamW)", min=0)

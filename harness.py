@@ -565,6 +565,7 @@ def main(script: Script):
     directory that turned read-only) or a dead worker -> one line and exit 3; Ctrl-C, SIGTERM or SIGHUP
     (what a cluster scheduler sends) -> exit 130. Finished cells are kept in every case: re-running the
     same command resumes."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the shell started us ignoring it (&)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
     try:
