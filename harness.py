@@ -242,9 +242,16 @@ def load_cells(out_dir, keys=None):
         [cell_dir / f"{k}.json" for k in keys if (cell_dir / f"{k}.json").exists()]
     recs = [_read_json(p) for p in paths]
     for p, r in zip(paths, recs):
-        C.check(isinstance(r, dict) and {"cell", "rows", "status"} <= r.keys(),
+        C.check(isinstance(r, dict) and {"cell", "rows", "status"} <= r.keys() and isinstance(r["cell"], dict),
                 f"corrupt results file {p}: missing fields; delete it and re-run")
-    return recs
+    return sorted(recs, key=record_order)  # the same order for a run, a re-run and --plot-only
+
+
+def record_order(rec):
+    """A record's cell ids, numbers before names, as a sort key (seed 2 before seed 10)."""
+    ids = sorted((k, v) for k, v in rec["cell"].items() if k not in ("config", "device"))
+    return [(k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in ids] + \
+        [json.dumps(rec["cell"].get("config"), sort_keys=True)]
 
 
 def git_commit():

@@ -798,7 +798,6 @@ def report(records, cfg, out):
     fig_variance(probe, groups, palette, out)
     say(f"\n=== parity_random_access: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
-    say_tables(records, acc, probe, groups, cfg, say)
     verdicts = claims(acc, mass_rows(records, cfg), cfg)
     H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     budget = ", copy pre-training + task steps]" if mixed_budgets(records) \
@@ -810,6 +809,7 @@ def report(records, cfg, out):
     for c in verdicts:
         say(claim_line(c))
     say_claim_table(verdicts, say)
+    say_tables(records, acc, probe, groups, cfg, say)
     say.write(out)
 
 

@@ -904,28 +904,26 @@ def report(records, cfg, out):
         return say.write(out)
     say(f"\n=== sparse_planted: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
-    verdicts = []
-    if sp:
-        fig_sparsity(sp, L, palette, k_palette, out)
-        fig_sparsity_mass(sp_mass, L, k_palette, out)
-        say_sparsity(sp, sp_mass, L, say)
-        verdicts += sparsity_claims(sp, L)
-    if loc:
-        fig_locality(loc, loc_mass, cfg, out)
-        say_locality(loc, loc_mass, cfg, say)
-        verdicts += locality_claims(loc, L)
-    if ppc:
-        fig_ppc(ppc, cfg, out)
-        say_ppc(ppc, say)
-        verdicts += ppc_claims(ppc, cfg)
-    if probe:  # (4) attention-output variance at the query '=' (the sparsity models' if there are any)
-        fig_variance([r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe, L, palette, out)
-        say_variance(probe, say)
-    say_examples(records, say)
+    verdicts = (sparsity_claims(sp, L) if sp else []) + (locality_claims(loc, L) if loc else []) + \
+        (ppc_claims(ppc, cfg) if ppc else [])
     H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\nthe paper's claims next to what was measured (mean ± std (median) over seeds; a seed holds at a "
         f"length when it scores >= {HOLDS} there)")
     say_claims(verdicts, say)
+    if sp:
+        fig_sparsity(sp, L, palette, k_palette, out)
+        fig_sparsity_mass(sp_mass, L, k_palette, out)
+        say_sparsity(sp, sp_mass, L, say)
+    if loc:
+        fig_locality(loc, loc_mass, cfg, out)
+        say_locality(loc, loc_mass, cfg, say)
+    if ppc:
+        fig_ppc(ppc, cfg, out)
+        say_ppc(ppc, say)
+    if probe:  # (4) attention-output variance at the query '=' (the sparsity models' if there are any)
+        fig_variance([r for r in probe if r["exp"] in ("sparsity", "fixed")] or probe, L, palette, out)
+        say_variance(probe, say)
+    say_examples(records, say)
     say.write(out)
 
 

@@ -747,6 +747,11 @@ def report(records, cfg, out):
     H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\n=== vanishing_variance: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
+    say(f"\npaper's claim: {CLAIMS['layernorm']}")
+    say(f"(better or worse at N: the paired 95% interval excludes 0 and the difference is at least {MATTERS})")
+    say(f"{'task':<8} {'variant or edit':<28} reproduced?")
+    for r in verdicts:
+        say(f"{r['task']:<8} {r['what']:<28} {r['verdict']}")
     say_details(records, acc, ratios, slopes, th, cfg, say)
     say_headline(acc, probe, say)
     say(f"\nwhat tracks accuracy beyond N = {cfg.train_len}: Pearson r over every (cell, N) point")
@@ -754,11 +759,6 @@ def report(records, cfg, out):
         for task, rs in predictors(acc, probe, cfg, variants).items():
             say(f"  {task:<7} {models:<12} " + ", ".join(f"{name}: r = {r:+.2f}" for name, (r, n) in rs.items()) +
                 f" ({next(iter(rs.values()))[1]} points)")
-    say(f"\npaper's claim: {CLAIMS['layernorm']}")
-    say(f"(better or worse at N: the paired 95% interval excludes 0 and the difference is at least {MATTERS})")
-    say(f"{'task':<8} {'variant or edit':<28} reproduced?")
-    for r in verdicts:
-        say(f"{r['task']:<8} {r['what']:<28} {r['verdict']}")
     say_claims(verdicts, say)
     say_ladder(acc, probe, ratios, verdicts, cfg, say)
     if edits:
