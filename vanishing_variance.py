@@ -495,7 +495,7 @@ def fig_distributions(records, tasks, out):
     for ax, (t, v, w) in zip(axes[0], panels):
         for k in sorted(R.select(kept[t, v], layer=0, where=w), key=lambda k: k["length"]):
             ax.hist(k["values"], bins=40, density=True, histtype="step", label=f"N={k['length']}")
-        ax.set(title=f"{t}, {v} ({'before' if w == 'pre' else 'after'} the norm): component 0",
+        ax.set(title=f"{t}, {v}\n({'before' if w == 'pre' else 'after'} the norm): component 0",
                xlabel="value of attention-output component 0", ylabel="density")
         ax.legend(fontsize=7)
     R.save_figure(fig, out / "distributions.png")
