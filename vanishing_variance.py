@@ -611,11 +611,12 @@ def say_ladder(acc, probe, ratios, verdicts, cfg, say):
                                              where="pre").values()))
             m = R.seed_stats(list(R.per_seed(acc, "target_mass", task=task, variant=v, length=top).values()))
             r = R.seed_stats(ratios.get((task, v, 0), []))
+            ratio = f"{r['mean']:.2f}" if r["n"] else "-"  # per-head stds: measured with --heads only
             c = by.get((task, v, None))
             diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
             wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
             say(f"| {task} | {v} | {a_lo['mean']:.3f} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) | {diff} | "
-                f"{wins} | {h['mean']:.1f} | {m['mean']:.2f} | {r['mean']:.2f} |")
+                f"{wins} | {h['mean']:.1f} | {m['mean']:.2f} | {ratio} |")
 
 
 def edit_stats(rows, metric):
