@@ -427,7 +427,8 @@ def _paired_panel(ax, rows, by, base, others, cfg, title):
         if not d:
             continue
         xs = [r["length"] for r in d]
-        ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − {base} (n={d[0]['n']})", color=COLORS[v])
+        ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − {base} ({R.seeds_text(d[0]['n'])})",
+                color=COLORS[v])
         ax.fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=COLORS[v], alpha=0.15)
         b = {(r["seed"], r["length"]): r["accuracy"] for r in R.select(rows, **{by: base})}
         pts = [(r["length"], r["accuracy"] - b[r["seed"], r["length"]]) for r in R.select(rows, **{by: v})
@@ -437,6 +438,7 @@ def _paired_panel(ax, rows, by, base, others, cfg, title):
     ax.axhline(0, color="k", lw=0.8)
     ax.axvline(cfg.train_len, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_len}")
     ax.set_xscale("log", base=2)
+    R.ticks_at(ax, sorted({r["length"] for r in rows}))
     ax.set(xlabel="test length N", ylabel=f"accuracy difference to {base}", title=title)
     R.legend_outside(ax)
     ax.grid(alpha=0.3)
