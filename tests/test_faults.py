@@ -161,7 +161,7 @@ def children(pid):
 def test_a_dead_worker_ends_the_sweep_with_one_line_instead_of_hanging(tmp_path):
     p = subprocess.Popen(TOY + ["--device", "cpu", "--preset", "smoke", "--steps", "3000", "--jobs", "2",
                                 "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=ENV, start_new_session=True)
+                         env=ENV)
     deadline = time.time() + 60
     workers = []
     while time.time() < deadline and len(workers) < 2:
