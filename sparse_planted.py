@@ -344,6 +344,8 @@ def validate(cfg):
     C.check_model_shape(cfg.n_embd, cfg.n_head, bool(rope))
     C.check(cfg.train_min <= cfg.train_max, f"--train-min {cfg.train_min} > --train-max {cfg.train_max}")
     C.check(cfg.ppc_min <= cfg.ppc_max, f"--ppc-min {cfg.ppc_min} > --ppc-max {cfg.ppc_max}")
+    C.check("ppc" not in cfg.experiments or cfg.ppc_max <= max(cfg.ppc_test), f"--ppc-max {cfg.ppc_max} beyond the "
+            f"longest --ppc-test {max(cfg.ppc_test)}: the position table is sized from the test lengths")
     C.check("locality" not in cfg.experiments or max(cfg.windows) <= cfg.loc_min <= cfg.train_max,
             f"the locality task trains on l = --loc-min {cfg.loc_min} .. --train-max {cfg.train_max}, which must "
             f"hold the largest window {max(cfg.windows)}")

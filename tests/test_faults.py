@@ -45,6 +45,7 @@ BAD = [  # (script, flags, part of the message): every class of bad input, check
     (PA, ["--n-embd", "36", "--n-head", "4"], "even head size"),
     (SP, ["--windows", "100"], "must hold the largest window 100"),
     (SP, ["--n-embd", "30"], "divisible by --n-head"),
+    (SP, ["--experiments", "ppc", "--ppc-max", "30"], "--ppc-max 30 beyond"),
 ]
 
 
