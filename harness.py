@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common as C
+import reporting as R
 
 EXIT_USAGE, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 130  # bad input; a file-system fault; Ctrl-C
 JOBS_PER_GPU = 8   # default --jobs per GPU
@@ -102,7 +103,7 @@ def _run_and_save(run_cell, cell_dir, cell):
     try:
         out = run_cell(cell)
     except C.Diverged as e:  # recorded, and the sweep goes on with the other cells
-        tqdm.write(f"{cell_label(cell)}: {e}; run stopped")
+        tqdm.write(f"{R.cell_label(cell)}: {e}; run stopped")
         out = {"status": "diverged", "train": e.result, "rows": []}
     ids = {k: v for k, v in cell.items() if k != "config"}
     rows = [{**ids, **r} for r in out.pop("rows", [])]
@@ -111,10 +112,6 @@ def _run_and_save(run_cell, cell_dir, cell):
     atomic_write(Path(cell_dir) / f"{cell_key(cell)}.json", json.dumps(record))
     report_progress(0.0)  # before the parent hears of it: the bar never counts a cell twice
     return record
-
-
-def cell_label(cell):
-    return " ".join(f"{k}={v}" for k, v in cell.items() if k not in ("config", "device"))
 
 
 def is_main_process():

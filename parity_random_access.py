@@ -935,16 +935,12 @@ def claims(acc, by_n, cfg):
     return out
 
 
-def stat_text(s):
-    return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['median']:.2f})"
-
-
 def say_claim_table(verdicts, say):
     """The accuracy claims as a markdown table: final-answer accuracy mean ± std (median) over seeds at the
     longest training n, at 3x and at the longest tested n; the seeds that learned the task and that
     generalize, with 95% Wilson intervals."""
-    rows = [[c["claim"], f"`{c['fmt']}`", c["setting"], f"n = {c['train_max']}: {stat_text(c['inside'])}",
-             f"n = {c['generalize_at']}: {stat_text(c['at_generalize'])}", f"n = {c['test_max']}: {stat_text(c['beyond'])}",
+    rows = [[c["claim"], f"`{c['fmt']}`", c["setting"], f"n = {c['train_max']}: {R.stat_text(c['inside'])}",
+             f"n = {c['generalize_at']}: {R.stat_text(c['at_generalize'])}", f"n = {c['test_max']}: {R.stat_text(c['beyond'])}",
              f"{c['seeds_learned']}/{c['seeds']} [{c['seeds_learned_ci'][0]:.2f}, {c['seeds_learned_ci'][1]:.2f}]",
              f"{c['seeds_ok']}/{c['seeds']} [{c['seeds_ok_ci'][0]:.2f}, {c['seeds_ok_ci'][1]:.2f}]", c["verdict"]]
             for c in verdicts if "inside" in c]

@@ -133,6 +133,11 @@ def mean_std_by(rows, x, y, group):
     return out
 
 
+def stat_text(s):
+    """A seed_stats() record as printed: 'mean ± std (median)'."""
+    return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['median']:.2f})"
+
+
 def mean_std_text(v):
     return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a"
 

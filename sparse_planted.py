@@ -398,7 +398,7 @@ def run_sparse(cell, cfg, device):
         return {f"acc@{hi},k={k}": C.evaluate_by_length(m, test_k(k), [hi], 128, device, dtype=cfg.dtype)[0]["accuracy"]
                 for k in ks}
     result = C.train(model, train, replace(cfg, steps=steps), device, data_seed=10_000 + cell["seed"],
-                     eval_fn=in_distribution, **H.train_options(H.cell_label(cell)))
+                     eval_fn=in_distribution, **H.train_options(R.cell_label(cell)))
     rows = []
     for k in ks:  # accuracy and the mass on the planted bits, in the probed pass's own hook
         acc, _, _ = C.evaluate_with_probes(model, test_k(k), cfg.test_lengths, cfg.eval_examples, device,
@@ -769,12 +769,8 @@ def ppc_claims(ppc, cfg):
     return out
 
 
-def stat(s):
-    return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['median']:.2f})"
-
-
 def stat_ci(s):
-    return f"{stat(s)} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
+    return f"{R.stat_text(s)} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
 
 
 def frac(h):
@@ -785,8 +781,8 @@ def say_sparsity_claims(sp, say):
     longer = [x["length"] for x in sp[0]["by_k"][0]["by_length"] if x["length"] > sp[0]["train_max"]]
     R.markdown_table(say, ["model", "k", f"l = {sp[0]['train_max']} (training)"] + [
         f"l = {Lx}: {what}" for Lx in longer for what in ("accuracy", f"seeds >= {HOLDS} [95% CI]")],
-        [[c["setting"], d["k"], stat({x["length"]: x for x in d["by_length"]}[c["train_max"]])] +
-         [cell for x in d["by_length"] if x["length"] in longer for cell in (stat(x), frac(x["hold"]))]
+        [[c["setting"], d["k"], R.stat_text({x["length"]: x for x in d["by_length"]}[c["train_max"]])] +
+         [cell for x in d["by_length"] if x["length"] in longer for cell in (R.stat_text(x), frac(x["hold"]))]
          for c in sp for d in c["by_k"]])
     for c in sp:
         left = ", ".join(f"seed {u['seed']} at k = {u['k']}" for u in c["unlearned"]) or "none"
@@ -805,7 +801,7 @@ def say_locality_claims(loc, say):
         d = c["diff_W"]
         for i, x in enumerate(c["by_W"]):
             diff = "" if i else c["verdict"] if d is None else f"W = {d['a']} - {d['b']}: {R.diff_text(d)} -> {c['verdict']}"
-            rows.append([c["setting"], x["W"], stat(x["inside"]), stat(x["beyond"]), frac(x["beyond"]["hold"]), diff])
+            rows.append([c["setting"], x["W"], R.stat_text(x["inside"]), R.stat_text(x["beyond"]), frac(x["beyond"]["hold"]), diff])
     R.markdown_table(say, ["position ids", "W", f"l = {loc[0]['train_max']} (training)", f"l = {top}",
                            f"seeds >= {HOLDS} at l = {top} [95% CI]",
                            f"largest - smallest W learned in distribution, at l = {top}, paired [95% CI]"], rows)
@@ -817,7 +813,7 @@ def say_ppc_claims(pp, say):
         for d in c["by_n"]:
             by_j = " / ".join(f"{d['drift_by_jump'][j]['mean']:.3f}" for j in (1, 2, 3)) if "ids_ok" in d else "-"
             rows.append([c["setting"], d["n"], stat_ci(d["token_acc"]), stat_ci(d["exact"]), frac(d["exact"]["hold"]),
-                         stat_ci(d["id_acc"]) if "id_acc" in d else "-", stat(d["ids_ok"]) if "ids_ok" in d else "-",
+                         stat_ci(d["id_acc"]) if "id_acc" in d else "-", R.stat_text(d["ids_ok"]) if "ids_ok" in d else "-",
                          by_j])
     R.markdown_table(say, ["model / decoding", "n", "per-token accuracy [95% CI of the mean]", "exact match [95% CI]",
                            f"seeds with exact >= {HOLDS} [95% CI]", "id accuracy [95% CI]",
@@ -885,7 +881,7 @@ def say_variance(probe, say):
 def say_examples(records, say):
     for rec in records:
         if rec["cell"].get("seed") == 0 and rec.get("examples"):
-            say(f"\nexamples ({H.cell_label(rec['cell'])}):")
+            say(f"\nexamples ({R.cell_label(rec['cell'])}):")
             for e in rec["examples"][:4]:
                 say(f"  {e if len(e) < 300 else e[:300] + ' ...'}")
 
