@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -82,12 +83,13 @@ def cell_key(cell):
     return hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def atomic_write(path: Path, text: str):
+def atomic_write(path: Path, data):
     """Write through a temp file of this process and thread, then rename: readers see the old file or
-    the new, never half, and two writers never share a temp file."""
+    the new, never half, and two writers never share a temp file. data: text, or a function that
+    writes the path it is given (e.g. torch.save of a state dict)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        tmp.write_text(text)
+        data(tmp) if callable(data) else tmp.write_text(data)
         os.replace(tmp, path)
     except OSError as e:  # a full disk: no half-written temp file left behind, and say where
         tmp.unlink(missing_ok=True)
@@ -95,6 +97,67 @@ def atomic_write(path: Path, text: str):
     except BaseException:  # Ctrl-C, an error in a worker
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp_files(cell_dir):
+    """Temp files of processes that no longer run (a run killed with kill -9 leaves them behind)."""
+    for tmp in Path(cell_dir).glob(".*.tmp"):
+        pid = tmp.name.split(".")[-3]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to someone else
+        return True
+    return True
+
+
+def save_weights(model, path):
+    """The trained weights (a state dict on the CPU), written atomically: a .pt file exists only whole."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, functools.partial(torch.save, state))
+
+
+class TrainAndEvaluate:
+    """One cell, start to end, in any process (picklable): seed torch with the cell's seed (the init
+    seed; each script's train() draws its data from a seed of its own), build, train, save the weights
+    next to the cell file (cells/<key>.pt), evaluate."""
+
+    def __init__(self, script, cell_dir, save_models=True):
+        self.build, self.train, self.evaluate = script.build, script.train, script.evaluate
+        self.cell_dir, self.save_models = Path(cell_dir), save_models
+
+    def __call__(self, cell):
+        torch.manual_seed(cell["seed"])
+        model = self.build(cell)
+        out = self.train(model, cell)
+        if self.save_models:
+            save_weights(model, self.cell_dir / f"{cell_key(cell)}.pt")
+        return {**out, **self.evaluate(model, cell)}
+
+
+class EvaluateSaved:
+    """A saved model tested again (--eval-only): built from the cell's config (the original's, with
+    only evaluation fields changed), loaded with the weights the cell names, evaluated. The original
+    record's other fields (the training curve, ...) are carried over."""
+
+    def __init__(self, script, cell_dir):
+        self.build, self.evaluate, self.cell_dir = script.build, script.evaluate, Path(cell_dir)
+
+    def __call__(self, cell):
+        torch.manual_seed(cell["seed"])
+        model = self.build(cell)
+        model.load_state_dict(torch.load(self.cell_dir / f"{cell['weights']}.pt", map_location="cpu",
+                                         weights_only=True))
+        model.to(torch.device(cell["device"]))
+        original = _read_json(self.cell_dir / f"{cell['weights']}.json")
+        kept = {k: v for k, v in original.items() if k not in ("cell", "status", "rows", "seconds")}
+        return {**kept, **self.evaluate(model, cell)}
 
 
 def _run_and_save(run_cell, cell_dir, cell):
@@ -154,6 +217,8 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
     cells = list({cell_key(c): c for c in cells}.values())  # the same cell asked twice runs once
     cell_dir = Path(out_dir) / "cells"
     cell_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(cell_dir)
+    atomic_write(Path(out_dir) / "sweep.json", json.dumps({"cells": [cell_key(c) for c in cells]}))
     i, n = shard
     mine = [c for j, c in enumerate(cells) if j % n == i]
     todo = [c for c in mine if fresh or not (cell_dir / f"{cell_key(c)}.json").exists()]
@@ -246,9 +311,9 @@ def load_cells(out_dir, keys=None):
 
 def record_order(rec):
     """A record's cell ids, numbers before names, as a sort key (seed 2 before seed 10)."""
-    ids = sorted((k, v) for k, v in rec["cell"].items() if k not in ("config", "device"))
+    ids = sorted((k, v) for k, v in rec["cell"].items() if k not in ("config", "device", "weights"))
     return [(k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in ids] + \
-        [json.dumps(rec["cell"].get("config"), sort_keys=True)]
+        [setting_text(rec) + str(rec["cell"].get("weights"))]
 
 
 def git_commit():
@@ -315,29 +380,54 @@ def load_results(out_dir):
     return recs
 
 
-def config_text(rec):
-    return json.dumps(rec["cell"]["config"], sort_keys=True)
+def setting_text(rec, mixed=False):
+    """What a record's cell holds besides its ids: its config, its device, and whether it is an --eval-only
+    cell (one that names the 'weights' it tested). The cells of one setting form one run; mixed (an
+    experiment of several runs, each with its config): device and eval-only only."""
+    cell = rec["cell"]
+    return json.dumps({"config": None if mixed else cell.get("config"), "device": cell.get("device"),
+                       "eval_only": "weights" in cell}, sort_keys=True)
 
 
 def saved_run(out_dir, config_cls, mixed=False):
     """(records, config) of a saved run, for --plot-only: plots use the config the results came from.
     Refuses results that another script wrote (their config has fields this script does not know).
-    Where cells of several configs of this script share the folder, the newest config's are shown,
-    unless mixed (an experiment of several runs, each cell with its config): then all, with the first's."""
+    Where cells of several settings share the folder (another config, another device, an --eval-only
+    run), the newest setting's are shown, so that no seed counts twice."""
     recs, script = load_results(out_dir), script_of(config_cls)
     names = {f.name for f in fields(config_cls)}
     mine = [r for r in recs if set(r["cell"].get("config", {})) <= names and r.get("script") in (None, script)]
     C.check(mine, f"--plot-only: {out_dir} holds no results of {script}.py" +
-            (" (they were written by another script)" if recs else ""))
+            (" (they were written by another script or another version of this script)" if recs else ""))
     if len(mine) < len(recs):
-        print(f"note: {len(recs) - len(mine)} result(s) in {out_dir} come from another script; ignored")
-    if len({config_text(r) for r in mine}) > 1 and not mixed:  # the newest cell file's config wins
-        newest = config_text(max(mine, key=lambda r: (Path(out_dir) / "cells" / f"{cell_key(r['cell'])}.json")
-                                 .stat().st_mtime))
-        kept = [r for r in mine if config_text(r) == newest]
-        print(f"note: {len(mine) - len(kept)} cell(s) in {out_dir} come from another config; ignored")
+        print(f"note: {len(recs) - len(mine)} result(s) in {out_dir} come from another script or another "
+              "version of this script; ignored")
+    if len({setting_text(r, mixed) for r in mine}) > 1:
+        newest = setting_text(max(mine, key=functools.partial(cell_mtime, out_dir)), mixed)
+        kept = [r for r in mine if setting_text(r, mixed) == newest]
+        print(f"note: {len(mine) - len(kept)} cell(s) in {out_dir} come from another setting (config, device or "
+              f"--eval-only run); shown: the newest ({len(kept)} cells)")
         mine = kept
+    missing = unfinished(out_dir)
+    if missing:
+        print(f"note: {missing} cell(s) of the last sweep into {out_dir} have no results (an unfinished run, or "
+              "other shards): the tables show the finished ones; re-run its command to finish it")
     return mine, config_cls(**mine[0]["cell"]["config"])
+
+
+def cell_mtime(out_dir, rec):
+    path = Path(out_dir) / "cells" / f"{cell_key(rec['cell'])}.json"
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def unfinished(out_dir):
+    """How many cells that the last sweep into out_dir planned (sweep.json) have no cell file."""
+    plan = Path(out_dir) / "sweep.json"
+    if not plan.exists():
+        return 0
+    planned = _read_json(plan)
+    keys = planned.get("cells", []) if isinstance(planned, dict) else []
+    return sum(not (Path(out_dir) / "cells" / f"{k}.json").exists() for k in keys)
 
 
 # =============================================================================================
@@ -351,7 +441,11 @@ class Script:
       config       its config dataclass (a common.TrainConfig): every field is a flag
       presets      {name: {field: value}}: smoke (seconds, the tests), quick (minutes), paper
       axes         {cell field: config field}: the sweep axes ('seeds' -> seed 0..seeds-1)
-      run_cell     cell -> {'rows': [...], ...}; raises common.Diverged to record a diverged run
+      build        cell -> the cell's model, untrained (torch is seeded with the cell's seed first)
+      train        (model, cell) -> {'train': ...}: trains in place; raises common.Diverged to record a
+                   diverged run
+      evaluate     (model, cell) -> {'rows': [...], ...}: tests a trained model (also a saved one: --eval-only)
+      eval_fields  the config fields that only evaluation reads: the ones --eval-only may change
       report       (records, cfg, out) -> figures, claims and the printed summary
       experiments  {name: [changes, ...]}: a named experiment is one or more runs, each a dict of
                    config changes; a run's cells all go into one folder, out/<name>/<preset>-<experiment>
@@ -363,8 +457,11 @@ class Script:
     config: type
     presets: dict
     axes: dict
-    run_cell: Callable
+    build: Callable
+    train: Callable
+    evaluate: Callable
     report: Callable
+    eval_fields: tuple = ()
     experiments: dict = field(default_factory=lambda: {"main": [{}]})
     validate: Callable = None
     groups: Callable = None
@@ -420,6 +517,11 @@ def make_parser(script: Script):
     p.add_argument("--shard", default="0/1", help="I/N: run only cells i with i %% N == I (cluster job arrays)")
     p.add_argument("--fresh", action="store_true", help="recompute cells that already have results")
     p.add_argument("--plot-only", metavar="DIR", default=None, help="redraw figures and summary from DIR; no training")
+    p.add_argument("--eval-only", metavar="DIR", default=None,
+                   help="test the models saved in DIR again, with the evaluation flags given (" +
+                        ", ".join(flag_name(f) for f in script.eval_fields) + "); no training; new cells in DIR")
+    p.add_argument("--save-models", type=flag_type(bool, bool), nargs="?", const="true", default=True,
+                   metavar="BOOL", help="save each cell's trained weights as cells/<key>.pt (for --eval-only)")
     g = p.add_argument_group("experiment config (the default in brackets, then what each preset sets)")
     for f in fields(script.config):
         d = getattr(script.config(), f.name)
@@ -436,12 +538,16 @@ def make_parser(script: Script):
     return p
 
 
+def flag_name(field_name):
+    return "--" + field_name.replace("_", "-")
+
+
 def check_fields(cfg):
     """Every field of cfg within its declared range and choices."""
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        vals = v if isinstance(v, tuple) else (v,)
-        flag = "--" + f.name.replace("_", "-")
+        vals = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+        flag = flag_name(f.name)
         C.check(len(vals) > 0, f"{flag} needs at least one value")
         C.check(len(set(vals)) == len(vals), f"{flag} lists a value twice: {shown(v)}")
         C.check(all(math.isfinite(x) for x in vals if isinstance(x, float)), f"{flag} must be a finite number, got {v}")
@@ -460,12 +566,17 @@ def check_fields(cfg):
 def run_configs(args, script: Script):
     """The config of each run of the chosen experiment: class defaults <- preset <- the experiment's run
     <- the flags given on the command line (a flag always wins). Every field is checked."""
-    given = {f.name: getattr(args, f.name) for f in fields(script.config) if hasattr(args, f.name)}
     runs = script.experiments[getattr(args, "experiment", "main")]
-    cfgs = [replace(replace(replace(script.config(), **script.presets[args.preset]), **run), **given) for run in runs]
+    cfgs = [replace(replace(replace(script.config(), **script.presets[args.preset]), **run), **given_flags(args, script))
+            for run in runs]
     for cfg in cfgs:
         check_fields(cfg)
     return cfgs
+
+
+def given_flags(args, script):
+    """The config fields set on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(script.config) if hasattr(args, f.name)}
 
 
 def pick_device(name, cfg):
@@ -505,16 +616,17 @@ def default_jobs(device):
     return cores if device.type == "cpu" else 1
 
 
-def prepare_out(out):
-    """Check before any training that results can be written under `out`: a directory, writable."""
-    C.check(not out.exists() or out.is_dir(), f"--out {out} is a file, not a directory")
+def prepare_out(out, flag="--out"):
+    """Check before any work that results can be written under `out`: a directory, writable."""
+    C.check(not out.exists() or out.is_dir(), f"{flag} {out} is a file, not a directory")
     try:
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-        probe = out / "cells" / f".write-test.{os.getpid()}"
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise C.UsageError(f"--out {out} is not writable: {e.strerror or e}") from None
+        raise C.UsageError(f"{flag} {out} is not writable ({e.strerror or e}): results, figures and the summary "
+                           "are written there") from None
 
 
 def out_dir(args, parser, script):
@@ -534,30 +646,85 @@ def sweep_cells(script: Script, cfgs, device):
 
 
 def run(script: Script):
-    """Parse the flags, then either redraw a saved run (--plot-only) or run the sweep and report."""
+    """Parse the flags, then redraw a saved run (--plot-only), test saved models again (--eval-only), or
+    run the sweep; then report."""
     parser = make_parser(script)
     args = parser.parse_args()
     cfgs = run_configs(args, script)
     if args.plot_only:
         recs, cfg = saved_run(args.plot_only, script.config, mixed=len(cfgs) > 1)
+        prepare_out(Path(args.plot_only), "--plot-only")
         return script.report(recs, cfg, Path(args.plot_only))
+    C.check(args.jobs >= 0, f"--jobs must be >= 0, got {args.jobs}")
+    shard = parse_shard(args.shard)
+    if args.eval_only:
+        return eval_only(script, args, shard)
     for cfg in cfgs:
         if script.validate:
             script.validate(cfg)
-    C.check(args.jobs >= 0, f"--jobs must be >= 0, got {args.jobs}")
     device = pick_device(args.device, cfgs[0])
-    jobs = args.jobs or default_jobs(device)
-    # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (bench.py);
-    # with several jobs each worker process is single-threaded anyway.
-    torch.set_num_threads(1)
-    shard = parse_shard(args.shard)
     out = out_dir(args, parser, script)
     prepare_out(out)
     if script.examples:
         script.examples(cfgs[0])
-    records = run_sweep(sweep_cells(script, cfgs, device), script.run_cell, out, jobs, shard, args.fresh)
+    cells = sweep_cells(script, cfgs, device)
+    runner = TrainAndEvaluate(script, out / "cells", args.save_models)
+    records = run_sweep(cells, runner, out, jobs_for(args, device), shard, args.fresh)
     write_results(out, records, cfgs[0], environment(device, cfgs[0]))
     script.report(records, cfgs[0], out)
+
+
+def jobs_for(args, device):
+    # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (bench.py);
+    # with several jobs each worker process is single-threaded anyway.
+    torch.set_num_threads(1)
+    return args.jobs or default_jobs(device)
+
+
+def eval_only(script: Script, args, shard):
+    """--eval-only DIR: every model saved in DIR tested again with the evaluation flags given. Each becomes
+    a new cell in DIR (its config changed, and 'weights' naming the cell it loads), so its rows never
+    mix with the originals', and a re-run resumes."""
+    src = Path(os.path.expanduser(args.eval_only))
+    C.check(src.is_dir(), f"--eval-only: no such results directory {src}")
+    given = given_flags(args, script)
+    bad = [flag_name(f) for f in given if f not in script.eval_fields]
+    C.check(not bad, f"--eval-only changes evaluation settings only ({', '.join(map(flag_name, script.eval_fields))}); "
+                     f"{', '.join(bad)} would need new models: run a sweep instead")
+    saved = [r for r in load_cells(src) if r["status"] == "ok" and "weights" not in r["cell"]
+             and (src / "cells" / f"{cell_key(r['cell'])}.pt").exists()]
+    C.check(saved, f"--eval-only: no saved models in {src / 'cells'} (a sweep saves them unless --save-models false)")
+    cfg = script.config(**{**saved[0]["cell"]["config"], **given})
+    device = pick_device(args.device, cfg)
+    new = {}  # saved models whose configs differ only in evaluation fields give one cell: the first's
+    for r in saved:
+        cell = {**r["cell"], "device": device.type, "config": {**r["cell"]["config"], **given}}
+        new.setdefault(cell_key(cell), ({**cell, "weights": cell_key(r["cell"])}, r))
+    cells, saved = [c for c, _ in new.values()], [r for _, r in new.values()]
+    for cell, rec in zip(cells, saved):
+        check_fields(script.config(**cell["config"]))
+        if script.validate:
+            script.validate(script.config(**cell["config"]))
+        check_same_model(script, cell, rec["cell"])
+    prepare_out(src, "--eval-only")
+    print(f"eval-only: {len(cells)} saved model(s) in {src}, tested with {', '.join(f'{flag_name(k)} {shown(v)}' for k, v in given.items()) or 'their own settings'}")
+    records = run_sweep(cells, EvaluateSaved(script, src / "cells"), src, jobs_for(args, device), shard, args.fresh)
+    write_results(src, records, cfg, environment(device, cfg))
+    script.report(records, cfg, src)
+
+
+def check_same_model(script, cell, original):
+    """Refuse an evaluation setting that would build the model differently from the one trained (a
+    larger lookup key table, a longer position table): the weights would not fit, or mean something else."""
+    with torch.device("meta"):  # shapes only: no memory, no time
+        new, old = script.build(cell), script.build(original)
+    diff = [f"{f.name} {getattr(old.cfg, f.name)} -> {getattr(new.cfg, f.name)}" for f in fields(old.cfg)
+            if getattr(old.cfg, f.name) != getattr(new.cfg, f.name)]
+    shapes_new, shapes_old = ({k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (new, old))
+    diff += [f"{k} {shapes_old.get(k)} -> {shapes_new.get(k)}" for k in sorted(set(shapes_new) | set(shapes_old))
+             if shapes_new.get(k) != shapes_old.get(k)]
+    C.check(not diff, f"--eval-only: with these settings the {R.cell_label(original)} model would be built "
+                      f"differently from the one trained ({'; '.join(diff[:3])}): testing that needs new models")
 
 
 def interrupted(signum, frame):

@@ -475,13 +475,16 @@ def answer_only(batch):
 
 # ---------------------------------------------------------------------------------------- one cell
 
-def run_cell(cell):
+def build(cell):
+    """The cell's model, untrained (the harness seeds torch with the cell's seed first: the init seed)."""
+    return build_model(cell["fmt"], cell["pos"], Config(**cell["config"]))
+
+
+def train(model, cell):
+    """Optional copy pre-training, then the task (each with its own optimizer run and data seed)."""
     cfg, fmt, pos, seed = Config(**cell["config"]), cell["fmt"], cell["pos"], cell["seed"]
-    device = torch.device(cell["device"])
-    (lo, hi), lengths = lengths_of(fmt, cfg)
-    torch.manual_seed(seed)  # init seed; data seed below; test sets have their own fixed seed
-    model = build_model(fmt, pos, cfg)
-    train, test = samplers(fmt, cfg, model.cfg.block_size)
+    device, hi = torch.device(cell["device"]), lengths_of(fmt, cfg)[0][1]
+    data, test = samplers(fmt, cfg, model.cfg.block_size)
     key = test_key(fmt, cfg, model.cfg.block_size)
 
     def in_distribution(m):
@@ -495,8 +498,17 @@ def run_cell(cell):
             copy = functools.partial(with_random_positions, sample=copy, max_pos=model.cfg.block_size)
         pre = C.train(model, copy, replace(cfg, steps=cfg.pretrain_steps), device, data_seed=20_000 + seed,
                       **H.train_options(f"pretrain/seed{seed}"))
-    result = C.train(model, train, cfg, device, data_seed=10_000 + seed, eval_fn=in_distribution,
+    result = C.train(model, data, cfg, device, data_seed=10_000 + seed, eval_fn=in_distribution,
                      **H.train_options(f"{fmt}/{pos}/seed{seed}"))
+    return {"train": result, "pretrain": pre}
+
+
+def evaluate(model, cell):
+    """Accuracy per n and per step, probes, decoded examples, and the attention on the bits."""
+    cfg, fmt, device = Config(**cell["config"]), cell["fmt"], torch.device(cell["device"])
+    lengths = lengths_of(fmt, cfg)[1]
+    _, test = samplers(fmt, cfg, model.cfg.block_size)
+    key = test_key(fmt, cfg, model.cfg.block_size)
     rows = []
     for r in C.evaluate_by_length(model, test, lengths, cfg.eval_examples, device, score(fmt), tokens_per_batch=2**15,
                                   key=key, dtype=cfg.dtype):
@@ -506,7 +518,7 @@ def run_cell(cell):
     _, probes, _ = C.evaluate_with_probes(model, functools.partial(sample_answer_only, test=test), lengths,
                                           cfg.probe_examples, device, key=("answer only",) + key)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
-    out = {"train": result, "pretrain": pre, "rows": rows, "examples": examples(model, test, lengths, device, key)}
+    out = {"rows": rows, "examples": examples(model, test, lengths, device, key)}
     if fmt in RETRIEVING:  # attention from step i to bit i: per step at n = map_length, and per n
         b = C.to_device(next(C.eval_batches(test, cfg.map_length, 64, key=key)), device)
         mass, maps = attention_on_bits(model, b)
@@ -981,7 +993,8 @@ def examples_of_formats(cfg):
 SCRIPT = H.Script(
     name="parity_random_access", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
     axes={"seed": "seeds", "fmt": "formats", "pos": "pos"},  # seed-major: a stopped run holds whole seeds
-    run_cell=run_cell, report=report, validate=validate, examples=examples_of_formats,
+    build=build, train=train, evaluate=evaluate, report=report, validate=validate, examples=examples_of_formats,
+    eval_fields=("test_lengths", "add_test_lengths", "eval_examples", "probe_examples", "map_length"),
     experiments={"main": [{}],  # the formats and settings the flags give
                  "claims": [dict(seeds=10, formats=f, pos=p, **change) for f, p, change in CLAIMS_RUNS]})
 

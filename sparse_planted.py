@@ -387,18 +387,25 @@ def sparse_samplers(cell, cfg):
             [K], cfg.steps, "none")
 
 
-def run_sparse(cell, cfg, device):
-    train, test_k, probe_test, ks, steps, pos = sparse_samplers(cell, cfg)
-    torch.manual_seed(cell["seed"])  # init seed; data seed below; test sets have their own fixed seed
-    model = C.GPT(C.GPTConfig(vocab_size=len(SPARSE_NAMES), n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd, pos=pos))
+def build_sparse(cell, cfg):
+    pos = sparse_samplers(cell, cfg)[5]
+    return C.GPT(C.GPTConfig(vocab_size=len(SPARSE_NAMES), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, pos=pos))
+
+
+def train_sparse(model, cell, cfg, device):
+    train, test_k, _, ks, steps, _ = sparse_samplers(cell, cfg)
     hi = cfg.train_max
 
     def in_distribution(m):
         return {f"acc@{hi},k={k}": C.evaluate_by_length(m, test_k(k), [hi], 128, device, dtype=cfg.dtype)[0]["accuracy"]
                 for k in ks}
-    result = C.train(model, train, replace(cfg, steps=steps), device, data_seed=10_000 + cell["seed"],
-                     eval_fn=in_distribution, **H.train_options(R.cell_label(cell)))
+    return {"train": C.train(model, train, replace(cfg, steps=steps), device, data_seed=10_000 + cell["seed"],
+                             eval_fn=in_distribution, **H.train_options(R.cell_label(cell)))}
+
+
+def evaluate_sparse(model, cell, cfg, device):
+    _, test_k, probe_test, ks, _, _ = sparse_samplers(cell, cfg)
     rows = []
     for k in ks:  # accuracy and the mass on the planted bits, in the probed pass's own hook
         acc, _, _ = C.evaluate_with_probes(model, test_k(k), cfg.test_lengths, cfg.eval_examples, device,
@@ -410,7 +417,7 @@ def run_sparse(cell, cfg, device):
                      for layer, v in enumerate(mass)]
     _, probes, _ = C.evaluate_with_probes(model, probe_test, cfg.test_lengths, cfg.probe_examples, device)
     rows += [{"table": "probe", **r} for r in probes if r["where"] == "pre"]
-    return {"train": result, "rows": rows, "examples": sparse_examples(model, test_k(ks[-1]), cfg, device)}
+    return {"rows": rows, "examples": sparse_examples(model, test_k(ks[-1]), cfg, device)}
 
 
 def planted_mass(batch, logits, recs):
@@ -445,29 +452,39 @@ def pointer_samplers(variant, cfg, block):
     return train, sample_pointer
 
 
-def run_pointer(cell, cfg, device):
-    variant, seed = cell["variant"], cell["seed"]
+def build_pointer(cell, cfg):
     block = max(cfg.ppc_test) + 2  # ids 0 .. n + 1
-    torch.manual_seed(seed)
-    pos = {"nope": "none", "rope": "rope", "coupled": "learned"}[variant]
+    pos = {"nope": "none", "rope": "rope", "coupled": "learned"}[cell["variant"]]
     shape = C.GPTConfig(vocab_size=len(POINTER_NAMES), block_size=block, n_layer=cfg.n_layer, n_head=cfg.n_head,
                         n_embd=cfg.n_embd, pos=pos)
-    model = PositionCoupledGPT(shape, pos_vocab=block) if variant == "coupled" else C.GPT(shape)
-    train, test = pointer_samplers(variant, cfg, block)
-    modes = {"coupled": [("oracle", "gold"), ("ppc", "predicted")]}.get(variant, [(variant, "plain")])
-    hi, key = cfg.ppc_max, ("sparse_planted", "pointer")
+    return PositionCoupledGPT(shape, pos_vocab=block) if cell["variant"] == "coupled" else C.GPT(shape)
+
+
+def pointer_modes(variant):
+    """(name, ids fed) of each way a model is tested: the coupled model with gold and with its own ids."""
+    return {"coupled": [("oracle", "gold"), ("ppc", "predicted")]}.get(variant, [(variant, "plain")])
+
+
+def train_pointer(model, cell, cfg, device):
+    variant, seed, hi, key = cell["variant"], cell["seed"], cfg.ppc_max, ("sparse_planted", "pointer")
+    train, test = pointer_samplers(variant, cfg, model.cfg.block_size)
 
     def in_distribution(m):
         return {f"{name} exact@{hi}": C.evaluate_by_length(m, test, [hi], 128, device, score_pointer(ids), key=key,
-                                                           dtype=cfg.dtype)[0]["exact"] for name, ids in modes}
-    result = C.train(model, train, replace(cfg, steps=cfg.ppc_steps), device, data_seed=10_000 + seed,
-                     eval_fn=in_distribution, **H.train_options(f"ppc/{variant}/seed{seed}"))
-    rows = []
+                                                           dtype=cfg.dtype)[0]["exact"] for name, ids in
+                pointer_modes(variant)}
+    return {"train": C.train(model, train, replace(cfg, steps=cfg.ppc_steps), device, data_seed=10_000 + seed,
+                             eval_fn=in_distribution, **H.train_options(f"ppc/{variant}/seed{seed}"))}
+
+
+def evaluate_pointer(model, cell, cfg, device):
+    modes, rows = pointer_modes(cell["variant"]), []
     for name, ids in modes:
-        for r in C.evaluate_by_length(model, test, cfg.ppc_test, cfg.eval_examples, device, score_pointer(ids),
-                                      tokens_per_batch=2**14, key=key, dtype=cfg.dtype):
+        for r in C.evaluate_by_length(model, sample_pointer, cfg.ppc_test, cfg.eval_examples, device,
+                                      score_pointer(ids), tokens_per_batch=2**14, key=("sparse_planted", "pointer"),
+                                      dtype=cfg.dtype):
             rows.append({"table": "accuracy", "variant": name, **r})
-    return {"train": result, "rows": rows, "examples": pointer_examples(model, test, modes, cfg, device)}
+    return {"rows": rows, "examples": pointer_examples(model, sample_pointer, modes, cfg, device)}
 
 
 @torch.no_grad()
@@ -487,9 +504,21 @@ def pointer_examples(model, test, modes, cfg, device):
     return out
 
 
-def run_cell(cell):
+def build(cell):
+    """The cell's model, untrained (the harness seeds torch with the cell's seed first: the init seed)."""
+    cfg = Config(**cell["config"])
+    return build_pointer(cell, cfg) if cell["exp"] == "ppc" else build_sparse(cell, cfg)
+
+
+def train(model, cell):
     cfg, device = Config(**cell["config"]), torch.device(cell["device"])
-    return run_pointer(cell, cfg, device) if cell["exp"] == "ppc" else run_sparse(cell, cfg, device)
+    return train_pointer(model, cell, cfg, device) if cell["exp"] == "ppc" else train_sparse(model, cell, cfg, device)
+
+
+def evaluate(model, cell):
+    cfg, device = Config(**cell["config"]), torch.device(cell["device"])
+    return evaluate_pointer(model, cell, cfg, device) if cell["exp"] == "ppc" else \
+        evaluate_sparse(model, cell, cfg, device)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -945,7 +974,8 @@ SCRIPT = H.Script(
     name="sparse_planted", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
     axes={"exp": "experiments", "K": "k_train", "k_only": "fixed_k", "W": "windows", "pos": "loc_variants",
           "variant": "ppc_variants", "seed": "seeds"},
-    groups=groups, run_cell=run_cell, report=report, validate=validate, examples=print_examples)
+    groups=groups, build=build, train=train, evaluate=evaluate, report=report, validate=validate,
+    examples=print_examples, eval_fields=("test_lengths", "eval_examples", "probe_examples", "ppc_test"))
 
 if __name__ == "__main__":
     H.main(SCRIPT)

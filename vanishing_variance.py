@@ -241,23 +241,30 @@ def at_length(rng, batch_size, sample, length):
     return sample(rng, batch_size, length)
 
 
-def run_cell(cell):
+def build(cell):
+    """The cell's model, untrained (the harness seeds torch with the cell's seed first: the init seed)."""
+    return build_model(cell["task"], cell["variant"], Config(**cell["config"]))
+
+
+def train(model, cell):
     cfg, task, variant, seed = Config(**cell["config"]), cell["task"], cell["variant"], cell["seed"]
-    device, key = torch.device(cell["device"]), test_key(task, cfg)
-    torch.manual_seed(seed)  # init seed; data seed below; the test set has its own fixed seed
-    model = build_model(task, variant, cfg)
-    sample = sampler(task, cfg)
+    device, key, sample = torch.device(cell["device"]), test_key(task, cfg), sampler(task, cfg)
 
     def in_distribution(m):
         return {f"accuracy@{cfg.train_len}": C.evaluate_by_length(m, sample, [cfg.train_len], 256, device,
                                                                   key=key)[0]["accuracy"]}
-    train = functools.partial(at_length, sample=sample, length=cfg.train_len)
-    result = C.train(model, train, cfg, device, data_seed=10_000 + seed, eval_fn=in_distribution,
-                     **H.train_options(f"{task}/{variant}/seed{seed}"))
+    data = functools.partial(at_length, sample=sample, length=cfg.train_len)
+    return {"train": C.train(model, data, cfg, device, data_seed=10_000 + seed, eval_fn=in_distribution,
+                             **H.train_options(f"{task}/{variant}/seed{seed}"))}
+
+
+def evaluate(model, cell):
+    """Every test length: accuracy, probes, and with --heads / --edits the fix-ladder measurements."""
+    cfg, task, variant, seed = Config(**cell["config"]), cell["task"], cell["variant"], cell["seed"]
+    device, key, sample = torch.device(cell["device"]), test_key(task, cfg), sampler(task, cfg)
     rows, probes, kept = C.evaluate_with_probes(model, sample, cfg.test_lengths, cfg.eval_examples, device,
                                                 extra=target_mass, keep=cfg.keep_lengths, key=key)
-    out = {"train": result, "rows": [{"table": "accuracy", **r} for r in rows] +
-                                    [{"table": "probe", **r} for r in probes]}
+    out = {"rows": [{"table": "accuracy", **r} for r in rows] + [{"table": "probe", **r} for r in probes]}
     if cfg.heads:  # --experiment fixes (~10 s a cell at these lengths: kept out of the main job)
         out["rows"] += F.head_std_rows(model, sample, cfg.test_lengths, device)
     if cfg.edits and variant == "none":
@@ -784,7 +791,8 @@ def examples(cfg):
 SCRIPT = H.Script(
     name="vanishing_variance", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
     axes={"seed": "seeds", "task": "tasks", "variant": "variants"},  # seed-major: a stopped run has whole seeds
-    run_cell=run_cell, report=report, validate=validate, examples=examples,
+    build=build, train=train, evaluate=evaluate, report=report, validate=validate, examples=examples,
+    eval_fields=("test_lengths", "eval_examples", "keep_lengths", "heads", "edits"),
     experiments={"main": [{}],  # the paper's reproduction
                  "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)]})  # the fix ladder and edits
 

@@ -38,19 +38,24 @@ PRESETS = {"smoke": dict(seeds=2, steps=30, eval_examples=64),
            "paper": dict(seeds=5, steps=2000)}
 
 
-def run_cell(cell):
+def build(cell):
     cfg = Config(**cell["config"])
-    torch.manual_seed(cell["seed"])  # init seed; the data seed is separate below
-    model = C.GPT(C.GPTConfig(vocab_size=16, block_size=cfg.block_size, n_layer=1, n_head=2, n_embd=cfg.n_embd,
-                              pos=cfg.pos, attn_out_norm=cell["variant"]))
-    device = torch.device(cell["device"])
-    train = C.train(model, functools.partial(C.sample_length_range, sample=sample_batch, lo=cfg.train_len,
-                                             hi=cfg.train_len), cfg, device, data_seed=10_000 + cell["seed"],
-                    progress=False, on_progress=H.report_progress)
-    rows, probes, _ = C.evaluate_with_probes(model, sample_batch, cfg.test_lengths, cfg.eval_examples, device,
-                                             key="toy")
-    return {"train": train, "rows": [{"table": "accuracy", **r} for r in rows] +
-                                    [{"table": "probe", **r} for r in probes]}
+    return C.GPT(C.GPTConfig(vocab_size=16, block_size=cfg.block_size, n_layer=1, n_head=2, n_embd=cfg.n_embd,
+                             pos=cfg.pos, attn_out_norm=cell["variant"]))
+
+
+def train(model, cell):
+    cfg = Config(**cell["config"])
+    data = functools.partial(C.sample_length_range, sample=sample_batch, lo=cfg.train_len, hi=cfg.train_len)
+    return {"train": C.train(model, data, cfg, torch.device(cell["device"]), data_seed=10_000 + cell["seed"],
+                             progress=False, on_progress=H.report_progress)}
+
+
+def evaluate(model, cell):
+    cfg = Config(**cell["config"])
+    rows, probes, _ = C.evaluate_with_probes(model, sample_batch, cfg.test_lengths, cfg.eval_examples,
+                                             torch.device(cell["device"]), key="toy")
+    return {"rows": [{"table": "accuracy", **r} for r in rows] + [{"table": "probe", **r} for r in probes]}
 
 
 def report(records, cfg, out):
@@ -68,7 +73,8 @@ def validate(cfg):
 
 
 SCRIPT = H.Script(name="toy", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
-                  axes={"variant": "variants", "seed": "seeds"}, run_cell=run_cell, report=report, validate=validate)
+                  axes={"variant": "variants", "seed": "seeds"}, build=build, train=train, evaluate=evaluate,
+                  report=report, validate=validate, eval_fields=("test_lengths", "eval_examples"))
 
 if __name__ == "__main__":
     H.main(SCRIPT)
