@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from queue import Empty
 
 import torch
 
@@ -144,19 +145,36 @@ def scaling_worker(device_name, dtype, steps, barrier, queue):
     queue.put((t0, time.time()))
 
 
-def bench_jobs(device, dtype, counts, steps):
+def bench_jobs(device, dtype, counts, steps, worker=scaling_worker):
     """{K: aggregate training steps/s of K processes at once on one device}."""
     ctx, out = mp.get_context("spawn"), {}
     for k in counts:
         barrier, queue = ctx.Barrier(k), ctx.Queue()
-        procs = [ctx.Process(target=scaling_worker, args=(str(device), dtype, steps, barrier, queue)) for _ in range(k)]
+        procs = [ctx.Process(target=worker, args=(str(device), dtype, steps, barrier, queue)) for _ in range(k)]
         for p in procs:
             p.start()
-        spans = [queue.get(timeout=1800) for _ in procs]
+        spans = gather(procs, queue)
         for p in procs:
             p.join()
         out[k] = k * steps / (max(end for _, end in spans) - min(start for start, _ in spans))
     return out
+
+
+def gather(procs, queue):
+    """Each process's timed span; if one dies first (killed, out of memory), the others are stopped and
+    the benchmark ends with one line instead of waiting for it (they would wait at the barrier forever)."""
+    spans = []
+    while len(spans) < len(procs):
+        try:
+            spans.append(queue.get(timeout=1))
+        except Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"error: a --jobs scaling process died (exit status {dead[0]}; killed or out of "
+                                 "memory?); the figures above are complete")
+    return spans
 
 
 def paper_steps():

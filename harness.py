@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields, replace
@@ -119,8 +120,9 @@ def pid_alive(pid):
 
 def save_weights(model, path):
     """The trained weights (a state dict on the CPU), written atomically: a .pt file exists only whole."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, functools.partial(torch.save, state))
+    buf = io.BytesIO()  # serialized in memory first: a full disk is then an OSError like any other write
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    atomic_write(path, functools.partial(Path.write_bytes, data=buf.getvalue()))
 
 
 class TrainAndEvaluate:
@@ -201,6 +203,7 @@ def train_options(desc):
 
 def _worker_init(threads, shared, on_cuda):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    tolerant_streams()
     tqdm.set_lock(threading.RLock())  # workers draw no bars: no multiprocessing lock a kill would leak
     torch.set_num_threads(threads)
     worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
@@ -304,9 +307,19 @@ def load_cells(out_dir, keys=None):
         [cell_dir / f"{k}.json" for k in keys if (cell_dir / f"{k}.json").exists()]
     recs = [_read_json(p) for p in paths]
     for p, r in zip(paths, recs):
-        C.check(isinstance(r, dict) and {"cell", "rows", "status"} <= r.keys() and isinstance(r["cell"], dict),
-                f"corrupt results file {p}: missing fields; delete it and re-run")
+        check_record(r, p)
     return sorted(recs, key=record_order)  # the same order for a run, a re-run and --plot-only
+
+
+def check_record(rec, path):
+    """A cell record of the shape this harness writes: a cell (ids and a config), a status, tidy rows."""
+    ok = isinstance(rec, dict) and {"cell", "rows", "status"} <= rec.keys() and isinstance(rec["cell"], dict) \
+        and isinstance(rec["cell"].get("config"), dict) and isinstance(rec["status"], str) \
+        and isinstance(rec["rows"], list) and all(isinstance(r, dict) for r in rec["rows"])
+    ids = {k: v for k, v in rec["cell"].items() if k != "config"} if ok else {}
+    ok = ok and all(r.get(k) == v for r in rec["rows"] for k, v in ids.items())  # each row carries its cell's ids
+    C.check(ok, f"corrupt results file {path}: not a cell record (a cell with its config, a status, rows with "
+                "the cell's ids); delete it and re-run")
 
 
 def record_order(rec):
@@ -370,8 +383,10 @@ def load_results(out_dir):
             return recs
     C.check((out_dir / "results.json").exists(), f"--plot-only: no results in {out_dir} (no cells/, no results.json)")
     res = _read_json(out_dir / "results.json")
-    C.check(isinstance(res, dict) and {"rows", "cells", "config"} <= res.keys(),
-            f"corrupt results file {out_dir / 'results.json'}: missing fields")
+    C.check(isinstance(res, dict) and {"rows", "cells", "config"} <= res.keys() and isinstance(res["config"], dict)
+            and isinstance(res["rows"], list) and all(isinstance(r, dict) for r in res["rows"])
+            and isinstance(res["cells"], list) and all(isinstance(c, dict) and "status" in c for c in res["cells"]),
+            f"corrupt results file {out_dir / 'results.json'}: not the results of a sweep (config, cells, rows)")
     recs = []
     for c in res["cells"]:
         ids = {k: v for k, v in c.items() if k not in ("status", "seconds", "train")}
@@ -446,6 +461,8 @@ class Script:
                    diverged run
       evaluate     (model, cell) -> {'rows': [...], ...}: tests a trained model (also a saved one: --eval-only)
       eval_fields  the config fields that only evaluation reads: the ones --eval-only may change
+      seq_lens     cell -> (longest training sequence, longest test sequence) in tokens: for the memory
+                   estimate made before any training
       report       (records, cfg, out) -> figures, claims and the printed summary
       experiments  {name: [changes, ...]}: a named experiment is one or more runs, each a dict of
                    config changes; a run's cells all go into one folder, out/<name>/<preset>-<experiment>
@@ -462,6 +479,7 @@ class Script:
     evaluate: Callable
     report: Callable
     eval_fields: tuple = ()
+    seq_lens: Callable = None
     experiments: dict = field(default_factory=lambda: {"main": [{}]})
     validate: Callable = None
     groups: Callable = None
@@ -473,7 +491,11 @@ def _parse_value(kind, elem, s):
         C.check(s.lower() in ("1", "0", "true", "false", "yes", "no"), f"expected true/false, got {s!r}")
         return s.lower() in ("1", "true", "yes")
     if kind is tuple:
-        return tuple(elem(x) for x in s.split(",") if x.strip())
+        return tuple(_parse_value(elem, elem, x) for x in s.split(",") if x.strip())
+    if kind is int and "e" in s.lower():  # 1e6 for a million
+        x = float(s)
+        C.check(x.is_integer(), f"expected an integer, got {s!r}")
+        return int(x)
     return kind(s)
 
 
@@ -481,6 +503,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one 'error: ...' line (exit 2), like every other bad input."""
 
     def error(self, message):
+        if message.endswith("expected one argument"):  # argparse reads a value such as -1/2 as a flag
+            message += " (a value that starts with '-' is given as --flag=VALUE)"
         self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
 
 
@@ -654,7 +678,7 @@ def run(script: Script):
     if args.plot_only:
         recs, cfg = saved_run(args.plot_only, script.config, mixed=len(cfgs) > 1)
         prepare_out(Path(args.plot_only), "--plot-only")
-        return script.report(recs, cfg, Path(args.plot_only))
+        return report(script, recs, cfg, Path(args.plot_only))
     C.check(args.jobs >= 0, f"--jobs must be >= 0, got {args.jobs}")
     shard = parse_shard(args.shard)
     if args.eval_only:
@@ -667,11 +691,64 @@ def run(script: Script):
     prepare_out(out)
     if script.examples:
         script.examples(cfgs[0])
-    cells = sweep_cells(script, cfgs, device)
+    cells, jobs = sweep_cells(script, cfgs, device), jobs_for(args, device)
+    check_memory(script, cells, device, jobs)
     runner = TrainAndEvaluate(script, out / "cells", args.save_models)
-    records = run_sweep(cells, runner, out, jobs_for(args, device), shard, args.fresh)
+    records = run_sweep(cells, runner, out, jobs, shard, args.fresh)
     write_results(out, records, cfgs[0], environment(device, cfgs[0]))
-    script.report(records, cfgs[0], out)
+    report(script, records, cfgs[0], out)
+
+
+def memory_needed(script, cell, cfg):
+    """{part: bytes} one cell process needs at most, for fp32: the model with its gradients and AdamW's
+    two moments (16 B a parameter); a training batch's activations (~34 floats a token, layer and
+    channel, and three copies of the attention matrix, which the math attention path keeps); the
+    largest test set, which evaluation holds in memory (three int64 tensors a token)."""
+    with torch.device("meta"):  # shapes only
+        model = script.build(cell)
+    params = sum(p.numel() for p in model.parameters())
+    t_train, t_test = script.seq_lens(cell)
+    L, d, h = model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_head
+    return {"the model and its optimizer state": 16 * params,
+            "a training batch": 4 * cfg.batch_size * t_train * L * (34 * d + 3 * h * t_train),
+            "the largest test set": 24 * cfg.eval_examples * t_test}
+
+
+def check_memory(script, cells, device, jobs):
+    """Refuse, before any training, sizes this machine cannot hold (an absurd --n-embd, --batch-size or
+    --eval-examples), with the estimate, instead of an out-of-memory crash hours later."""
+    if script.seq_lens is None:
+        return
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    if device.type == "cuda":
+        have = min(have, torch.cuda.get_device_properties(0).total_memory * torch.cuda.device_count())
+    shapes = {cell_key({**c, "seed": 0}): c for c in cells}  # the seed changes no size
+    for cell in shapes.values():
+        parts, label = memory_needed(script, cell, script.config(**cell["config"])), R.cell_label(
+            {k: v for k, v in cell.items() if k != "seed"})
+        need = sum(parts.values()) * min(jobs, len(cells))
+        worst = max(parts, key=parts.get)
+        C.check(not have or need <= 0.8 * have,
+                f"{label} would need about {gigabytes(need)} of memory ({worst}: "
+                f"{gigabytes(parts[worst])}{f', x {min(jobs, len(cells))} jobs' if min(jobs, len(cells)) > 1 else ''}), "
+                f"more than this machine's {gigabytes(have)}: use smaller sizes (--n-embd, --batch-size, "
+                "--eval-examples, test lengths) or fewer --jobs")
+
+
+def gigabytes(n):
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def report(script, records, cfg, out):
+    """The script's report; records it cannot read (a cell file edited by hand, or written by another
+    version of the script) end in one line, with the traceback saved in out/report-error.txt."""
+    try:
+        script.report(records, cfg, out)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        atomic_write(Path(out) / "report-error.txt", traceback.format_exc())
+        raise C.UsageError(f"cannot report the results in {out} ({type(e).__name__}: {e}): a cell file of "
+                           f"another shape (edited, or from another version of this script)? The traceback is in "
+                           f"{Path(out) / 'report-error.txt'}; cell files are kept") from None
 
 
 def jobs_for(args, device):
@@ -707,10 +784,11 @@ def eval_only(script: Script, args, shard):
             script.validate(script.config(**cell["config"]))
         check_same_model(script, cell, rec["cell"])
     prepare_out(src, "--eval-only")
+    check_memory(script, cells, device, jobs_for(args, device))
     print(f"eval-only: {len(cells)} saved model(s) in {src}, tested with {', '.join(f'{flag_name(k)} {shown(v)}' for k, v in given.items()) or 'their own settings'}")
     records = run_sweep(cells, EvaluateSaved(script, src / "cells"), src, jobs_for(args, device), shard, args.fresh)
     write_results(src, records, cfg, environment(device, cfg))
-    script.report(records, cfg, src)
+    report(script, records, cfg, src)
 
 
 def check_same_model(script, cell, original):
@@ -731,11 +809,53 @@ def interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+class Tolerant:
+    """stdout or stderr that never ends a run: once a write fails (a closed pipe: `| head -1`; a full
+    disk: `>/dev/full`; a closed stream: `>&-`) output goes to /dev/null, and characters the encoding
+    lacks (PYTHONIOENCODING=ascii) are replaced. Results go to files and are not affected."""
+
+    def __init__(self, stream):
+        self.stream = stream if stream is not None else open(os.devnull, "w")
+        try:
+            self.stream.reconfigure(errors="replace")
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):
+            self._drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self._drop()
+
+    def _drop(self):
+        try:  # what is still buffered goes to /dev/null too, or Python complains once more at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):  # isatty, encoding, fileno, ... of the stream in use
+        return getattr(self.stream, name)
+
+
+def tolerant_streams():
+    if not isinstance(sys.stdout, Tolerant):
+        sys.stdout, sys.stderr = Tolerant(sys.stdout), Tolerant(sys.stderr)
+
+
 def main(script: Script):
     """Run the script; bad input -> one 'error: ...' line and exit 2; a file-system fault (a full disk, a
     directory that turned read-only) or a dead worker -> one line and exit 3; Ctrl-C, SIGTERM or SIGHUP
     (what a cluster scheduler sends) -> exit 130. Finished cells are kept in every case: re-running the
     same command resumes."""
+    tolerant_streams()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the shell started us ignoring it (&)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)

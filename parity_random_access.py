@@ -480,6 +480,12 @@ def build(cell):
     return build_model(cell["fmt"], cell["pos"], Config(**cell["config"]))
 
 
+def seq_lens(cell):
+    """(longest training sequence, longest test sequence) in tokens."""
+    (_, hi), lengths = lengths_of(cell["fmt"], Config(**cell["config"]))
+    return seq_len(cell["fmt"], hi), seq_len(cell["fmt"], max(lengths))
+
+
 def train(model, cell):
     """Optional copy pre-training, then the task (each with its own optimizer run and data seed)."""
     cfg, fmt, pos, seed = Config(**cell["config"]), cell["fmt"], cell["pos"], cell["seed"]
@@ -995,6 +1001,7 @@ SCRIPT = H.Script(
     axes={"seed": "seeds", "fmt": "formats", "pos": "pos"},  # seed-major: a stopped run holds whole seeds
     build=build, train=train, evaluate=evaluate, report=report, validate=validate, examples=examples_of_formats,
     eval_fields=("test_lengths", "add_test_lengths", "eval_examples", "probe_examples", "map_length"),
+    seq_lens=seq_lens,
     experiments={"main": [{}],  # the formats and settings the flags give
                  "claims": [dict(seeds=10, formats=f, pos=p, **change) for f, p, change in CLAIMS_RUNS]})
 

@@ -12,6 +12,7 @@ Every verdict in the documents is computed here from tidy rows; nothing here tra
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -208,7 +209,9 @@ class Summary:
 # =============================================================================================
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    """matplotlib.pyplot on the Agg backend (figures are only saved: no display needed). MPLBACKEND is
+    overridden before the import, since matplotlib refuses to import with an unknown one."""
+    os.environ["MPLBACKEND"] = "Agg"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

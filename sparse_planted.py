@@ -510,6 +510,15 @@ def build(cell):
     return build_pointer(cell, cfg) if cell["exp"] == "ppc" else build_sparse(cell, cfg)
 
 
+def seq_lens(cell):
+    """(longest training sequence, longest test sequence) in tokens: at most 3n + 3 for pointer chasing,
+    length + 2 for sparse parity."""
+    cfg = Config(**cell["config"])
+    if cell["exp"] == "ppc":
+        return 3 * cfg.ppc_max + 3, 3 * max(cfg.ppc_test) + 3
+    return cfg.train_max + 2, max(cfg.test_lengths) + 2
+
+
 def train(model, cell):
     cfg, device = Config(**cell["config"]), torch.device(cell["device"])
     return train_pointer(model, cell, cfg, device) if cell["exp"] == "ppc" else train_sparse(model, cell, cfg, device)
@@ -975,7 +984,8 @@ SCRIPT = H.Script(
     axes={"exp": "experiments", "K": "k_train", "k_only": "fixed_k", "W": "windows", "pos": "loc_variants",
           "variant": "ppc_variants", "seed": "seeds"},
     groups=groups, build=build, train=train, evaluate=evaluate, report=report, validate=validate,
-    examples=print_examples, eval_fields=("test_lengths", "eval_examples", "probe_examples", "ppc_test"))
+    examples=print_examples, eval_fields=("test_lengths", "eval_examples", "probe_examples", "ppc_test"),
+    seq_lens=seq_lens)
 
 if __name__ == "__main__":
     H.main(SCRIPT)

@@ -246,6 +246,12 @@ def build(cell):
     return build_model(cell["task"], cell["variant"], Config(**cell["config"]))
 
 
+def seq_lens(cell):
+    """(longest training sequence, longest test sequence) in tokens: N items + the query."""
+    cfg = Config(**cell["config"])
+    return cfg.train_len + 1, max(cfg.test_lengths) + 1
+
+
 def train(model, cell):
     cfg, task, variant, seed = Config(**cell["config"]), cell["task"], cell["variant"], cell["seed"]
     device, key, sample = torch.device(cell["device"]), test_key(task, cfg), sampler(task, cfg)
@@ -792,7 +798,7 @@ SCRIPT = H.Script(
     name="vanishing_variance", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
     axes={"seed": "seeds", "task": "tasks", "variant": "variants"},  # seed-major: a stopped run has whole seeds
     build=build, train=train, evaluate=evaluate, report=report, validate=validate, examples=examples,
-    eval_fields=("test_lengths", "eval_examples", "keep_lengths", "heads", "edits"),
+    eval_fields=("test_lengths", "eval_examples", "keep_lengths", "heads", "edits"), seq_lens=seq_lens,
     experiments={"main": [{}],  # the paper's reproduction
                  "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)]})  # the fix ladder and edits
 

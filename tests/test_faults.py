@@ -46,6 +46,10 @@ BAD = [  # (script, flags, part of the message): every class of bad input, check
     (SP, ["--windows", "100"], "must hold the largest window 100"),
     (SP, ["--n-embd", "30"], "divisible by --n-head"),
     (SP, ["--experiments", "ppc", "--ppc-max", "30"], "--ppc-max 30 beyond"),
+    (VV, ["--n-embd", "65536"], "the model and its optimizer state"),    # sizes no machine here holds
+    (VV, ["--batch-size", "5e7"], "a training batch"),
+    (VV, ["--eval-examples", "1e8"], "the largest test set"),
+    (PA, ["--shard", "-1/2"], "is given as --flag=VALUE"),              # argparse reads -1/2 as a flag
 ]
 
 
@@ -101,10 +105,11 @@ def test_atomic_write_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A tiny file system (tmpfs) of 12 KiB: room for three of the toy's cell files. Needs root."""
+    """A tiny file system (tmpfs) of 160 KiB: room for two of the toy's cells (a record and its
+    saved model each). Needs root."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
@@ -114,7 +119,7 @@ def test_a_disk_that_fills_up_mid_sweep(tmpfs):
     p = run_toy("--preset", "smoke", "--jobs", "1", "--out", str(tmpfs / "run"), check=False)
     one_error_line(p, H.EXIT_IO, "No space left on device")
     assert "re-run the same command to resume" in p.stderr
-    cells = list((tmpfs / "run" / "cells").iterdir())
+    cells = [c for c in (tmpfs / "run" / "cells").iterdir() if c.suffix != ".pt"]
     assert 1 <= len(cells) < 4 and all(c.suffix == ".json" and not c.name.startswith(".") for c in cells)
     assert all(json.loads(c.read_text())["status"] == "ok" for c in cells)  # what finished is intact
 
@@ -122,7 +127,15 @@ def test_a_disk_that_fills_up_mid_sweep(tmpfs):
 def test_a_read_only_out(tmpfs):
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     p = run_toy("--preset", "smoke", "--out", str(tmpfs / "run"), check=False)
-    one_error_line(p, H.EXIT_USAGE, "is not writable: Read-only file system")
+    one_error_line(p, H.EXIT_USAGE, "is not writable (Read-only file system)")
+
+
+def test_plot_only_of_a_read_only_folder_is_refused_up_front(tmpfs):
+    run_toy("--preset", "smoke", "--seeds", "1", "--variants", "none", "--out", str(tmpfs / "run"))
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    p = run_toy("--preset", "smoke", "--plot-only", str(tmpfs / "run"), check=False)
+    one_error_line(p, H.EXIT_USAGE, "--plot-only")
+    assert "is not writable" in p.stderr
 
 
 def interrupt_toy(tmp_path, sig, jobs):
@@ -193,3 +206,81 @@ def test_a_truncated_cell_of_this_sweep_is_found_before_training(tmp_path):
     p = run_toy("--preset", "smoke", "--seeds", "2", "--out", str(tmp_path), check=False)
     one_error_line(p, H.EXIT_USAGE, str(cell))
     assert "sweep:" not in p.stdout  # found before any training
+
+
+STREAMS = {"closed pipe": "{cmd} | head -1", "full disk": "{cmd} >/dev/full", "closed streams": "{cmd} >&- 2>&-",
+           "ascii terminal": "PYTHONIOENCODING=ascii {cmd}", "unknown MPLBACKEND": "MPLBACKEND=nonsense {cmd}",
+           "stderr on a full disk": "{cmd} 2>/dev/full"}
+
+
+@pytest.mark.parametrize("how", list(STREAMS))
+def test_a_broken_stdout_or_backend_never_ends_a_run(how, tmp_path):
+    cmd = " ".join(TOY + ["--device", "cpu", "--preset", "smoke", "--out", str(tmp_path)])
+    p = subprocess.run(["bash", "-c", STREAMS[how].format(cmd=cmd) + "; echo status=${PIPESTATUS[0]}"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert "status=0" in p.stdout and "Traceback" not in p.stderr, p.stdout[-1000:] + p.stderr[-1000:]
+    assert (tmp_path / "results.json").exists() and (tmp_path / "accuracy.png").exists()
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path):
+    (tmp_path / "cells").mkdir()
+    stale = tmp_path / "cells" / ".abc.json.99999999.1.tmp"  # no such process
+    stale.write_text("half a cell")
+    run_toy("--preset", "smoke", "--seeds", "1", "--variants", "none", "--out", str(tmp_path))
+    assert not stale.exists() and not list((tmp_path / "cells").glob(".*"))
+
+
+def test_plot_only_says_when_cells_of_the_sweep_are_missing(tmp_path):
+    run_toy("--preset", "smoke", "--out", str(tmp_path))
+    sorted((tmp_path / "cells").glob("*.json"))[0].unlink()
+    p = run_toy("--preset", "smoke", "--plot-only", str(tmp_path))
+    assert "1 cell(s) of the last sweep" in p.stdout
+
+
+WRONG = {"rows not records": ([1, 2], "not a cell record"),
+         "rows without the cell's ids": ([{"table": "accuracy", "length": 8, "accuracy": 1.0}], "not a cell record"),
+         "a metric that is no number": ([{"table": "accuracy", "length": 8, "accuracy": "high"}],
+                                        "cannot report the results")}
+
+
+@pytest.mark.parametrize("case", list(WRONG))
+def test_a_cell_of_the_wrong_shape_is_one_line(case, tmp_path):
+    rows, msg = WRONG[case]
+    run_toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
+    cell = sorted((tmp_path / "cells").glob("*.json"))[0]
+    rec = json.loads(cell.read_text())
+    ids = {k: v for k, v in rec["cell"].items() if k != "config"} if "ids" not in case else {}
+    cell.write_text(json.dumps({**rec, "rows": [{**ids, **r} if isinstance(r, dict) else r for r in rows]}))
+    p = run_toy("--preset", "smoke", "--plot-only", str(tmp_path), check=False)
+    one_error_line(p, H.EXIT_USAGE, msg)
+    assert str(cell) in p.stderr or (tmp_path / "report-error.txt").exists()
+
+
+def test_plot_only_never_counts_a_seed_twice_when_cells_differ_outside_their_config(tmp_path):
+    run_toy("--preset", "smoke", "--out", str(tmp_path))
+    for f in sorted((tmp_path / "cells").glob("*.json")):  # the same cells, as if run on a GPU too
+        rec = json.loads(f.read_text())
+        rec["cell"]["device"] = "cuda"
+        rec["rows"] = [{**r, "device": "cuda"} for r in rec["rows"]]
+        (f.parent / f"{H.cell_key(rec['cell'])}.json").write_text(json.dumps(rec))
+    import toy_experiment as T
+    recs, _ = H.saved_run(tmp_path, T.Config)
+    assert len(recs) == 4 and len({(r["cell"]["variant"], r["cell"]["seed"]) for r in recs}) == 4
+
+
+def test_bench_jobs_ends_with_one_line_when_a_process_dies():
+    import bench
+    with pytest.raises(SystemExit, match="a --jobs scaling process died"):
+        bench.bench_jobs(C.torch.device("cpu"), "fp32", (2,), 5, worker=dies)
+
+
+def dies(device_name, dtype, steps, barrier, queue):  # a --jobs scaling process killed before its window
+    import os
+    os._exit(9)
+
+
+def test_bench_estimates_print_from_measured_numbers():
+    import bench
+    results = {name: {"train": {"ours": {"ms_step": 10.0}}} for name in bench.MODELS}
+    bench.print_estimates(results, {1: 10.0, 2: 18.0})
+    assert all(results[name]["paper_hours"] > 0 for name in bench.MODELS)

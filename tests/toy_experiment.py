@@ -44,6 +44,11 @@ def build(cell):
                              pos=cfg.pos, attn_out_norm=cell["variant"]))
 
 
+def seq_lens(cell):
+    cfg = Config(**cell["config"])
+    return cfg.train_len, max(cfg.test_lengths)
+
+
 def train(model, cell):
     cfg = Config(**cell["config"])
     data = functools.partial(C.sample_length_range, sample=sample_batch, lo=cfg.train_len, hi=cfg.train_len)
@@ -74,7 +79,8 @@ def validate(cfg):
 
 SCRIPT = H.Script(name="toy", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
                   axes={"variant": "variants", "seed": "seeds"}, build=build, train=train, evaluate=evaluate,
-                  report=report, validate=validate, eval_fields=("test_lengths", "eval_examples"))
+                  report=report, validate=validate, eval_fields=("test_lengths", "eval_examples"),
+                  seq_lens=seq_lens)
 
 if __name__ == "__main__":
     H.main(SCRIPT)

@@ -1,0 +1,73 @@
+"""Saved models and --eval-only: a sweep saves each cell's weights; testing them again at a length they
+never saw gives the rows of a fresh run that had that length from the start; settings that would need
+another model are refused before anything runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import harness as H
+import vanishing_variance as VV
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ["--preset", "smoke", "--device", "cpu", "--jobs", "1", "--seeds", "1", "--variants", "none",
+         "--keep-lengths", "16"]
+
+
+def vv(*args, check=True):
+    p = subprocess.run([sys.executable, str(ROOT / "vanishing_variance.py"), *args], capture_output=True, text=True,
+                       timeout=300)
+    assert not check or p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+def cell_rows(out, eval_only):
+    """Rows of the cells in out that are (or are not) --eval-only cells, without the ids that say so."""
+    rows = []
+    for f in (Path(out) / "cells").glob("*.json"):
+        rec = json.loads(f.read_text())
+        if ("weights" in rec["cell"]) == eval_only:
+            rows += [{k: v for k, v in r.items() if k != "weights"} for r in rec["rows"]]
+    return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+def test_eval_only_at_a_new_length_equals_a_fresh_run_with_that_length(tmp_path):
+    a, b = tmp_path / "trained", tmp_path / "fresh"
+    vv(*SMOKE, "--test-lengths", "16,64,256", "--out", str(a))
+    assert len(list((a / "cells").glob("*.pt"))) == 2  # argmax and lookup: one saved model a cell
+    p = vv("--eval-only", str(a), "--test-lengths", "16,32,64,256", "--keep-lengths", "16", "--device", "cpu")
+    assert "eval-only: 2 saved model(s)" in p.stdout and "running 2" in p.stdout
+    vv(*SMOKE, "--test-lengths", "16,32,64,256", "--out", str(b))
+    new, fresh = cell_rows(a, eval_only=True), cell_rows(b, eval_only=False)
+    assert any(r["length"] == 32 for r in new) and new == fresh  # N = 32 was never tested before
+    assert cell_rows(a, eval_only=False) != fresh  # the original rows are kept apart, unchanged
+    p = vv("--eval-only", str(a), "--test-lengths", "16,32,64,256", "--keep-lengths", "16", "--device", "cpu")
+    assert "2 already done, running 0" in p.stdout  # a re-run resumes
+
+
+def test_a_saved_model_loads_into_the_cell_model(tmp_path):
+    vv(*SMOKE, "--tasks", "argmax", "--out", str(tmp_path))
+    rec = json.loads(next((tmp_path / "cells").glob("*.json")).read_text())
+    model = VV.build(rec["cell"])
+    model.load_state_dict(torch.load(tmp_path / "cells" / f"{H.cell_key(rec['cell'])}.pt", weights_only=True))
+    trained = {r["length"]: r["accuracy"] for r in rec["rows"] if r["table"] == "accuracy"}
+    rows = VV.evaluate(model, rec["cell"])["rows"]
+    assert {r["length"]: r["accuracy"] for r in rows if r["table"] == "accuracy"} == trained
+
+
+def one_line(p, msg):
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == H.EXIT_USAGE and "Traceback" not in p.stderr and msg in last, p.stderr[-2000:]
+
+
+def test_eval_only_refuses_what_would_need_new_models(tmp_path):
+    vv(*SMOKE, "--out", str(tmp_path))
+    one_line(vv("--eval-only", str(tmp_path), "--steps", "10", check=False), "--steps would need new models")
+    # the lookup key table is sized from the longest test N: a longer one means another model
+    one_line(vv("--eval-only", str(tmp_path), "--test-lengths", "16,512", "--keep-lengths", "16", check=False),
+             "built differently from the one trained (wte.A.weight")
+    one_line(vv("--eval-only", str(tmp_path / "nowhere"), check=False), "no such results directory")
+    vv(*SMOKE, "--tasks", "argmax", "--save-models", "false", "--out", str(tmp_path / "unsaved"))
+    one_line(vv("--eval-only", str(tmp_path / "unsaved"), check=False), "no saved models")
