@@ -1,15 +1,16 @@
 """harness.py: the machinery around an experiment. No result depends on it; read it to run things.
 
   sweeps    make_cells() (one cell per combination of a script's declared axes), run_sweep(): cells
-            in parallel processes, shards, one atomic file per finished cell, resume
+            in parallel processes, shards, one atomic file per finished cell and its saved weights,
+            resume; TrainAndEvaluate (a cell start to end), EvaluateSaved (--eval-only)
   results   write_results() (results.json, results.csv), load_results() and saved_run() for
             --plot-only, environment()
   the CLI   Script (what a script declares), main(script): flags from the config dataclass, one
-            precedence (class defaults <- preset <- experiment <- flags), device, errors as one line
-            (exit 2 bad input, 3 a file-system fault, 130 interrupted)
+            precedence (class defaults <- preset <- experiment <- flags), device, a memory estimate,
+            errors as one line (exit 2 bad input, 3 a file-system fault or a dead worker, 130 interrupted)
 
-A script declares a Script (its config class, presets, named experiments, sweep axes, run_cell and
-report) and its __main__ is `harness.main(SCRIPT)`.
+A script declares a Script (its config class, presets, named experiments, sweep axes, and build /
+train / evaluate / report) and its __main__ is `harness.main(SCRIPT)`.
 """
 from __future__ import annotations
 
@@ -316,8 +317,8 @@ def check_record(rec, path):
     ok = isinstance(rec, dict) and {"cell", "rows", "status"} <= rec.keys() and isinstance(rec["cell"], dict) \
         and isinstance(rec["cell"].get("config"), dict) and isinstance(rec["status"], str) \
         and isinstance(rec["rows"], list) and all(isinstance(r, dict) for r in rec["rows"])
-    ids = {k: v for k, v in rec["cell"].items() if k != "config"} if ok else {}
-    ok = ok and all(r.get(k) == v for r in rec["rows"] for k, v in ids.items())  # each row carries its cell's ids
+    ids = [k for k in rec["cell"] if k != "config"] if ok else []
+    ok = ok and all(k in r for r in rec["rows"] for k in ids)  # each row carries its cell's ids
     C.check(ok, f"corrupt results file {path}: not a cell record (a cell with its config, a status, rows with "
                 "the cell's ids); delete it and re-run")
 
@@ -764,13 +765,18 @@ def eval_only(script: Script, args, shard):
     mix with the originals', and a re-run resumes."""
     src = Path(os.path.expanduser(args.eval_only))
     C.check(src.is_dir(), f"--eval-only: no such results directory {src}")
-    given = given_flags(args, script)
+    given, axes = given_flags(args, script), {f: cf for cf, f in script.axes.items()}  # config field -> cell field
+    only = {axes[f]: seed_list(v) if f == "seeds" else v for f, v in given.items() if f in axes}  # --tasks argmax
+    given = {f: v for f, v in given.items() if f not in axes}
     bad = [flag_name(f) for f in given if f not in script.eval_fields]
-    C.check(not bad, f"--eval-only changes evaluation settings only ({', '.join(map(flag_name, script.eval_fields))}); "
-                     f"{', '.join(bad)} would need new models: run a sweep instead")
+    C.check(not bad, f"--eval-only changes evaluation settings only ({', '.join(map(flag_name, script.eval_fields))}) "
+                     f"and picks models by {', '.join(map(flag_name, axes))}; {', '.join(bad)} would need new models: "
+                     "run a sweep instead")
     saved = [r for r in load_cells(src) if r["status"] == "ok" and "weights" not in r["cell"]
-             and (src / "cells" / f"{cell_key(r['cell'])}.pt").exists()]
-    C.check(saved, f"--eval-only: no saved models in {src / 'cells'} (a sweep saves them unless --save-models false)")
+             and (src / "cells" / f"{cell_key(r['cell'])}.pt").exists()
+             and all(r["cell"].get(cf) in values for cf, values in only.items())]
+    C.check(saved, f"--eval-only: no saved models in {src / 'cells'}" + (" of the models picked" if only else "") +
+            " (a sweep saves them unless --save-models false)")
     cfg = script.config(**{**saved[0]["cell"]["config"], **given})
     device = pick_device(args.device, cfg)
     new = {}  # saved models whose configs differ only in evaluation fields give one cell: the first's

@@ -219,10 +219,46 @@ def pyplot():
 
 
 def save_figure(fig, path):
-    """tight_layout, save as PNG and close."""
+    """One shared legend, plain numbers on log axes, tight_layout, save as PNG and close."""
+    shared_legend(fig)
+    for ax in fig.axes:
+        plain_log_labels(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     pyplot().close(fig)
+
+
+def plain_log_labels(ax):
+    """0.3 and 2 rather than 3 x 10^-1 and 2 x 10^0 on a log-scaled axis."""
+    from matplotlib.ticker import FuncFormatter
+    for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+        if scale == "log":
+            axis.set_major_formatter(FuncFormatter(plain_number))
+            axis.set_minor_formatter(FuncFormatter(plain_minor))
+
+
+def plain_number(x, pos=None):
+    return f"{x:g}"
+
+
+def plain_minor(x, pos=None):
+    """A minor tick's label only at 2, 3 and 5 times a power of ten (the others would crowd)."""
+    lead = x / 10 ** math.floor(math.log10(x) + 1e-9) if x > 0 else 0
+    return f"{x:g}" if round(lead, 6) in (2, 3, 5) else ""
+
+
+def shared_legend(fig):
+    """The panels' legends merged into one to the right of the figure (each label once): a variant has
+    one colour in every panel, so one key serves them all."""
+    entries = {}
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(label, handle)
+            ax.get_legend().remove()
+    if entries:
+        fig.legend(list(entries.values()), list(entries), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   frameon=False)
 
 
 def ticks_at(ax, xs):

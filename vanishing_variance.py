@@ -33,6 +33,9 @@ Tasks (order-invariant; the model has no positional encoding). Every input token
                     embedded with sin/cos features of a / 2^30 (continuous and ordered, as in
                     Velickovic et al. 2024); target = payload of the largest priority.
                     Example, N = 4, 8 classes: (51, 2) (902, 5) (7, 1) (424, 0) query -> 5
+  argmax-gap        argmax retrieval whose largest priority exceeds all others by at least 1/16 of
+                    the range at every N (beyond the paper, --experiment gap: with continuous
+                    priorities the top two drift together like 1/N, which sharper attention cannot undo)
   dictionary lookup N (key a, value b) pairs with distinct keys from a key set of 4 x the largest test
                     N (learned key table); then the query (key, marker); target = that key's value.
                     Example, N = 3: (17, 4) (3, 0) (250, 6) query(3) -> 0
@@ -42,6 +45,7 @@ Commands and measured run times (2-core CPU, this repository's machine):
   python vanishing_variance.py                          # quick: 13 min on 2 CPU cores
   python vanishing_variance.py --preset smoke           # ~15 s: what the tests run
   python vanishing_variance.py --experiment fixes       # the fix ladder and the edits, 10 seeds: 96 min
+  python vanishing_variance.py --experiment gap         # argmax vs argmax-gap, none and ssmax and the edits, 10 seeds
   python vanishing_variance.py --device cuda --preset paper   # N to 16384, 5 seeds (not yet run on a GPU)
   python vanishing_variance.py --n-layer 1              # one block: 205 s (sweep)
   python vanishing_variance.py --n-layer 1 --mlp false  # one attention-only block (docs/vanishing_variance.md)
@@ -71,7 +75,8 @@ import reporting as R
 import vanishing_variance_fixes as F
 from vanishing_variance_fixes import EDITS
 
-TASKS = ("argmax", "lookup")
+TASKS = ("argmax", "lookup", "argmax-gap")  # argmax-gap: beyond the paper (--experiment gap)
+GAP = 1 / 16  # argmax-gap: the largest priority exceeds all others by at least this fraction of the range
 VARIANTS = C.ATTN_OUT_NORMS + F.FIXES  # the paper's norms (common.py), then the fix ladder's (the fixes module)
 LADDER = ("none", "layernorm", "headnorm", "gate", "ssmax", "logn")  # --experiment fixes
 GRID = 2**30  # argmax priorities: distinct integers below GRID
@@ -79,13 +84,16 @@ GRID = 2**30  # argmax priorities: distinct integers below GRID
 
 # ---------------------------------------------------------------------------------------- tasks
 
-def sample_argmax(rng, batch_size, length, n_classes=8):
+def sample_argmax(rng, batch_size, length, n_classes=8, gap=0.0):
     """Argmax retrieval: `length` items (priority, payload) and a query; target = payload of the
     item with the largest priority. Returns idx (B, N+1), at (B, 1), targets (B, 1), item (B,)
-    (the position of the answering item)."""
-    q = _distinct(rng, batch_size, length, GRID)  # distinct priorities within an example
+    (the position of the answering item). gap > 0 (task argmax-gap): priorities are drawn below
+    (1 - gap) GRID and the largest is then raised by gap GRID, so it exceeds every other by at least
+    gap (in units of the whole range) at every N; with gap = 0 the top two drift together like 1/N."""
+    q = _distinct(rng, batch_size, length, round(GRID * (1 - gap)))  # distinct priorities within an example
     c = rng.integers(0, n_classes, size=(batch_size, length))
     item = q.argmax(1)
+    q[np.arange(batch_size), item] += round(GRID * gap)
     return _pack(q, c, np.zeros(batch_size, dtype=np.int64), c[np.arange(batch_size), item], item, n_classes)
 
 
@@ -139,7 +147,7 @@ class ItemEmbedding(nn.Module):
         super().__init__()
         self.task, self.nb = task, n_classes + 1
         self.B = nn.Embedding(self.nb, n_embd)
-        if task == "argmax":
+        if task.startswith("argmax"):
             self.register_buffer("freq", math.pi * torch.arange(1, n_freq + 1, dtype=torch.float32))
             self.A = nn.Linear(2 * n_freq + 1, n_embd)
         else:
@@ -149,7 +157,7 @@ class ItemEmbedding(nn.Module):
 
     def forward(self, idx):
         a, b = idx // self.nb, idx % self.nb
-        if self.task == "argmax":
+        if self.task.startswith("argmax"):
             p = (a.double() / GRID).float()[..., None]  # (B, T, 1) in [0, 1)
             a_emb = self.A(torch.cat([p, (p * self.freq).sin(), (p * self.freq).cos()], dim=-1))
         else:
@@ -161,7 +169,7 @@ class ItemEmbedding(nn.Module):
 
 @dataclass
 class Config(C.TrainConfig):
-    tasks: tuple = C.arg(TASKS, "tasks to run", choices=TASKS)
+    tasks: tuple = C.arg(("argmax", "lookup"), "tasks to run", choices=TASKS)
     variants: tuple = C.arg(("none", "layernorm", "standardize"), "norms on the attention output to compare",
                             choices=VARIANTS)
     n_layer: int = C.arg(2, "transformer blocks", min=1)
@@ -203,6 +211,8 @@ def sampler(task, cfg):
     """sample(rng, B, N) for a task."""
     if task == "argmax":
         return functools.partial(sample_argmax, n_classes=cfg.n_classes)
+    if task == "argmax-gap":
+        return functools.partial(sample_argmax, n_classes=cfg.n_classes, gap=GAP)
     return functools.partial(sample_lookup, n_classes=cfg.n_classes, n_keys=n_keys(cfg))
 
 
@@ -800,7 +810,8 @@ SCRIPT = H.Script(
     build=build, train=train, evaluate=evaluate, report=report, validate=validate, examples=examples,
     eval_fields=("test_lengths", "eval_examples", "keep_lengths", "heads", "edits"), seq_lens=seq_lens,
     experiments={"main": [{}],  # the paper's reproduction
-                 "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)]})  # the fix ladder and edits
+                 "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)],  # the fix ladder and edits
+                 "gap": [dict(tasks=("argmax", "argmax-gap"), variants=("none", "ssmax"), seeds=10, edits=True)]})
 
 if __name__ == "__main__":
     H.main(SCRIPT)

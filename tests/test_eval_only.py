@@ -68,6 +68,9 @@ def test_eval_only_refuses_what_would_need_new_models(tmp_path):
     # the lookup key table is sized from the longest test N: a longer one means another model
     one_line(vv("--eval-only", str(tmp_path), "--test-lengths", "16,512", "--keep-lengths", "16", check=False),
              "built differently from the one trained (wte.A.weight")
+    p = vv("--eval-only", str(tmp_path), "--tasks", "argmax", "--test-lengths", "16,512", "--keep-lengths", "16",
+           "--device", "cpu")  # the axes pick models: argmax has no key table, so N = 512 is fine
+    assert "eval-only: 1 saved model(s)" in p.stdout
     one_line(vv("--eval-only", str(tmp_path / "nowhere"), check=False), "no such results directory")
     vv(*SMOKE, "--tasks", "argmax", "--save-models", "false", "--out", str(tmp_path / "unsaved"))
     one_line(vv("--eval-only", str(tmp_path / "unsaved"), check=False), "no saved models")

@@ -32,6 +32,20 @@ def test_argmax_oracle(length):
     assert all(len(set(row)) == length for row in a[:, :-1])  # distinct priorities
 
 
+@pytest.mark.parametrize("length", [2, 16, 2048])
+def test_argmax_gap_oracle(length):
+    """argmax-gap: the same task, with the top priority at least GAP of the range above every other."""
+    batch = VV.sample_argmax(np.random.default_rng(length), 64, length, NC, gap=VV.GAP)
+    a, b = split(batch)
+    top2 = np.sort(a[:, :-1], axis=1)[:, -2:]
+    assert ((top2[:, 1] - top2[:, 0]) >= VV.GAP * VV.GRID).all() and (a[:, :-1] < VV.GRID).all()
+    best = a[:, :-1].argmax(1)
+    assert (batch["targets"][:, 0].numpy() == b[np.arange(64), best]).all() and (batch["item"].numpy() == best).all()
+    plain = VV.sample_argmax(np.random.default_rng(length), 64, length, NC)
+    if length == 2048:  # without the gap, the top two lie about GRID / N apart
+        assert np.median(np.diff(np.sort(split(plain)[0][:, :-1], axis=1)[:, -2:])) < VV.GAP * VV.GRID / 50
+
+
 @pytest.mark.parametrize("length", [1, 16, 2048])
 def test_lookup_oracle(length):
     batch = VV.sample_lookup(np.random.default_rng(length), 64, length, NC, n_keys=4 * 2048)
