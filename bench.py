@@ -215,7 +215,10 @@ def main():
     if args._eval:
         print(json.dumps(eval_once(*json.loads(args._eval))))
         return
-    device = H.pick_device(args.device, C.TrainConfig(dtype=args.dtype))
+    try:
+        device = H.pick_device(args.device, C.TrainConfig(dtype=args.dtype))
+    except C.UsageError as e:  # e.g. --device cuda on a machine without CUDA: one line, exit 2
+        p.exit(H.EXIT_USAGE, f"error: {e}\n")
     steps = args.steps or (60 if args.quick else 200)
     lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)
     default_threads = os.cpu_count() if device.type == "cpu" else None

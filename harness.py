@@ -144,6 +144,15 @@ class TrainAndEvaluate:
         return {**out, **self.evaluate(model, cell)}
 
 
+def read_weights(path):
+    """A saved state dict; a file that cannot be read (truncated, not a model) is one line, naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError, ... for a damaged file
+        raise C.UsageError(f"cannot read saved model {path} ({type(e).__name__}); delete it and its cell file "
+                           "(the same name, .json) and re-run the sweep to train it again") from None
+
+
 class EvaluateSaved:
     """A saved model tested again (--eval-only): built from the cell's config (the original's, with
     only evaluation fields changed), loaded with the weights the cell names, evaluated. The original
@@ -155,8 +164,7 @@ class EvaluateSaved:
     def __call__(self, cell):
         torch.manual_seed(cell["seed"])
         model = self.build(cell)
-        model.load_state_dict(torch.load(self.cell_dir / f"{cell['weights']}.pt", map_location="cpu",
-                                         weights_only=True))
+        model.load_state_dict(read_weights(self.cell_dir / f"{cell['weights']}.pt"))
         model.to(torch.device(cell["device"]))
         original = _read_json(self.cell_dir / f"{cell['weights']}.json")
         kept = {k: v for k, v in original.items() if k not in ("cell", "status", "rows", "seconds")}
@@ -205,12 +213,16 @@ def train_options(desc):
 def _worker_init(threads, shared, on_cuda):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     tolerant_streams()
-    tqdm.set_lock(threading.RLock())  # workers draw no bars: no multiprocessing lock a kill would leak
-    torch.set_num_threads(threads)
-    worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
-    PROGRESS.update(shared=shared, slot=worker % len(shared), parent=os.getppid())
-    if on_cuda:  # several workers per GPU, spread round robin over the GPUs
-        torch.cuda.set_device(worker % torch.cuda.device_count())
+    try:
+        tqdm.set_lock(threading.RLock())  # workers draw no bars: no multiprocessing lock a kill would leak
+        torch.set_num_threads(threads)
+        worker = mp.current_process()._identity[0] - 1  # 0, 1, 2, ... within this pool
+        PROGRESS.update(shared=shared, slot=worker % len(shared), parent=os.getppid())
+        if on_cuda:  # several workers per GPU, spread round robin over the GPUs
+            torch.cuda.set_device(worker % torch.cuda.device_count())
+    except Exception as e:  # one line here; the parent sees a broken pool and ends the sweep (exit 3)
+        print(f"a worker process could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
@@ -267,8 +279,7 @@ def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
             bar.refresh()
     except BrokenProcessPool:
         _stop(pool)
-        raise WorkerDied(None, "a worker process died or could not start (killed, out of memory, or a crash); "
-                               "finished cells are kept") from None
+        raise WorkerDied(None, "a worker process died or could not start (killed, out of memory, or a crash)") from None
     except BaseException:  # Ctrl-C or an error in a cell: stop the other workers now
         _stop(pool)
         raise
@@ -382,7 +393,7 @@ def load_results(out_dir):
         recs = load_cells(out_dir)
         if recs:
             return recs
-    C.check((out_dir / "results.json").exists(), f"--plot-only: no results in {out_dir} (no cells/, no results.json)")
+    C.check((out_dir / "results.json").exists(), f"--plot-only: no results in {out_dir} (no cell files, no results.json)")
     res = _read_json(out_dir / "results.json")
     C.check(isinstance(res, dict) and {"rows", "cells", "config"} <= res.keys() and isinstance(res["config"], dict)
             and isinstance(res["rows"], list) and all(isinstance(r, dict) for r in res["rows"])
@@ -690,10 +701,10 @@ def run(script: Script):
     device = pick_device(args.device, cfgs[0])
     out = out_dir(args, parser, script)
     prepare_out(out)
-    if script.examples:
-        script.examples(cfgs[0])
     cells, jobs = sweep_cells(script, cfgs, device), jobs_for(args, device)
     check_memory(script, cells, device, jobs)
+    if script.examples:
+        script.examples(cfgs[0])
     runner = TrainAndEvaluate(script, out / "cells", args.save_models)
     records = run_sweep(cells, runner, out, jobs, shard, args.fresh)
     write_results(out, records, cfgs[0], environment(device, cfgs[0]))
@@ -785,6 +796,7 @@ def eval_only(script: Script, args, shard):
         new.setdefault(cell_key(cell), ({**cell, "weights": cell_key(r["cell"])}, r))
     cells, saved = [c for c, _ in new.values()], [r for _, r in new.values()]
     for cell, rec in zip(cells, saved):
+        read_weights(src / "cells" / f"{cell['weights']}.pt")  # a damaged file: found before any evaluation
         check_fields(script.config(**cell["config"]))
         if script.validate:
             script.validate(script.config(**cell["config"]))

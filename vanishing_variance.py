@@ -749,9 +749,79 @@ def say_details(records, acc, ratios, slopes, th, cfg, say):
             say(f"mistake ({rec['cell'].get('task')}/{rec['cell'].get('variant')}/seed {rec['cell'].get('seed')}): {m}")
 
 
+NTRAIN = (16, 64, 256)  # --experiment ntrain: lookup trained at these N
+RATIOS = (2, 8)  # N / N_train at which every N_train is compared
+
+
+def ntrain_run(n):
+    """One run of --experiment ntrain: lookup none models trained at N = n, tested (with the edits) from n
+    to 2048, so every n shares one key table (sized from 2048). n = 16 is the fix ladder's own setting."""
+    lengths = tuple(2**k for k in range(int(math.log2(n)), 12))
+    return dict(tasks=("lookup",), variants=("none",), seeds=10, heads=True, edits=True, train_len=n,
+                test_lengths=lengths, keep_lengths=tuple(L for L in (16, 256, 2048) if L in lengths))
+
+
+def ntrain_rows(records):
+    """Accuracy rows of the none models, unedited and edited ('edit'), with n_train and ratio = N / n_train."""
+    out = []
+    for rec in records:
+        n = rec["cell"]["config"]["train_len"]
+        acc = [{**r, "edit": "no edit"} for r in R.select(rec["rows"], table="accuracy")]
+        out += [{**r, "n_train": n, "ratio": r["length"] // n} for r in acc + R.select(rec["rows"], table="edit")]
+    return out
+
+
+def report_ntrain(records, out, say):
+    """--experiment ntrain: does the lookup gap at a fixed ratio N / N_train shrink as N_train grows, and does
+    select (logits x log N / log N_train) still recover it? ntrain.png and a table per ratio."""
+    rows = ntrain_rows(records)
+    plt = R.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+    colors = dict(zip(NTRAIN, ("C0", "C1", "C2")))
+    for ax, edit in zip(axes, ("no edit", "select")):
+        R.band(ax, R.select(rows, edit=edit), "ratio", "accuracy", "n_train", colors, label=ntrain_label)
+        R.dots(ax, R.select(rows, edit=edit), "ratio", "accuracy", "n_train", colors)
+        ax.set(xscale="log", xlabel="N / N_train", ylabel="accuracy", ylim=(0, 1.02),
+               title=f"lookup, none models, {edit if edit == 'no edit' else 'edited: ' + edit}")
+    for n in NTRAIN:
+        d = R.paired_diff_ci(R.select(rows, n_train=n), "accuracy", "select", "no edit", by="edit")
+        xs = [r["length"] // n for r in d]
+        axes[2].plot(xs, [r["diff"] for r in d], marker="o", ms=3, color=colors[n], label=ntrain_label(n))
+        axes[2].fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=colors[n], alpha=0.15)
+    axes[2].set(xscale="log", xlabel="N / N_train", ylabel="select − unedited",
+                title="select − the same model unedited, paired 95% CI")
+    axes[2].axhline(0, color="k", lw=0.8)
+    for ax in axes:
+        R.ticks_at(ax, sorted({r["ratio"] for r in rows}))
+        ax.axvline(1, color="gray", ls="--", lw=1, label="training length (ratio 1)")
+        ax.grid(alpha=0.3)
+        R.legend_outside(ax)
+    R.save_figure(fig, Path(out) / "ntrain.png")
+    say("\n| N / N_train | N_train | N | none (median) | select (median) | select − none, paired [95% CI] | "
+        "seeds select helps |")
+    say("|---|---|---|---|---|---|---|")
+    for ratio in sorted({r["ratio"] for r in rows} & set(RATIOS) | {max(r["ratio"] for r in rows)}):
+        for n in NTRAIN:
+            t = R.select(rows, n_train=n, ratio=ratio)
+            if not R.select(t, edit="select"):
+                continue
+            d = R.paired_diff_ci(t, "accuracy", "select", "no edit", by="edit")[0]
+            c = compare(t, "accuracy", "select", "no edit", ratio * n, "edit", [d])
+            say(f"| {ratio}x | {n} | {ratio * n} | {R.stat_text(c['b'])} | {R.stat_text(c['a'])} | "
+                f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | {c['wins']}/{c['n']} |")
+
+
+def ntrain_label(n):
+    return f"N_train = {n}"
+
+
 def report(records, cfg, out):
     """Figures, claims.json and the printed summary, from the cell records alone."""
     out = Path(out)
+    if len({rec["cell"]["config"]["train_len"] for rec in records}) > 1:  # --experiment ntrain
+        say = R.Summary()
+        report_ntrain(records, out, say)
+        return say.write(out)
     rows = [r for rec in records for r in rec["rows"]]
     acc, probe = R.select(rows, table="accuracy"), R.select(rows, table="probe")
     heads, edits = R.select(rows, table="head_std"), R.select(rows, table="edit")
@@ -811,7 +881,8 @@ SCRIPT = H.Script(
     eval_fields=("test_lengths", "eval_examples", "keep_lengths", "heads", "edits"), seq_lens=seq_lens,
     experiments={"main": [{}],  # the paper's reproduction
                  "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)],  # the fix ladder and edits
-                 "gap": [dict(tasks=("argmax", "argmax-gap"), variants=("none", "ssmax"), seeds=10, edits=True)]})
+                 "gap": [dict(tasks=("argmax", "argmax-gap"), variants=("none", "ssmax"), seeds=10, edits=True)],
+                 "ntrain": [ntrain_run(n) for n in NTRAIN]})
 
 if __name__ == "__main__":
     H.main(SCRIPT)

@@ -72,5 +72,8 @@ def test_eval_only_refuses_what_would_need_new_models(tmp_path):
            "--device", "cpu")  # the axes pick models: argmax has no key table, so N = 512 is fine
     assert "eval-only: 1 saved model(s)" in p.stdout
     one_line(vv("--eval-only", str(tmp_path / "nowhere"), check=False), "no such results directory")
+    weights = sorted((tmp_path / "cells").glob("*.pt"))[0]
+    weights.write_bytes(weights.read_bytes()[:100])  # a damaged file: found before any evaluation
+    one_line(vv("--eval-only", str(tmp_path), check=False), f"cannot read saved model {weights}")
     vv(*SMOKE, "--tasks", "argmax", "--save-models", "false", "--out", str(tmp_path / "unsaved"))
     one_line(vv("--eval-only", str(tmp_path / "unsaved"), check=False), "no saved models")

@@ -49,6 +49,7 @@ BAD = [  # (script, flags, part of the message): every class of bad input, check
     (VV, ["--n-embd", "65536"], "the model and its optimizer state"),    # sizes no machine here holds
     (VV, ["--batch-size", "5e7"], "a training batch"),
     (VV, ["--eval-examples", "1e8"], "the largest test set"),
+    (VV, ["--test-lengths", "16,100000000", "--keep-lengths", "16"], "the largest test set"),
     (PA, ["--shard", "-1/2"], "is given as --flag=VALUE"),              # argparse reads -1/2 as a flag
 ]
 
@@ -188,6 +189,24 @@ def test_a_dead_worker_ends_the_sweep_with_one_line_instead_of_hanging(tmp_path)
     last = err.strip().splitlines()[-1]
     assert p.returncode == H.EXIT_IO, err[-2000:]
     assert last.startswith("error: a worker process died") and "Traceback" not in err, err[-2000:]
+
+
+FAILING_INIT = """
+if "--multiprocessing-fork" in open("/proc/self/cmdline").read():  # in --jobs workers only
+    import torch
+
+    def fail(n):
+        raise RuntimeError("cannot set up this worker")
+    torch.set_num_threads = fail  # the worker initializer fails, as torch.cuda.set_device can
+"""
+
+
+def test_workers_that_cannot_start_end_the_sweep_with_one_line(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FAILING_INIT)
+    p = subprocess.run(TOY + ["--device", "cpu", "--preset", "smoke", "--jobs", "2", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env={**ENV, "PYTHONPATH": str(tmp_path / "site")}, timeout=120)
+    one_error_line(p, H.EXIT_IO, "a worker process died or could not start")
 
 
 @pytest.mark.parametrize("args,msg", [(["--test-lengths", "8,16,16"], "lists a value twice"),
