@@ -786,7 +786,8 @@ def report_ntrain(records, out, say):
     for n in NTRAIN:
         d = R.paired_diff_ci(R.select(rows, n_train=n), "accuracy", "select", "no edit", by="edit")
         xs = [r["length"] // n for r in d]
-        axes[2].plot(xs, [r["diff"] for r in d], marker="o", ms=3, color=colors[n], label=ntrain_label(n))
+        axes[2].plot(xs, [r["diff"] for r in d], marker="o", ms=3, color=colors[n],
+                     label=f"{ntrain_label(n)} ({R.seeds_text(d[0]['n'])})" if d else None)
         axes[2].fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=colors[n], alpha=0.15)
     axes[2].set(xscale="log", xlabel="N / N_train", ylabel="select − unedited",
                 title="select − the same model unedited, paired 95% CI")
