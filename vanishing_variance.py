@@ -848,7 +848,7 @@ def report(records, cfg, out):
     say(f"(better or worse at N: the paired 95% interval excludes 0 and the difference is at least {MATTERS})")
     say(f"{'task':<8} {'variant or edit':<28} reproduced?")
     for r in verdicts:
-        say(f"{r['task']:<8} {r['what']:<28} {r['verdict']}")
+        say(f"{r['task']:<{max(8, len(r['task']) + 1)}} {r['what']:<28} {r['verdict']}")
     say_details(records, acc, ratios, slopes, th, cfg, say)
     say_headline(acc, probe, say)
     say(f"\nwhat tracks accuracy beyond N = {cfg.train_len}: Pearson r over every (cell, N) point")

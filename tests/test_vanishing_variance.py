@@ -12,6 +12,8 @@ import torch
 
 import vanishing_variance as VV
 
+ROOT = Path(__file__).resolve().parent.parent
+
 NC = VV.Config().n_classes
 
 
@@ -165,3 +167,14 @@ def test_verdict_needs_a_minimum_effect():
     assert VV.verdict(tiny, 16) == "yes, at every N >= 64"
     assert VV.verdict([dict(tiny[0])], 16) == "no (no significant difference)"
     assert VV.verdict([{"length": 32, "diff": -0.03, "lo": -0.05, "hi": -0.01}], 16) == "no (worse at N = [32])"
+
+
+def test_gap_task_runs_with_the_edits(tmp_path):
+    """argmax-gap end to end (the task of --experiment gap): claims for ssmax and every edit of none."""
+    p = subprocess.run([sys.executable, str(ROOT / "vanishing_variance.py"), "--preset", "smoke", "--device", "cpu",
+                        "--tasks", "argmax-gap", "--variants", "none,ssmax", "--seeds", "1", "--edits", "true",
+                        "--jobs", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert {(c["task"], c["what"]) for c in claims} == {("argmax-gap", "ssmax")} | {
+        ("argmax-gap", f"none + {e} (test time)") for e in VV.EDITS}
