@@ -178,3 +178,15 @@ def test_gap_task_runs_with_the_edits(tmp_path):
     claims = json.loads((tmp_path / "claims.json").read_text())
     assert {(c["task"], c["what"]) for c in claims} == {("argmax-gap", "ssmax")} | {
         ("argmax-gap", f"none + {e} (test time)") for e in VV.EDITS}
+
+
+def test_ntrain_at_16_reuses_the_fix_ladder_cells():
+    """--experiment ntrain's N_train = 16 run is the fix ladder's lookup/none setting: the same cell keys,
+    so copying the ladder's cells into its folder saves retraining them."""
+    from dataclasses import replace
+    import harness as H
+    base = replace(VV.Config(), **VV.PRESETS["quick"])
+    ladder = H.sweep_cells(VV.SCRIPT, [replace(base, **run) for run in VV.SCRIPT.experiments["fixes"]], torch.device("cpu"))
+    ntrain = H.sweep_cells(VV.SCRIPT, [replace(base, **VV.ntrain_run(16))], torch.device("cpu"))
+    keys = {H.cell_key(c) for c in ladder if c["task"] == "lookup" and c["variant"] == "none"}
+    assert len(keys) == 10 and {H.cell_key(c) for c in ntrain} == keys
