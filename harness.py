@@ -734,8 +734,7 @@ def check_memory(script, cells, device, jobs):
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     if device.type == "cuda":
         have = min(have, torch.cuda.get_device_properties(0).total_memory * torch.cuda.device_count())
-    shapes = {cell_key({**c, "seed": 0}): c for c in cells}  # the seed changes no size
-    for cell in shapes.values():
+    for cell in one_per_shape(cells):
         parts, label = memory_needed(script, cell, script.config(**cell["config"])), R.cell_label(
             {k: v for k, v in cell.items() if k != "seed"})
         need = sum(parts.values()) * min(jobs, len(cells))
@@ -745,6 +744,12 @@ def check_memory(script, cells, device, jobs):
                 f"{gigabytes(parts[worst])}{f', x {min(jobs, len(cells))} jobs' if min(jobs, len(cells)) > 1 else ''}), "
                 f"more than this machine's {gigabytes(have)}: use smaller sizes (--n-embd, --batch-size, "
                 "--eval-examples, test lengths) or fewer --jobs")
+
+
+def one_per_shape(cells):
+    """One cell of each model shape and setting: cells that differ only in their seed (and, for --eval-only
+    cells, the weights they load) build the same model."""
+    return list({cell_key({k: v for k, v in c.items() if k not in ("seed", "weights")}): c for c in cells}.values())
 
 
 def gigabytes(n):
@@ -764,6 +769,7 @@ def report(script, records, cfg, out):
 
 
 def jobs_for(args, device):
+    """--jobs, or the default for the device; sets this process to one thread as well."""
     # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (bench.py);
     # with several jobs each worker process is single-threaded anyway.
     torch.set_num_threads(1)
@@ -794,17 +800,20 @@ def eval_only(script: Script, args, shard):
     for r in saved:
         cell = {**r["cell"], "device": device.type, "config": {**r["cell"]["config"], **given}}
         new.setdefault(cell_key(cell), ({**cell, "weights": cell_key(r["cell"])}, r))
-    cells, saved = [c for c, _ in new.values()], [r for _, r in new.values()]
-    for cell, rec in zip(cells, saved):
+    cells, originals = [c for c, _ in new.values()], {c["weights"]: r["cell"] for c, r in new.values()}
+    for cell in cells:
         read_weights(src / "cells" / f"{cell['weights']}.pt")  # a damaged file: found before any evaluation
+    for cell in one_per_shape(cells):
         check_fields(script.config(**cell["config"]))
         if script.validate:
             script.validate(script.config(**cell["config"]))
-        check_same_model(script, cell, rec["cell"])
+        check_same_model(script, cell, originals[cell["weights"]])
     prepare_out(src, "--eval-only")
-    check_memory(script, cells, device, jobs_for(args, device))
-    print(f"eval-only: {len(cells)} saved model(s) in {src}, tested with {', '.join(f'{flag_name(k)} {shown(v)}' for k, v in given.items()) or 'their own settings'}")
-    records = run_sweep(cells, EvaluateSaved(script, src / "cells"), src, jobs_for(args, device), shard, args.fresh)
+    jobs = jobs_for(args, device)
+    check_memory(script, cells, device, jobs)
+    print(f"eval-only: {len(cells)} saved model(s) in {src}, tested with "
+          f"{', '.join(f'{flag_name(k)} {shown(v)}' for k, v in given.items()) or 'their own settings'}")
+    records = run_sweep(cells, EvaluateSaved(script, src / "cells"), src, jobs, shard, args.fresh)
     write_results(src, records, cfg, environment(device, cfg))
     report(script, records, cfg, src)
 
