@@ -74,7 +74,8 @@ def parse_seeds(s):
     try:
         if "-" in s.strip()[1:]:
             a, b = (int(x) for x in s.split("-"))
-            C.check(0 <= a <= b, f"--seeds {s}: a range A-B needs 0 <= A <= B")
+            if not 0 <= a <= b:
+                raise argparse.ArgumentTypeError(f"invalid seeds range {s!r}: A-B needs 0 <= A <= B")
             return tuple(range(a, b + 1))
         return tuple(int(x) for x in s.split(",")) if "," in s else int(s)
     except ValueError:
@@ -287,8 +288,9 @@ def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
 
 
 def _stop(pool):
-    """Kill the pool's workers now (shutdown(cancel_futures) alone would wait for the cells in flight)."""
-    for p in list(getattr(pool, "_processes", {}).values()):
+    """Kill the pool's workers now (shutdown(cancel_futures) alone would wait for the cells in flight).
+    The workers are this process's only multiprocessing children."""
+    for p in mp.active_children():
         p.kill()
     pool.shutdown(wait=True, cancel_futures=True)
 

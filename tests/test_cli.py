@@ -104,6 +104,8 @@ BAD = [
     (["--preset", "huge"], "invalid choice"),
     (["--steps", "many"], "invalid"),
     (["--dtype", "fp16"], "unknown 'fp16'"),
+    (["--seeds", "5-2"], "invalid seeds range '5-2': A-B needs 0 <= A <= B"),
+    (["--seeds", "a,b"], "invalid seeds value: 'a,b'"),
 ]
 if not torch.cuda.is_available():
     BAD += [(["--device", "cuda"], "CUDA is not available"),

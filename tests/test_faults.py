@@ -146,15 +146,26 @@ def interrupt_toy(tmp_path, sig, jobs):
                                 "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     time.sleep(8)
+    workers = [c for c in children(p.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="ignore")]
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
-    return p.returncode, err
+    return p.returncode, err, workers
+
+
+def alive(pid):
+    """A process that exists and is not a zombie (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"])
 def test_an_interrupt_ends_with_one_line_and_keeps_finished_cells(tmp_path, sig):
-    status, err = interrupt_toy(tmp_path, sig, jobs=2 if sig == signal.SIGINT else 1)
+    status, err, workers = interrupt_toy(tmp_path, sig, jobs=2 if sig == signal.SIGINT else 1)
     assert status == H.EXIT_INTERRUPTED, err[-2000:]
+    assert workers or sig != signal.SIGINT, "no worker started"
+    assert not [w for w in workers if alive(w)]  # the --jobs workers are stopped, not left running
     assert err.strip().splitlines()[-1].startswith("interrupted: finished cells are saved")
     assert "Traceback" not in err and "leaked" not in err
     assert not [c for c in (tmp_path / "cells").iterdir() if c.name.startswith(".")]  # no temp files
