@@ -229,12 +229,16 @@ def save_figure(fig, path):
 
 
 def plain_log_labels(ax):
-    """0.3 and 2 rather than 3 x 10^-1 and 2 x 10^0 on a log-scaled axis."""
+    """0.3 and 2 rather than 3 x 10^-1 and 2 x 10^0 on a log-scaled axis. An axis that spans too little
+    for three labels at 1, 2, 3 and 5 times a power of ten (0.75 ... 1.3) labels every minor tick."""
     from matplotlib.ticker import FuncFormatter
-    for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+    for axis, scale, (lo, hi) in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()), (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
         if scale == "log":
+            lo, hi = min(lo, hi), max(lo, hi)
+            labelled = [t for t in axis.get_minorticklocs() if lo <= t <= hi and plain_minor(t)]
+            labelled += [t for t in axis.get_majorticklocs() if lo <= t <= hi]
             axis.set_major_formatter(FuncFormatter(plain_number))
-            axis.set_minor_formatter(FuncFormatter(plain_minor))
+            axis.set_minor_formatter(FuncFormatter(plain_minor if len(labelled) >= 3 else plain_number))
 
 
 def plain_number(x, pos=None):

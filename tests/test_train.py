@@ -112,3 +112,24 @@ def test_fp32_by_default_and_precision_from_the_config():
         assert isinstance(C.autocast(torch.device("cuda"), "bf16"), torch.autocast)
     cell = H.make_cells(cfg, {"seed": "seeds"}, torch.device("cpu"))[0]
     assert cell["config"]["dtype"] == "fp32" and "seeds" not in cell["config"]  # precision is part of the cell
+
+
+def labels_on_log_axis(lo, hi):
+    """The non-empty y tick labels save_figure's formatting gives a log axis spanning lo .. hi."""
+    plt = R.pyplot()
+    fig, ax = plt.subplots()
+    ax.set_yscale("log")
+    ax.plot([0, 1], [lo, hi])
+    ax.set_ylim(lo, hi)
+    R.plain_log_labels(ax)
+    fig.canvas.draw()
+    ticks = ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()
+    labels = sorted({float(t.label1.get_text()) for t in ticks
+                     if t.label1.get_text() and lo <= t.get_loc() <= hi})
+    plt.close(fig)
+    return labels
+
+
+def test_log_axes_get_plain_labels_and_enough_of_them():
+    assert labels_on_log_axis(0.1, 1000) == [0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 300, 500, 1000]
+    assert labels_on_log_axis(0.75, 1.3) == [0.8, 0.9, 1]  # too narrow for 1-2-3-5 labels: every tick
