@@ -768,6 +768,7 @@ def say_tables(records, acc, probe, groups, cfg, say):
         for g, (xs, m, s, n) in sorted(R.mean_std_by([r for r in acc if r["fmt"] in fmts], "length", "accuracy",
                                                      "variant").items()):
             say(f"  {g:<28}" + "".join(f"{a:>6.2f}±{b:<5.2f}" for a, b in zip(m, s)))
+        say_per_seed([r for r in acc if r["fmt"] in fmts], Ls, what, say)
     if probe:
         say("\nattention-output std at the answer query, std(longest n) / std(shortest n), mean over seeds:")
         for g, (xs, m, _, _) in sorted(R.mean_std_by(probe, "length", "comp_std", ("variant", "layer")).items()):
@@ -783,6 +784,16 @@ def say_tables(records, acc, probe, groups, cfg, say):
             say(f"\nexamples ({rec['label']}, seed 0):")
             for e in rec["examples"][:4]:
                 say(f"  {e if len(e) < 400 else e[:400] + ' ...'}")
+
+
+def say_per_seed(acc, Ls, what, say):
+    """Final-answer accuracy of every seed at every length: the seeds behind each mean above."""
+    say(f"\nfinal-answer accuracy per seed, by {what}:")
+    for g in sorted({r["variant"] for r in acc}):
+        say(f"  {g}\n  {'seed':>6}" + "".join(f"{L:>7}" for L in Ls))
+        for seed in sorted({r["seed"] for r in acc if r["variant"] == g}):
+            at = {r["length"]: r["accuracy"] for r in acc if r["variant"] == g and r["seed"] == seed}
+            say(f"  {seed:>6}" + "".join(f"{at[L]:>7.3f}" if L in at else f"{'-':>7}" for L in Ls))
 
 
 def mass_table(mass, cfg):

@@ -225,7 +225,13 @@ def test_smoke_preset_end_to_end(tmp_path):
     for f in figs:
         assert (tmp_path / f).stat().st_size > 10_000, f
         (tmp_path / f).unlink()
-    assert "claim" in (tmp_path / "summary.txt").read_text()
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "claim" in summary
+    r = next(r for r in acc if r["fmt"] == "mnemonic" and r["seed"] == 1)  # its row in the per-seed table:
+    table = summary.split("final-answer accuracy per seed, by bits n:")[1].split("\n  mnemonic")[1]
+    line = next(x for x in table.splitlines()[2:] if x.split()[0] == "1").split()
+    lengths = sorted({a["length"] for a in acc if a["fmt"] == "mnemonic"})
+    assert line[1 + lengths.index(r["length"])] == f"{r['accuracy']:.3f}"
     claims = json.loads((tmp_path / "claims.json").read_text())
     assert {c["fmt"] for c in claims} == {"scratchpad", "mnemonic", "add-mnemonic"}
     assert all(c["seeds"] == 2 for c in claims if "seeds" in c)
