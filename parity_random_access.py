@@ -673,18 +673,21 @@ def learned_score(rec, cfg):
     return tuple(min(rows, key=lambda r: abs(r["length"] - L))["accuracy"] for L in (cfg.train_max, cfg.map_length))
 
 
-def maps_to_show(with_maps, cfg):
+def maps_to_show(records, cfg):
     """[(record, seeds it was chosen from, which maps, their n)]: per scratchpad / mnemonic setting, the seed
-    that learned best (a map of a model that failed in distribution would show nothing about length)."""
+    that learned best (a map of a model that failed in distribution would show nothing about length).
+    Chosen among all seeds, so a folder that keeps only that seed's maps (the committed ones) draws the same."""
     show = []
     for f in ("scratchpad", "mnemonic"):
-        for lab in sorted({rec["label"] for rec in with_maps if rec["cell"]["fmt"] == f}):
-            recs = [rec for rec in with_maps if rec["label"] == lab]
+        for lab in sorted({rec["label"] for rec in records if rec["cell"]["fmt"] == f}):
+            recs = [rec for rec in records if rec["label"] == lab]
             rec = max(recs, key=lambda r: learned_score(r, cfg))
+            if not rec.get("maps"):
+                continue
             if rec.get("maps_train"):
                 show.append((rec, len(recs), "maps_train", cfg.train_max))
             show.append((rec, len(recs), "maps", cfg.map_length))
-    return show or [(with_maps[0], 1, "maps", cfg.map_length)]
+    return show
 
 
 def draw_maps(axes, rec, of, key, n, cfg):
@@ -728,7 +731,7 @@ def fig_attention(records, cfg, palette, out):
     with_maps = [rec for rec in records if rec.get("maps")]
     if not with_maps:
         return
-    show = maps_to_show(with_maps, cfg)
+    show = maps_to_show(records, cfg) or [(with_maps[0], 1, "maps", cfg.map_length)]
     nh = len(show[0][0]["maps"][0])
     fig, axes = R.pyplot().subplots(len(show) + 1, nh, figsize=(3.1 * nh, 3.0 * (len(show) + 1)), squeeze=False)
     for i, (rec, of, key, n) in enumerate(show):

@@ -276,6 +276,19 @@ def test_claims_oracle():
     assert d["n"] == 10 and abs(d["diff"] - 0.77) < 1e-12 and 0 < d["lo"] < d["diff"] < d["hi"]
 
 
+def test_attention_figure_shows_the_same_seed_when_only_its_maps_are_kept():
+    """Committed folders keep the maps of the seed the figure shows and no other: the choice and its
+    "best of 10" must not change."""
+    cfg = P.Config(test_lengths=(20, 40))
+    recs = [{"label": "mnemonic, rope", "cell": {"fmt": "mnemonic", "seed": s}, "maps": [[[[s]]]],
+             "rows": [{"table": "accuracy", "length": L, "accuracy": 1.0 if L == 20 else 0.5 + 0.04 * (s % 7)}
+                      for L in cfg.test_lengths]} for s in range(10)]
+    (rec, of, key, n), = P.maps_to_show(recs, cfg)
+    assert (rec["cell"]["seed"], of, key, n) == (6, 10, "maps", cfg.map_length)  # the best at n = 40
+    kept = [r if r is rec else {k: v for k, v in r.items() if k != "maps"} for r in recs]
+    assert P.maps_to_show(kept, cfg) == [(rec, 10, "maps", cfg.map_length)]
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--anchors", "8", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
