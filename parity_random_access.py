@@ -766,11 +766,7 @@ def say_tables(records, acc, probe, groups, cfg, say):
             if any(metric in r for rec in recs for r in rec["rows"]):
                 R.summarize(recs, metric, hi, say=say)
         say(f"\nfinal-answer accuracy by {what} (mean ± std over seeds):")
-        Ls = sorted({r["length"] for r in acc if r["fmt"] in fmts})
-        say(f"  {'':<28}" + "".join(f"{L:>12}" for L in Ls))
-        for g, (xs, m, s, n) in sorted(R.mean_std_by([r for r in acc if r["fmt"] in fmts], "length", "accuracy",
-                                                     "variant").items()):
-            say(f"  {g:<28}" + "".join(f"{a:>6.2f}±{b:<5.2f}" for a, b in zip(m, s)))
+        Ls = say_by_length([r for r in acc if r["fmt"] in fmts], "accuracy", say)
         say_per_seed([r for r in acc if r["fmt"] in fmts], Ls, what, say)
     if probe:
         say("\nattention-output std at the answer query, std(longest n) / std(shortest n), mean over seeds:")
@@ -782,11 +778,26 @@ def say_tables(records, acc, probe, groups, cfg, say):
         for g, (inside, beyond, last) in mass_table(mass, cfg).items():
             say(f"  {g:<28} steps <= {cfg.train_max}: {inside:.2f}   steps > {cfg.train_max}: {beyond:.2f}   "
                 f"last step: {last:.2f}")
+    by_n = mass_rows(records, cfg)
+    if by_n:
+        say("\nattention on bit i by n (retrieving head, averaged over the steps of 32 examples; mean ± std over seeds):")
+        say_by_length(by_n, "mass", say)
     for rec in records:
         if rec["cell"]["seed"] == 0 and rec.get("examples"):
             say(f"\nexamples ({rec['label']}, seed 0):")
             for e in rec["examples"][:4]:
                 say(f"  {e if len(e) < 400 else e[:400] + ' ...'}")
+
+
+def say_by_length(rows, y, say):
+    """A table of y, mean ± std over seeds, a line per variant and a column per length; returns the lengths."""
+    Ls = sorted({r["length"] for r in rows})
+    w = max(len(r["variant"]) for r in rows)
+    say(f"  {'':<{w}}" + "".join(f"{L:>12}" for L in Ls))
+    for g, (xs, m, s, n) in sorted(R.mean_std_by(rows, "length", y, "variant").items()):
+        at = dict(zip(xs, zip(m, s)))
+        say(f"  {g:<{w}}" + "".join(f"{at[L][0]:>6.2f}±{at[L][1]:<5.2f}" if L in at else f"{'-':>12}" for L in Ls))
+    return Ls
 
 
 def say_per_seed(acc, Ls, what, say):
