@@ -778,6 +778,7 @@ def say_tables(records, acc, probe, groups, cfg, say):
         for g, (inside, beyond, last) in mass_table(mass, cfg).items():
             say(f"  {g:<28} steps <= {cfg.train_max}: {inside:.2f}   steps > {cfg.train_max}: {beyond:.2f}   "
                 f"last step: {last:.2f}")
+    say_final_losses(records, say)
     by_n = mass_rows(records, cfg)
     if by_n:
         say("\nattention on bit i by n (retrieving head, averaged over the steps of 32 examples; mean ± std over seeds):")
@@ -798,6 +799,20 @@ def say_by_length(rows, y, say):
         at = dict(zip(xs, zip(m, s)))
         say(f"  {g:<{w}}" + "".join(f"{at[L][0]:>6.2f}±{at[L][1]:<5.2f}" if L in at else f"{'-':>12}" for L in Ls))
     return Ls
+
+
+def say_final_losses(records, say):
+    """The loss of the last training batch, copy pre-training and task, median [min, max] over seeds: did
+    a setting that failed at least fit its training data?"""
+    say("\nfinal training loss (last batch), median [min, max] over seeds:")
+    for lab in sorted({rec["label"] for rec in records}):
+        recs = [rec for rec in records if rec["label"] == lab and rec["status"] == "ok"]
+        text = []
+        for stage, name in (("pretrain", "copy pre-training"), ("train", "task")):
+            v = [rec[stage]["final_loss"] for rec in recs if (rec.get(stage) or {}).get("final_loss") is not None]
+            if v:
+                text.append(f"{name} {np.median(v):.3g} [{min(v):.3g}, {max(v):.3g}]")
+        say(f"  {lab}: " + "; ".join(text or ["-"]) + f" ({len(recs)} seeds)")
 
 
 def say_per_seed(acc, Ls, what, say):
