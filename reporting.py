@@ -223,7 +223,8 @@ def save_figure(fig, path):
     shared_legend(fig)
     for ax in fig.axes:
         plain_log_labels(ax)
-    fig.tight_layout()
+    lines = fig.get_suptitle().count("\n") + 1 if fig.get_suptitle() else 0  # keep the panels below it
+    fig.tight_layout(rect=(0, 0, 1, 1 - lines * 18 / (72 * fig.get_figheight())))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     pyplot().close(fig)
 

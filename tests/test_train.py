@@ -133,3 +133,21 @@ def labels_on_log_axis(lo, hi):
 def test_log_axes_get_plain_labels_and_enough_of_them():
     assert labels_on_log_axis(0.1, 1000) == [0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 300, 500, 1000]
     assert labels_on_log_axis(0.75, 1.3) == [0.8, 0.9, 1]  # too narrow for 1-2-3-5 labels: every tick
+
+
+def test_a_two_line_suptitle_stays_above_the_panel_titles(tmp_path):
+    import matplotlib.text
+    plt = R.pyplot()
+    fig, axes = plt.subplots(7, 4, figsize=(12.4, 21))  # the shape of parity's attention.png
+    for ax in axes.flat:
+        ax.set_title("a panel title")
+    gs = axes[-1, 0].get_gridspec()
+    for ax in axes[-1]:
+        ax.remove()
+    fig.add_subplot(gs[-1, :])  # a panel across the bottom row, as parity's attention.png has
+    fig.suptitle("a figure title\non two lines", fontsize=10)
+    R.save_figure(fig, tmp_path / "f.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()  # save_figure closed the figure's own canvas
+    top, = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text() == "a figure title\non two lines"]
+    assert all(top.get_window_extent(renderer).y0 >= ax.title.get_window_extent(renderer).y1 for ax in axes[0])
