@@ -766,8 +766,8 @@ def say_tables(records, acc, probe, groups, cfg, say):
             if any(metric in r for rec in recs for r in rec["rows"]):
                 R.summarize(recs, metric, hi, say=say)
         say(f"\nfinal-answer accuracy by {what} (mean ± std over seeds):")
-        Ls = say_by_length([r for r in acc if r["fmt"] in fmts], "accuracy", say)
-        say_per_seed([r for r in acc if r["fmt"] in fmts], Ls, what, say)
+        group_acc = [r for r in acc if r["fmt"] in fmts]
+        say_per_seed(group_acc, say_by_length(group_acc, "accuracy", say), what, say)
     if probe:
         say("\nattention-output std at the answer query, std(longest n) / std(shortest n), mean over seeds:")
         for g, (xs, m, _, _) in sorted(R.mean_std_by(probe, "length", "comp_std", ("variant", "layer")).items()):
