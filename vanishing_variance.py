@@ -411,11 +411,14 @@ def claims(acc, edits, cfg):
     out, top = [], max(cfg.test_lengths)
     for task in TASKS:
         t_acc = R.select(acc, task=task)
+        none = {n: R.seed_stats(list(R.per_seed(t_acc, "accuracy", variant="none", length=n).values()))["mean"]
+                for n in (cfg.train_len, top)} if R.select(t_acc, variant="none") else {}
+        loss = none[cfg.train_len] - none[top] if none else float("nan")  # what none loses beyond training
         for v in [v for v in VARIANTS if v != "none" and R.select(t_acc, variant=v)]:
             d = R.paired_diff_ci(t_acc, "accuracy", v, "none")
             out.append({"claim": CLAIMS[v], "task": task, "variant": v, "edit": None, "what": v, "baseline": "none",
                         "setting": f"trained at N = {cfg.train_len}, tested at N = {top}",
-                        **compare(t_acc, "accuracy", v, "none", top, "variant", d),
+                        **compare(t_acc, "accuracy", v, "none", top, "variant", d), "loss": loss,
                         "verdict": verdict(d, cfg.train_len)})
         t_edit = edit_table(t_acc, R.select(edits, task=task))
         for e in [e for e in EDITS if R.select(t_edit, edit=e)]:
@@ -423,7 +426,7 @@ def claims(acc, edits, cfg):
             out.append({"claim": CLAIMS[e], "task": task, "variant": "none", "edit": e, "what": f"none + {e} (test time)",
                         "baseline": "the same none model, unedited",
                         "setting": f"none trained at N = {cfg.train_len}, edited at N = {top}",
-                        **compare(t_edit, "accuracy", e, "no edit", top, "edit", d),
+                        **compare(t_edit, "accuracy", e, "no edit", top, "edit", d), "loss": loss,
                         "verdict": verdict(d, cfg.train_len)})
     return out
 
@@ -671,6 +674,19 @@ def say_edits(acc, probe, edits, verdicts, cfg, say):
                 f"{stat('target_mass')['mean']:.2f} | {fac} |")
 
 
+def say_recovered(verdicts, cfg, say):
+    """How much of what `none` loses beyond training each fix or edit wins back at the longest N: the
+    paired difference (and its 95% CI) over the loss, none's mean accuracy at N_train minus at N_max.
+    A share near 1 closes the gap; near 0, the fix does not touch what limits the task."""
+    top = max(cfg.test_lengths)
+    say(f"\nshare of none's loss (accuracy at N = {cfg.train_len} minus at N = {top}) won back at N = {top}, "
+        "paired 95% CI")
+    for c in verdicts:
+        if c["loss"] > 0:
+            say(f"  {c['task']:<10} {c['what']:<28} loss {c['loss']:.3f}: {c['diff'] / c['loss']:+.0%} "
+                f"[{c['lo'] / c['loss']:+.0%}, {c['hi'] / c['loss']:+.0%}]")
+
+
 def say_headline(acc, probe, say):
     """The headline numbers: at the training N and the longest N, per task and variant,
     accuracy (mean ± std over seeds), exp(H) of the query's layer-0 attention, and its attention mass
@@ -860,6 +876,7 @@ def report(records, cfg, out):
     say_ladder(acc, probe, ratios, verdicts, cfg, say)
     if edits:
         say_edits(acc, probe, edits, verdicts, cfg, say)
+    say_recovered(verdicts, cfg, say)
     say.write(out)
 
 

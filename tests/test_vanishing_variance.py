@@ -132,6 +132,20 @@ def test_claims_oracle():
     assert abs(c["a"]["median"] - (0.545 + 0.11)) < 1e-12 and abs(c["b"]["mean"] - 0.545) < 1e-12
 
 
+def test_share_of_the_loss_won_back():
+    """none falls from 0.9 (N = 16) to 0.5 (N = 64) and layernorm is 0.1 better at 64: it wins back a
+    quarter of the loss; the claim carries the loss and the printed share is diff / loss."""
+    cfg = VV.Config(test_lengths=(16, 64))
+    rows = [{"task": "lookup", "variant": v, "seed": s, "length": L,
+             "accuracy": (0.9 if L == 16 else 0.5 + (0.1 + 0.01 * (s % 2) if v == "layernorm" else 0)) + 0.001 * s}
+            for v in ("none", "layernorm") for s in range(10) for L in (16, 64)]
+    (c,) = VV.claims(rows, [], cfg)
+    assert abs(c["loss"] - 0.4) < 1e-12 and abs(c["diff"] - 0.105) < 1e-12
+    lines = []
+    VV.say_recovered([c], cfg, lines.append)
+    assert "loss 0.400: +26% [" in lines[-1], lines
+
+
 def test_wilson_interval():
     from reporting import wilson_ci
     lo, hi = wilson_ci(10, 10)
