@@ -687,6 +687,27 @@ def say_recovered(verdicts, cfg, say):
                 f"[{c['lo'] / c['loss']:+.0%}, {c['hi'] / c['loss']:+.0%}]")
 
 
+HOLDS = 0.95  # a model "holds" at N when its accuracy there is at least this
+
+
+def say_gap_vs_argmax(acc, cfg, say):
+    """--experiment gap: argmax-gap − argmax for the none models at every N, matched by seed (the same
+    initialization; the test sets differ, so a 95% t-interval over the per-seed differences), and the
+    seeds of each task that hold (accuracy >= HOLDS) at the longest N, with a Wilson interval."""
+    none = R.select(acc, variant="none")
+    if not (R.select(none, task="argmax") and R.select(none, task="argmax-gap")):
+        return
+    d = R.paired_diff_ci(none, "accuracy", "argmax-gap", "argmax", by="task")
+    say("\nargmax-gap − argmax, none models, matched by seed (95% CI): " +
+        ", ".join(f"N={r['length']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for r in d))
+    top = max(cfg.test_lengths)
+    for task in ("argmax", "argmax-gap"):
+        for v in [v for v in VARIANTS if R.select(acc, task=task, variant=v)]:
+            a = list(R.per_seed(acc, "accuracy", task=task, variant=v, length=top).values())
+            k, (lo, hi) = sum(x >= HOLDS for x in a), R.wilson_ci(sum(x >= HOLDS for x in a), len(a))
+            say(f"  {task:<10} {v:<6} seeds with accuracy >= {HOLDS} at N = {top}: {k}/{len(a)} [{lo:.2f}, {hi:.2f}]")
+
+
 def say_headline(acc, probe, say):
     """The headline numbers: at the training N and the longest N, per task and variant,
     accuracy (mean ± std over seeds), exp(H) of the query's layer-0 attention, and its attention mass
@@ -877,6 +898,7 @@ def report(records, cfg, out):
     if edits:
         say_edits(acc, probe, edits, verdicts, cfg, say)
     say_recovered(verdicts, cfg, say)
+    say_gap_vs_argmax(acc, cfg, say)
     say.write(out)
 
 

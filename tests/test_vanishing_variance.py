@@ -146,6 +146,20 @@ def test_share_of_the_loss_won_back():
     assert "loss 0.400: +26% [" in lines[-1], lines
 
 
+def test_gap_vs_argmax_oracle():
+    """argmax-gap − argmax matched by seed, and the seeds that hold >= 0.95 at the longest N, on rows
+    built by hand: argmax 0.70 + 0.01 s at N = 64, argmax-gap 0.99 except seed 3 (0.90)."""
+    cfg = VV.Config(test_lengths=(16, 64))
+    acc = {("argmax", 64): lambda s: 0.70 + 0.01 * s, ("argmax-gap", 64): lambda s: 0.90 if s == 3 else 0.99}
+    rows = [{"task": t, "variant": "none", "seed": s, "length": L, "accuracy": acc.get((t, L), lambda s: 1.0)(s)}
+            for t in ("argmax", "argmax-gap") for s in range(10) for L in (16, 64)]
+    lines = []
+    VV.say_gap_vs_argmax(rows, cfg, lines.append)
+    want = np.mean([(0.90 if s == 3 else 0.99) - 0.70 - 0.01 * s for s in range(10)])
+    assert "N=16: +0.000 [+0.000, +0.000]" in lines[0] and f"N=64: {want:+.3f} [" in lines[0], lines
+    assert lines[1].endswith("0/10 [0.00, 0.28]") and lines[2].endswith("9/10 [0.60, 0.98]"), lines
+
+
 def test_wilson_interval():
     from reporting import wilson_ci
     lo, hi = wilson_ci(10, 10)
