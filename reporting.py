@@ -1,6 +1,6 @@
 """reporting.py: statistics over seeds, tables and the figure helpers the three scripts share.
 
-  statistics  select(), per_seed(), seed_stats(), t_half_width(), paired_diff_ci(), wilson_ci(),
+  statistics  select(), per_seed(), seed_stats(), t_half_width(), paired_diff_ci(), welch_ci(), wilson_ci(),
               spearman_ci() (a bootstrap over seeds), mean_std_by(), summarize()
   tables      markdown_table(): the one writer of every claims table; Summary: the printed summary
   figures     plot_vs_length() (mean ± std band per group, clipped to [0, 1] for accuracies, training
@@ -64,6 +64,20 @@ def paired_diff_ci(rows, metric, a, b, by="variant", x="length"):
         out.append({x: xv, "diff": float(d.mean()), "lo": float(d.mean() - half), "hi": float(d.mean() + half),
                     "n": len(d)})
     return out
+
+
+def welch_ci(a, b):
+    """mean(a) − mean(b) for two independent groups of seeds (different models: nothing to pair), with a
+    95% Welch t-interval (degrees of freedom by Welch–Satterthwaite, rounded down). {diff, lo, hi}."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    d = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": d, "lo": float("nan"), "hi": float("nan")}
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
+    half = T975[max(k for k in T975 if k <= max(1, math.floor(df)))] * se
+    return {"diff": d, "lo": d - half, "hi": d + half}
 
 
 def diff_text(d, places=2):

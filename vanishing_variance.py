@@ -178,6 +178,8 @@ class Config(C.TrainConfig):
     n_embd: int = C.arg(64, "model width", min=1)
     n_classes: int = C.arg(8, "payload / value classes (chance = 1 / n_classes)", min=2)
     train_len: int = C.arg(16, "number of items N during training", min=1)
+    train_mix: bool = C.arg(False, "train on every N up to --train-len (each batch draws N uniformly from "
+                            "1 .. train_len) instead of N = train_len only", late=True)
     test_lengths: tuple = C.arg((16, 32, 64, 128, 256, 512, 1024, 2048), "test N", min=1)
     keep_lengths: tuple = C.arg((16, 256, 2048), "N whose raw attention outputs are kept for the distribution plot",
                                 min=1)
@@ -251,6 +253,12 @@ def at_length(rng, batch_size, sample, length):
     return sample(rng, batch_size, length)
 
 
+def up_to_length(rng, batch_size, sample, length):
+    """A training batch at N drawn uniformly from 1 .. length (--train-mix). Short batches give the query a
+    clear signal early on: at N_train = 256 a model trained at N = 256 only stays at chance on lookup."""
+    return sample(rng, batch_size, int(rng.integers(1, length + 1)))
+
+
 def build(cell):
     """The cell's model, untrained (the harness seeds torch with the cell's seed first: the init seed)."""
     return build_model(cell["task"], cell["variant"], Config(**cell["config"]))
@@ -269,7 +277,7 @@ def train(model, cell):
     def in_distribution(m):
         return {f"accuracy@{cfg.train_len}": C.evaluate_by_length(m, sample, [cfg.train_len], 256, device,
                                                                   key=key)[0]["accuracy"]}
-    data = functools.partial(at_length, sample=sample, length=cfg.train_len)
+    data = functools.partial(up_to_length if cfg.train_mix else at_length, sample=sample, length=cfg.train_len)
     return {"train": C.train(model, data, cfg, device, data_seed=10_000 + seed, eval_fn=in_distribution,
                              **H.train_options(f"{task}/{variant}/seed{seed}"))}
 
@@ -798,6 +806,14 @@ def ntrain_run(n):
                 test_lengths=lengths, keep_lengths=tuple(L for L in (16, 256, 2048) if L in lengths))
 
 
+def ntrain_mix_run(n):
+    """One run of --experiment ntrain-mix: as ntrain_run(n), but trained on every N up to n (--train-mix),
+    for 4000 steps. Trained at N = n only for 2000 steps, lookup is not learned from n = 64 on (accuracy at
+    N = n below 0.95 on 9 of 10 seeds at n = 64, at chance on all 10 at n = 256); short examples give the
+    query's attention a signal to start from."""
+    return {**ntrain_run(n), "train_mix": True, "steps": 4000, "heads": False}
+
+
 def ntrain_rows(records):
     """Accuracy rows of the none models, unedited and edited ('edit'), with n_train and ratio = N / n_train."""
     out = []
@@ -812,6 +828,7 @@ def report_ntrain(records, out, say):
     """--experiment ntrain: does the lookup gap at a fixed ratio N / N_train shrink as N_train grows, and does
     select (logits x log N / log N_train) still recover it? ntrain.png and a table per ratio."""
     rows = ntrain_rows(records)
+    trained = "on every N up to N_train" if Config(**records[0]["cell"]["config"]).train_mix else "at N_train only"
     plt = R.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(19, 5))
     colors = dict(zip(NTRAIN, ("C0", "C1", "C2")))
@@ -819,7 +836,7 @@ def report_ntrain(records, out, say):
         R.band(ax, R.select(rows, edit=edit), "ratio", "accuracy", "n_train", colors, label=ntrain_label)
         R.dots(ax, R.select(rows, edit=edit), "ratio", "accuracy", "n_train", colors)
         ax.set(xscale="log", xlabel="N / N_train", ylabel="accuracy", ylim=(0, 1.02),
-               title=f"lookup, none models, {edit if edit == 'no edit' else 'edited: ' + edit}")
+               title=f"lookup, none models trained {trained}\n{edit if edit == 'no edit' else 'edited: ' + edit}")
     for n in NTRAIN:
         d = R.paired_diff_ci(R.select(rows, n_train=n), "accuracy", "select", "no edit", by="edit")
         xs = [r["length"] // n for r in d]
@@ -835,18 +852,41 @@ def report_ntrain(records, out, say):
         ax.grid(alpha=0.3)
         R.legend_outside(ax)
     R.save_figure(fig, Path(out) / "ntrain.png")
-    say("\n| N / N_train | N_train | N | none (median) | select (median) | select − none, paired [95% CI] | "
-        "seeds select helps |")
-    say("|---|---|---|---|---|---|---|")
+    say_ntrain(rows, say)
+
+
+def say_ntrain(rows, say):
+    """The --experiment ntrain tables. Per N_train: accuracy in distribution and the seeds that learned the
+    task (>= HOLDS at N = N_train). Per ratio N / N_train: the loss acc(N_train) − acc(N) of the unedited
+    models, its difference to the smallest N_train's (different models: a Welch interval), and select −
+    unedited, paired by seed on identical test sets."""
+    plain, ns = R.select(rows, edit="no edit"), sorted({r["n_train"] for r in rows})
+    say("\n| N_train | accuracy at N = N_train (median) | seeds that learned it (>= "
+        f"{HOLDS}) [95% CI] |\n|---|---|---|")
+    for n in ns:
+        a = list(R.per_seed(plain, "accuracy", n_train=n, length=n).values())
+        k = sum(x >= HOLDS for x in a)
+        lo, hi = R.wilson_ci(k, len(a))
+        say(f"| {n} | {R.stat_text(R.seed_stats(a))} | {k}/{len(a)} [{lo:.2f}, {hi:.2f}] |")
+    say(f"\n| N / N_train | N_train | N | none (median) | loss from N_train | loss − N_train = {ns[0]}'s [95% CI] | "
+        "select (median) | select − none, paired [95% CI] | seeds select helps |")
+    say("|---|---|---|---|---|---|---|---|---|")
     for ratio in sorted({r["ratio"] for r in rows} & set(RATIOS) | {max(r["ratio"] for r in rows)}):
-        for n in NTRAIN:
+        losses = {n: ntrain_losses(plain, n, ratio) for n in ns}
+        for n in [n for n in ns if losses[n]]:
             t = R.select(rows, n_train=n, ratio=ratio)
-            if not R.select(t, edit="select"):
-                continue
             d = R.paired_diff_ci(t, "accuracy", "select", "no edit", by="edit")[0]
             c = compare(t, "accuracy", "select", "no edit", ratio * n, "edit", [d])
-            say(f"| {ratio}x | {n} | {ratio * n} | {R.stat_text(c['b'])} | {R.stat_text(c['a'])} | "
-                f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | {c['wins']}/{c['n']} |")
+            w = R.welch_ci(losses[n], losses[ns[0]]) if n != ns[0] and losses[ns[0]] else None
+            say(f"| {ratio}x | {n} | {ratio * n} | {R.stat_text(c['b'])} | {R.mean_std_text(losses[n])} | "
+                f"{R.diff_text(w, 3) if w else ''} | {R.stat_text(c['a'])} | {R.diff_text(d, 3)} | {c['wins']}/{c['n']} |")
+
+
+def ntrain_losses(plain, n, ratio):
+    """Per seed, accuracy at N = n minus at N = ratio * n (the unedited models trained at n)."""
+    at_n = R.per_seed(plain, "accuracy", n_train=n, length=n)
+    far = R.per_seed(plain, "accuracy", n_train=n, length=ratio * n)
+    return [at_n[s] - far[s] for s in sorted(set(at_n) & set(far))]
 
 
 def ntrain_label(n):
@@ -922,7 +962,8 @@ SCRIPT = H.Script(
     experiments={"main": [{}],  # the paper's reproduction
                  "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)],  # the fix ladder and edits
                  "gap": [dict(tasks=("argmax", "argmax-gap"), variants=("none", "ssmax"), seeds=10, edits=True)],
-                 "ntrain": [ntrain_run(n) for n in NTRAIN]})
+                 "ntrain": [ntrain_run(n) for n in NTRAIN],
+                 "ntrain-mix": [ntrain_mix_run(n) for n in reversed(NTRAIN)]})  # the longest cells first
 
 if __name__ == "__main__":
     H.main(SCRIPT)

@@ -218,3 +218,63 @@ def test_ntrain_at_16_reuses_the_fix_ladder_cells():
     ntrain = H.sweep_cells(VV.SCRIPT, [replace(base, **VV.ntrain_run(16))], torch.device("cpu"))
     keys = {H.cell_key(c) for c in ladder if c["task"] == "lookup" and c["variant"] == "none"}
     assert len(keys) == 10 and {H.cell_key(c) for c in ntrain} == keys
+
+
+def test_committed_cells_keep_their_keys():
+    """Every cell of the committed fix ladder, gap and ntrain runs is found under the key its command computes
+    today: a config field added later (declared late=True, such as train_mix) stays out of the key at its
+    default. A field added without it would orphan every committed cell, and this test fails."""
+    from dataclasses import replace
+    import harness as H
+    base = replace(VV.Config(), **VV.PRESETS["quick"])
+    for experiment, folder in (("fixes", "fixes"), ("gap", "gap"), ("ntrain", "ntrain")):
+        cells = H.sweep_cells(VV.SCRIPT, [replace(base, **run) for run in VV.SCRIPT.experiments[experiment]],
+                              torch.device("cpu"))
+        have = {p.stem for p in (ROOT / "results" / "vanishing_variance" / folder / "cells").glob("*.json")}
+        assert cells and {H.cell_key(c) for c in cells} <= have, experiment
+
+
+def test_train_mix_enters_the_key_and_draws_every_length():
+    """--train-mix changes the cell (its key holds train_mix) and trains on every N from 1 to N_train."""
+    from dataclasses import replace
+    import functools
+    import harness as H
+    cfg = replace(VV.Config(), tasks=("lookup",), variants=("none",), seeds=1)
+    (plain,) = H.sweep_cells(VV.SCRIPT, [cfg], torch.device("cpu"))
+    (mixed,) = H.sweep_cells(VV.SCRIPT, [replace(cfg, train_mix=True)], torch.device("cpu"))
+    assert "train_mix" not in plain["config"] and mixed["config"]["train_mix"] is True
+    assert H.cell_key(plain) != H.cell_key(mixed)
+    data = functools.partial(VV.up_to_length, sample=VV.sampler("lookup", cfg), length=8)
+    rng = np.random.default_rng(0)
+    lengths = {data(rng, 4)["idx"].shape[1] - 1 for _ in range(200)}
+    assert lengths == set(range(1, 9))
+
+
+def test_welch_interval():
+    """Hand-computed: [1, 2, 3] vs [4, 6, 8]: −4, se = sqrt(1/3 + 4/3), Welch df = 2.94 -> t(2) = 4.303."""
+    from reporting import welch_ci
+    w = welch_ci([1, 2, 3], [4, 6, 8])
+    half = 4.303 * (5 / 3) ** 0.5
+    assert w["diff"] == -4 and abs(w["lo"] - (-4 - half)) < 1e-9 and abs(w["hi"] - (-4 + half)) < 1e-9
+
+
+def test_ntrain_tables_oracle():
+    """--experiment ntrain's tables on records built by hand: at N_train = 64 seed 0 never learns (0.5 in
+    distribution); at 8x every model trained at 16 loses 0.20 − 0.01 s, and select wins back 0.05."""
+    def acc(n, s, L):
+        if L == n:
+            return 0.5 if (n, s) == (64, 0) else 1.0
+        return {16: 0.8, 64: 0.9}[n] + 0.01 * s if L == 8 * n else 0.95
+    records = [{"cell": {"seed": s, "config": {"train_len": n}},
+                "rows": [{"table": "accuracy", "seed": s, "length": L, "accuracy": acc(n, s, L)} for L in (n, 2 * n, 8 * n)]
+                + [{"table": "edit", "edit": "select", "seed": s, "length": L, "accuracy": acc(n, s, L) + 0.05 * (L > n)}
+                   for L in (n, 2 * n, 8 * n)]}
+               for n in (16, 64) for s in range(10)]
+    lines = []
+    VV.say_ntrain(VV.ntrain_rows(records), lines.append)
+    text = "\n".join(lines)
+    assert "| 16 | 1.00 ± 0.00 (1.00) | 10/10 [0.72, 1.00] |" in text
+    assert "| 64 | 0.95 ± 0.15 (1.00) | 9/10 [0.60, 0.98] |" in text
+    loss16 = [0.2 - 0.01 * s for s in range(10)]
+    row = [line for line in lines if line.startswith("| 8x | 16 | 128 |")][0]
+    assert f"| {np.mean(loss16):.3f} ± {np.std(loss16):.3f} |" in row and "| +0.050 [+0.050, +0.050] | 10/10 |" in row
