@@ -278,3 +278,6 @@ def test_ntrain_tables_oracle():
     loss16 = [0.2 - 0.01 * s for s in range(10)]
     row = [line for line in lines if line.startswith("| 8x | 16 | 128 |")][0]
     assert f"| {np.mean(loss16):.3f} ± {np.std(loss16):.3f} |" in row and "| +0.050 [+0.050, +0.050] | 10/10 |" in row
+    lines = []  # without the edits (--edits false): the select columns stay empty
+    VV.say_ntrain([r for r in VV.ntrain_rows(records) if r["edit"] == "no edit"], lines.append)
+    assert [line for line in lines if line.startswith("| 8x | 16 | 128 |")][0].endswith("|  |  |  |")
