@@ -871,7 +871,7 @@ def say_ntrain(rows, say):
     say(f"\n| N / N_train | N_train | N | none (median) | loss from N_train | loss − N_train = {ns[0]}'s [95% CI] | "
         "select (median) | select − none, paired [95% CI] | seeds select helps |")
     say("|---|---|---|---|---|---|---|---|---|")
-    for ratio in sorted({r["ratio"] for r in rows} & set(RATIOS) | {max(r["ratio"] for r in rows)}):
+    for ratio in ntrain_ratios(plain):
         losses = {n: ntrain_losses(plain, n, ratio) for n in ns}
         for n in [n for n in ns if losses[n]]:
             t = R.select(rows, n_train=n, ratio=ratio)
@@ -882,6 +882,14 @@ def say_ntrain(rows, say):
             said = f"{R.stat_text(c['a'])} | {R.diff_text(d[0], 3)} | {c['wins']}/{c['n']}" if c else " |  | "
             say(f"| {ratio}x | {n} | {ratio * n} | {R.stat_text(none)} | {R.mean_std_text(losses[n])} | "
                 f"{R.diff_text(w, 3) if w else ''} | {said} |")
+
+
+def ntrain_ratios(plain):
+    """The ratios N / N_train the table shows: RATIOS, the largest ratio two N_train share, and the largest."""
+    have = {(r["ratio"], r["n_train"]) for r in plain}
+    ratios = {ratio for ratio, _ in have}
+    shared = [ratio for ratio in ratios if sum(ratio == x for x, _ in have) >= 2] or [max(ratios)]
+    return sorted(ratios & set(RATIOS) | {max(shared), max(ratios)})
 
 
 def ntrain_losses(plain, n, ratio):
