@@ -46,6 +46,8 @@ Commands and measured run times (2-core CPU, this repository's machine):
   python vanishing_variance.py --preset smoke           # ~15 s: what the tests run
   python vanishing_variance.py --experiment fixes       # the fix ladder and the edits, 10 seeds: 96 min
   python vanishing_variance.py --experiment gap         # argmax vs argmax-gap, none and ssmax and the edits, 10 seeds
+  python vanishing_variance.py --experiment ntrain      # lookup trained at N_train = 16, 64, 256 (not learned beyond 16)
+  python vanishing_variance.py --experiment ntrain-mix  # the same, trained on every N up to N_train: 88 min on 2 CPU cores
   python vanishing_variance.py --device cuda --preset paper   # N to 16384, 5 seeds (not yet run on a GPU)
   python vanishing_variance.py --n-layer 1              # one block: 205 s (sweep)
   python vanishing_variance.py --n-layer 1 --mlp false  # one attention-only block (docs/vanishing_variance.md)
