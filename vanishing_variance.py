@@ -812,7 +812,7 @@ def ntrain_mix_run(n):
     """One run of --experiment ntrain-mix: as ntrain_run(n), but trained on every N up to n (--train-mix),
     for 4000 steps. Trained at N = n only for 2000 steps, lookup is not learned from n = 64 on (accuracy at
     N = n below 0.95 on 9 of 10 seeds at n = 64, at chance on all 10 at n = 256); short examples give the
-    query's attention a signal to start from."""
+    query's attention a signal to start from (this run learns n = 64 on 10 of 10 seeds, n = 256 on 2)."""
     return {**ntrain_run(n), "train_mix": True, "steps": 4000, "heads": False}
 
 
