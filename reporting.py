@@ -309,8 +309,14 @@ def seeds_text(n):
 
 
 def band(ax, rows, x, y, group, colors, label=str):
-    """A line per group with its mean ± std band over seeds (colors: {group: colour})."""
-    for g, (xs, m, s, n) in sorted(mean_std_by(rows, x, y, group).items(), key=lambda t: str(t[0])):
+    """A line per group with its mean ± std band over seeds (colors: {group: colour}; the legend follows
+    the order of colors, then the groups it lacks by name)."""
+    order = list(colors)
+
+    def legend_order(item):
+        g = item[0]
+        return (order.index(g), "") if g in order else (len(order), str(g))
+    for g, (xs, m, s, n) in sorted(mean_std_by(rows, x, y, group).items(), key=legend_order):
         line, = ax.plot(xs, m, marker="o", ms=3, label=f"{label(g)} ({seeds_text(n.min())})", color=colors.get(g))
         lo, hi = (np.clip(m - s, 0, 1), np.clip(m + s, 0, 1)) if y in FRACTIONS else (m - s, m + s)
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
