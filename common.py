@@ -295,9 +295,7 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------------------- 2. training
 
 def arg(default, help, **meta):
-    """A dataclass field whose help text (and optional min / max / choices) becomes a command-line flag.
-    late=True marks a field added after results were computed: at its default it stays out of the cell
-    keys (harness.make_cells), so finished cells are still found."""
+    """A dataclass field whose help text (and optional min / max / choices / late) becomes a command-line flag."""
     value = dict(default_factory=lambda: tuple(default)) if isinstance(default, tuple) else dict(default=default)
     return field(**value, metadata={"help": help, **meta})
 

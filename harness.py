@@ -59,17 +59,12 @@ def make_cells(cfg, axes, device, groups=None):
     every config field named in axes, so adding a seed or a variant later reuses every cell done. It also
     leaves out a field declared with late=True while it holds its default: a field added after cells were
     computed keeps their keys (and Config(**cell['config']) restores the default)."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in axes.values() and not late_default(cfg, k)}
+    late = {f.name for f in fields(cfg) if f.metadata.get("late") and getattr(cfg, f.name) == f.default}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in axes.values() and k not in late}
     if groups is None:
         groups = [{cf: seed_list(cfg.seeds) if f == "seeds" else getattr(cfg, f) for cf, f in axes.items()}]
     return [{**dict(zip(g, combo)), "device": device.type, "config": config}
             for g in groups for combo in itertools.product(*g.values())]
-
-
-def late_default(cfg, name):
-    """Whether config field `name` was declared late=True (C.arg) and holds its default."""
-    f = {f.name: f for f in fields(cfg)}[name]
-    return f.metadata.get("late", False) and getattr(cfg, name) == f.default
 
 
 def seed_list(seeds):

@@ -714,8 +714,14 @@ def say_gap_vs_argmax(acc, cfg, say):
     for task in ("argmax", "argmax-gap"):
         for v in [v for v in VARIANTS if R.select(acc, task=task, variant=v)]:
             a = list(R.per_seed(acc, "accuracy", task=task, variant=v, length=top).values())
-            k, (lo, hi) = sum(x >= HOLDS for x in a), R.wilson_ci(sum(x >= HOLDS for x in a), len(a))
-            say(f"  {task:<10} {v:<6} seeds with accuracy >= {HOLDS} at N = {top}: {k}/{len(a)} [{lo:.2f}, {hi:.2f}]")
+            say(f"  {task:<10} {v:<6} seeds with accuracy >= {HOLDS} at N = {top}: {holds_text(a)}")
+
+
+def holds_text(accuracies):
+    """'k/n [lo, hi]': the seeds whose accuracy is at least HOLDS, with a 95% Wilson interval."""
+    k = sum(x >= HOLDS for x in accuracies)
+    lo, hi = R.wilson_ci(k, len(accuracies))
+    return f"{k}/{len(accuracies)} [{lo:.2f}, {hi:.2f}]"
 
 
 def say_headline(acc, probe, say):
@@ -867,9 +873,7 @@ def say_ntrain(rows, say):
         f"{HOLDS}) [95% CI] |\n|---|---|---|")
     for n in ns:
         a = list(R.per_seed(plain, "accuracy", n_train=n, length=n).values())
-        k = sum(x >= HOLDS for x in a)
-        lo, hi = R.wilson_ci(k, len(a))
-        say(f"| {n} | {R.stat_text(R.seed_stats(a))} | {k}/{len(a)} [{lo:.2f}, {hi:.2f}] |")
+        say(f"| {n} | {R.stat_text(R.seed_stats(a))} | {holds_text(a)} |")
     say(f"\n| N / N_train | N_train | N | none (median) | loss from N_train | loss − N_train = {ns[0]}'s [95% CI] | "
         "select (median) | select − none, paired [95% CI] | seeds select helps |")
     say("|---|---|---|---|---|---|---|---|---|")
