@@ -42,7 +42,7 @@ Tasks (order-invariant; the model has no positional encoding). Every input token
 Token id = a * (n_classes + 1) + b.
 
 Commands and measured run times (2-core CPU, this repository's machine):
-  python vanishing_variance.py                          # quick: 13 min on 2 CPU cores
+  python vanishing_variance.py                          # quick: 9 min on 2 CPU cores
   python vanishing_variance.py --preset smoke           # ~15 s: what the tests run
   python vanishing_variance.py --experiment fixes       # the fix ladder and the edits, 10 seeds: 96 min
   python vanishing_variance.py --experiment gap         # argmax vs argmax-gap, none and ssmax and the edits, 10 seeds
