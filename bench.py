@@ -219,12 +219,16 @@ def main():
         device = H.pick_device(args.device, C.TrainConfig(dtype=args.dtype))
     except C.UsageError as e:  # e.g. --device cuda on a machine without CUDA: one line, exit 2
         p.exit(H.EXIT_USAGE, f"error: {e}\n")
+    if args.steps < 0:
+        p.exit(H.EXIT_USAGE, f"error: --steps must be >= 0 (0: the default), got {args.steps}\n")
     steps = args.steps or (60 if args.quick else 200)
     lengths = (1024, 4096) if args.quick else (1024, 4096, 16384)
-    default_threads = os.cpu_count() if device.type == "cpu" else None
-    ours_threads = 1
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; ours: SDPA, {ours_threads} thread; "
-          f"reference: manual attention, {default_threads} threads (PyTorch's default)\n")
+    # on CPU ours runs one thread, the reference PyTorch's default; on CUDA neither sets it (host threads)
+    default_threads = os.cpu_count() if device.type == "cpu" else torch.get_num_threads()
+    ours_threads = 1 if device.type == "cpu" else default_threads
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; ours: SDPA, {ours_threads} thread(s); "
+          f"reference: manual attention, {default_threads} thread(s)"
+          f"{' (PyTorch default)' if device.type == 'cpu' else ' (host threads; both run on the GPU)'}\n")
     results = {}
     print(f"{'model':<22} {'what':<14} {'ours':>22} {'reference':>22} {'ratio':>7}")
     for name, spec in MODELS.items():

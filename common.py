@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,17 +58,20 @@ class GPTConfig:
 
 
 def rope_angles(pos, hs, base):
-    """cos, sin of the RoPE angles pos * base^(-2i/hs), (B, 1, T, hs/2) each, pos (B, T): once per forward."""
+    """cos, sin of the RoPE angles pos * base^(-2i/hs), (B, 1, T, hs) each (both halves alike), pos (B, T):
+    once per forward."""
     inv_freq = base ** (-torch.arange(0, hs, 2, device=pos.device, dtype=torch.float32) / hs)  # (hs/2,)
     ang = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (B, 1, T, hs)
     return ang.cos(), ang.sin()
 
 
 def apply_rope(x, rope):
-    """Rotate pairs of channels of x (B, nh, T, hs) by the angles of rope_angles()."""
+    """Rotate pairs of channels (i, i + hs/2) of x (..., B, nh, T, hs) by the angles of rope_angles():
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]."""
     cos, sin = (t.to(x.dtype) for t in rope)
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def gather_at(x, at):  # x (B, T, C) at the positions at (B, P): (B, P, C)
@@ -80,9 +83,10 @@ def attention_rows(q, k, at):
     (B, nh, P, T). O(P T) memory; with at = every position, the full maps."""
     B, nh, T, hs = q.shape
     qa = q.gather(2, at[:, None, :, None].expand(B, nh, at.size(1), hs))  # (B, nh, P, hs)
-    scores = (qa @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, P, T)
+    with torch.autocast(q.device.type, enabled=False):  # scores in float32 under bf16 autocast too
+        scores = (qa.float() @ k.float().transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, P, T)
     future = torch.arange(T, device=q.device) > at[:, None, :, None]  # (B, 1, P, T)
-    return F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1)
+    return F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
 
 class KVCache:  # one layer's keys and values for decoding, preallocated (no torch.cat per token)
@@ -126,8 +130,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         nh = self.cfg.n_head
         q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if rope is not None:  # q and k rotated in one call: half the kernel launches
+            q, k = apply_rope(torch.stack((q, k)), rope).unbind(0)
         return q, k, v
 
     def out(self, y, x, at=None):
@@ -337,10 +341,19 @@ def lr_at(step, cfg: TrainConfig):
 
 
 def autocast(device, dtype="fp32"):
-    """bf16 autocast where dtype asks for it, on CUDA only; otherwise float32."""
-    if device.type == "cuda" and dtype == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast where dtype asks for it (the command line allows it on CUDA only); otherwise float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+@contextmanager
+def matmul_precision(tf32):
+    """TF32 matmuls on CUDA on or off inside (a cell's training and its whole evaluation), restored after."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def to_device(batch, device):  # a sampler's batch on the device
@@ -356,9 +369,12 @@ def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None
           on_progress=None):
     """Train on batches of `sample_batch(rng, batch_size)`. Returns {steps, final_loss, seconds, loss_curve};
     raises Diverged at a non-finite loss or gradient (checked every 10 steps: the only device syncs)."""
+    with matmul_precision(cfg.tf32):
+        return _train(model, sample_batch, cfg, device, data_seed, eval_fn, progress, desc, on_progress)
+
+
+def _train(model, sample_batch, cfg, device, data_seed, eval_fn, progress, desc, on_progress):
     model.to(device).train()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     rng = np.random.default_rng(data_seed)
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # gains, biases

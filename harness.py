@@ -142,10 +142,11 @@ class TrainAndEvaluate:
     def __call__(self, cell):
         torch.manual_seed(cell["seed"])
         model = self.build(cell)
-        out = self.train(model, cell)
-        if self.save_models:
-            save_weights(model, self.cell_dir / f"{cell_key(cell)}.pt")
-        return {**out, **self.evaluate(model, cell)}
+        with C.matmul_precision(cell["config"].get("tf32", False)):  # one precision for training and every test
+            out = self.train(model, cell)
+            if self.save_models:
+                save_weights(model, self.cell_dir / f"{cell_key(cell)}.pt")
+            return {**out, **self.evaluate(model, cell)}
 
 
 def read_weights(path):
@@ -172,7 +173,19 @@ class EvaluateSaved:
         model.to(torch.device(cell["device"]))
         original = _read_json(self.cell_dir / f"{cell['weights']}.json")
         kept = {k: v for k, v in original.items() if k not in ("cell", "status", "rows", "seconds")}
-        return {**kept, **self.evaluate(model, cell)}
+        with C.matmul_precision(cell["config"].get("tf32", False)):  # as the sweep evaluated it
+            return {**kept, **self.evaluate(model, cell)}
+
+
+class DeviceFault(OSError):
+    """A cell ran out of memory or met an accelerator runtime error: the sweep ends with one line (exit 3)."""
+
+
+def device_fault(cell, e):
+    kind = "ran out of memory" if isinstance(e, torch.OutOfMemoryError) else "met a device error"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return DeviceFault(f"cell {R.cell_label(cell)} {kind} on {cell.get('device', 'its device')} ({first}): "
+                       "run fewer cells at once (a lower --jobs) or smaller sizes")
 
 
 def _run_and_save(run_cell, cell_dir, cell):
@@ -183,6 +196,8 @@ def _run_and_save(run_cell, cell_dir, cell):
     except C.Diverged as e:  # recorded, and the sweep goes on with the other cells
         tqdm.write(f"{R.cell_label(cell)}: {e}; run stopped")
         out = {"status": "diverged", "train": e.result, "rows": []}
+    except (torch.OutOfMemoryError, torch.AcceleratorError) as e:
+        raise device_fault(cell, e) from None
     ids = {k: v for k, v in cell.items() if k != "config"}
     rows = [{**ids, **r} for r in out.pop("rows", [])]
     record = {"cell": cell, "status": out.pop("status", "ok"), "rows": rows,
@@ -628,8 +643,9 @@ def pick_device(name, cfg):
         name, why = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu", "auto-detected"
     C.check(name != "cuda" or torch.cuda.is_available(), "--device cuda requested but CUDA is not available here")
     C.check(name != "mps" or has_mps, "--device mps requested but MPS is not available here")
-    C.check(cfg.dtype == "fp32" or (name == "cuda" and torch.cuda.is_bf16_supported()),
-            f"--dtype {cfg.dtype} needs a CUDA GPU with bf16; this run is on {name}")
+    C.check(cfg.dtype == "fp32" or name == "cuda", f"--dtype {cfg.dtype} needs a CUDA GPU; this run is on {name}")
+    C.check(cfg.dtype == "fp32" or torch.cuda.is_bf16_supported(including_emulation=False),
+            f"--dtype {cfg.dtype}: this GPU has no native bf16 (it would be emulated, slower than fp32); use fp32")
     C.check(not cfg.tf32 or name == "cuda", "--tf32 applies to CUDA only")
     what = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
         if name == "cuda" else platform.processor() or name
@@ -720,7 +736,8 @@ def memory_needed(script, cell, cfg):
     """{part: bytes} one cell process needs at most, for fp32: the model with its gradients and AdamW's
     two moments (16 B a parameter); a training batch's activations (~34 floats a token, layer and
     channel, and three copies of the attention matrix, which the math attention path keeps); the
-    largest test set, which evaluation holds in memory (three int64 tensors a token)."""
+    largest test set, which evaluation holds in memory (three int64 tensors a token); one evaluation or
+    calibration forward (2**16 tokens, the most either runs at once; ~16 live floats a token and channel)."""
     with torch.device("meta"):  # shapes only
         model = script.build(cell)
     params = sum(p.numel() for p in model.parameters())
@@ -728,7 +745,8 @@ def memory_needed(script, cell, cfg):
     L, d, h = model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_head
     return {"the model and its optimizer state": 16 * params,
             "a training batch": 4 * cfg.batch_size * t_train * L * (34 * d + 3 * h * t_train),
-            "the largest test set": 24 * cfg.eval_examples * t_test}
+            "the largest test set": 24 * cfg.eval_examples * t_test,
+            "an evaluation or calibration batch": 4 * 2**16 * 16 * d}
 
 
 def check_memory(script, cells, device, jobs):

@@ -159,9 +159,10 @@ class ItemEmbedding(nn.Module):
 
     def forward(self, idx):
         a, b = idx // self.nb, idx % self.nb
-        if self.task.startswith("argmax"):
+        if self.task.startswith("argmax"):  # in float32 under bf16 autocast too: 8 bits would merge priorities
             p = (a.double() / GRID).float()[..., None]  # (B, T, 1) in [0, 1)
-            a_emb = self.A(torch.cat([p, (p * self.freq).sin(), (p * self.freq).cos()], dim=-1))
+            with torch.autocast(idx.device.type, enabled=False):
+                a_emb = self.A(torch.cat([p, (p * self.freq).sin(), (p * self.freq).cos()], dim=-1))
         else:
             a_emb = self.A(a)
         return a_emb + self.B(b)  # (B, T, C)

@@ -34,6 +34,7 @@ import common as C
 FIXES = ("headnorm", "gate", "ssmax", "logn")
 EDITS = ("scale", "select", "both")  # test-time edits of trained `none` models
 CAL_SEED, CAL_EXAMPLES = 54_321, 256  # unlabeled inputs on which head stds are measured, apart from the test set
+CAL_TOKENS = 2**16  # tokens per calibration forward: its memory is one test batch's at any N
 
 
 @dataclass
@@ -139,16 +140,20 @@ def edited(model, sharpen=1.0, head_scale=None):
 def head_std(model, idx):
     """(n_layer, nh): the std over examples of each head's output at the query (the input of W_O, so
     after the gate of `gate` and the per-head norm of `headnorm`), root-mean-square over its channels."""
-    seen = []
+    seen, s1, s2, n = [], 0.0, 0.0, idx.size(0)
     hooks = [b.attn.c_proj.register_forward_pre_hook(functools.partial(_keep_query, seen)) for b in model.blocks]
     try:
         model.eval()
-        model(idx, at=torch.full((idx.size(0), 1), idx.size(1) - 1, device=idx.device))
+        for chunk in idx.split(max(1, CAL_TOKENS // idx.size(1))):  # chunks: per-channel sums and sums of squares
+            seen.clear()
+            model(chunk, at=torch.full((chunk.size(0), 1), idx.size(1) - 1, device=idx.device))
+            y = torch.stack(seen).double()  # (L, b, C)
+            s1, s2 = s1 + y.sum(1), s2 + (y * y).sum(1)  # (L, C) each
     finally:
         for h in hooks:
             h.remove()
-    nh = model.cfg.n_head
-    return torch.stack([y.float().view(y.size(0), nh, -1).var(0).mean(-1).sqrt() for y in seen])  # (L, nh)
+    var = (s2 - s1 * s1 / n) / (n - 1)  # (L, C): the unbiased variance over the n examples
+    return var.view(var.size(0), model.cfg.n_head, -1).mean(-1).sqrt().float()  # (L, nh)
 
 
 def restore_scale(model, ref, idx, sharpen=1.0):
