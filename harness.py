@@ -560,7 +560,7 @@ def make_parser(script: Script):
     p.add_argument("--preset", default="quick", choices=list(script.presets),
                    help="smoke: seconds (tests); quick: minutes on a laptop CPU; paper: paper scale, for a GPU")
     if len(script.experiments) > 1:
-        p.add_argument("--experiment", default="main", choices=list(script.experiments),
+        p.add_argument("--experiment", default=next(iter(script.experiments)), choices=list(script.experiments),
                        help="a named experiment: " + "; ".join(
                            f"{k}: " + " | ".join(", ".join(f"{f}={shown(v)}" for f, v in run.items()) or "the flags"
                                                  for run in runs) for k, runs in script.experiments.items()))
@@ -622,7 +622,7 @@ def check_fields(cfg):
 def run_configs(args, script: Script):
     """The config of each run of the chosen experiment: class defaults <- preset <- the experiment's run
     <- the flags given on the command line (a flag always wins). Every field is checked."""
-    runs = script.experiments[getattr(args, "experiment", "main")]
+    runs = script.experiments[getattr(args, "experiment", next(iter(script.experiments)))]
     cfgs = [replace(replace(replace(script.config(), **script.presets[args.preset]), **run), **given_flags(args, script))
             for run in runs]
     for cfg in cfgs:

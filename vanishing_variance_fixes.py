@@ -2,7 +2,7 @@
 
 Is the failure at long N one of *scale* (each head's output shrinks, the paper's account) or of
 *selection* (the query's attention spreads over more items)? Two tools, used by vanishing_variance.py
-(`--experiment fixes`):
+(`python vanishing_variance_beyond.py --experiment fixes`):
 
   the fix ladder   FixGPT: common.GPT whose attention (FixAttention) has one change, retrained per
                    seed. Output side, per head before W_O:

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import vanishing_variance as VV
+import vanishing_variance_beyond as VVB
+import vanishing_variance_report as VVR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,10 +80,10 @@ def test_item_embedding_is_a_sum_of_parts():
 
 
 def test_theory_slopes():
-    th = VV.theory([16, 64, 256, 1024])
+    th = VVR.theory([16, 64, 256, 1024])
     uniform = th["uniform: sigma/sqrt(N)"]
-    assert abs(VV.slope(*uniform) + 0.5) < 1e-9
-    soft = [VV.slope(x, y) for label, (x, y) in th.items() if label.startswith("softmax")]
+    assert abs(VVR.slope(*uniform) + 0.5) < 1e-9
+    soft = [VVR.slope(x, y) for label, (x, y) in th.items() if label.startswith("softmax")]
     assert all(-0.55 < s < -0.05 for s in soft), soft  # a fixed query: the std still vanishes,
     assert soft[0] < soft[1]                           # more slowly for sharper attention (beta 1 vs 3)
 
@@ -102,7 +104,8 @@ def test_smoke_preset_end_to_end(tmp_path):
     for r in std:
         by_len.setdefault(r["length"], []).append(r["comp_std"])
     assert np.mean(by_len[256]) < np.mean(by_len[16])  # the variance vanishes with N
-    figs = ["accuracy.png", "variance.png", "shift.png", "distributions.png", "why.png", "ladder.png"]
+    figs = ["accuracy.png", "variance.png", "shift.png", "distributions.png", "why.png"]
+    assert not (tmp_path / "ladder.png").exists()  # the paper's report only: the ladder is vanishing_variance_beyond's
     for f in figs:
         assert (tmp_path / f).stat().st_size > 10_000, f
         (tmp_path / f).unlink()
@@ -125,7 +128,7 @@ def test_claims_oracle():
     gain = lambda v, s, L: 0.1 + 0.02 * (s % 2) if v != "none" and L > 16 else 0.0
     rows = [{"task": "lookup", "variant": v, "seed": s, "length": L, "accuracy": 0.5 + 0.01 * s + gain(v, s, L)}
             for v in ("none", "layernorm") for s in range(10) for L in (16, 64)]
-    (c,) = VV.claims(rows, [], cfg)
+    (c,) = VVR.claims(rows, cfg)
     assert c["what"] == "layernorm" and c["n"] == 10 and c["wins"] == 10
     assert abs(c["diff"] - 0.11) < 1e-12 and 0.1 < c["lo"] < 0.11 < c["hi"] < 0.12
     assert c["verdict"].startswith("yes") and c["wins_ci"][0] > 0.7
@@ -139,10 +142,10 @@ def test_share_of_the_loss_won_back():
     rows = [{"task": "lookup", "variant": v, "seed": s, "length": L,
              "accuracy": (0.9 if L == 16 else 0.5 + (0.1 + 0.01 * (s % 2) if v == "layernorm" else 0)) + 0.001 * s}
             for v in ("none", "layernorm") for s in range(10) for L in (16, 64)]
-    (c,) = VV.claims(rows, [], cfg)
+    (c,) = VVR.claims(rows, cfg)
     assert abs(c["loss"] - 0.4) < 1e-12 and abs(c["diff"] - 0.105) < 1e-12
     lines = []
-    VV.say_recovered([c], cfg, lines.append)
+    VVB.say_recovered([c], cfg, lines.append)
     assert "loss 0.400: +26% [" in lines[-1], lines
 
 
@@ -154,7 +157,7 @@ def test_gap_vs_argmax_oracle():
     rows = [{"task": t, "variant": "none", "seed": s, "length": L, "accuracy": acc.get((t, L), lambda s: 1.0)(s)}
             for t in ("argmax", "argmax-gap") for s in range(10) for L in (16, 64)]
     lines = []
-    VV.say_gap_vs_argmax(rows, cfg, lines.append)
+    VVB.say_gap_vs_argmax(rows, cfg, lines.append)
     want = np.mean([(0.90 if s == 3 else 0.99) - 0.70 - 0.01 * s for s in range(10)])
     assert "N=16: +0.000 [+0.000, +0.000]" in lines[0] and f"N=64: {want:+.3f} [" in lines[0], lines
     assert lines[1].endswith("0/10 [0.00, 0.28]") and lines[2].endswith("9/10 [0.60, 0.98]"), lines
@@ -169,20 +172,20 @@ def test_wilson_interval():
 
 
 def test_fixes_experiment_end_to_end(tmp_path):
-    cmd = [sys.executable, str(Path(VV.__file__)), "--preset", "smoke", "--experiment", "fixes", "--seeds", "2",
+    cmd = [sys.executable, str(Path(VVB.__file__)), "--preset", "smoke", "--experiment", "fixes", "--seeds", "2",
            "--variants", "none,ssmax", "--tasks", "lookup", "--out", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
     edits = [r for r in res["rows"] if r["table"] == "edit"]
-    assert {r["variant"] for r in edits} == {"none"} and {r["edit"] for r in edits} == set(VV.EDITS)
+    assert {r["variant"] for r in edits} == {"none"} and {r["edit"] for r in edits} == set(VVB.EDITS)
     assert len(edits) == 2 * 3 * 3  # seeds x edits x lengths
     assert all(r["sharpen"] == 1.0 for r in edits if r["edit"] == "scale" or r["length"] == 16)
     assert all(abs(r["sharpen"] - np.log(r["length"]) / np.log(16)) < 1e-9 for r in edits if r["edit"] != "scale")
     heads = [r for r in res["rows"] if r["table"] == "head_std"]
     assert len(heads) == 2 * 2 * 2 * 4 * 3  # variants x seeds x layers x heads x lengths
     claims = json.loads((tmp_path / "claims.json").read_text())
-    assert [c["what"] for c in claims] == ["ssmax"] + [f"none + {e} (test time)" for e in VV.EDITS]
+    assert [c["what"] for c in claims] == ["ssmax"] + [f"none + {e} (test time)" for e in VVB.EDITS]
     for f in ("ladder.png", "edits.png", "accuracy.png"):
         assert (tmp_path / f).stat().st_size > 10_000, f
     assert "| lookup | none + select (test time) |" in (tmp_path / "summary.txt").read_text()
@@ -192,20 +195,20 @@ def test_verdict_needs_a_minimum_effect():
     """A difference whose interval excludes 0 but is smaller than MATTERS (e.g. -0.001) is no verdict."""
     tiny = [{"length": 32, "diff": -0.001, "lo": -0.0015, "hi": -0.0005}, {"length": 64, "diff": 0.05, "lo": 0.03,
                                                                            "hi": 0.07}]
-    assert VV.verdict(tiny, 16) == "yes, at every N >= 64"
-    assert VV.verdict([dict(tiny[0])], 16) == "no (no significant difference)"
-    assert VV.verdict([{"length": 32, "diff": -0.03, "lo": -0.05, "hi": -0.01}], 16) == "no (worse at N = [32])"
+    assert VVR.verdict(tiny, 16) == "yes, at every N >= 64"
+    assert VVR.verdict([dict(tiny[0])], 16) == "no (no significant difference)"
+    assert VVR.verdict([{"length": 32, "diff": -0.03, "lo": -0.05, "hi": -0.01}], 16) == "no (worse at N = [32])"
 
 
 def test_gap_task_runs_with_the_edits(tmp_path):
     """argmax-gap end to end (the task of --experiment gap): claims for ssmax and every edit of none."""
-    p = subprocess.run([sys.executable, str(ROOT / "vanishing_variance.py"), "--preset", "smoke", "--device", "cpu",
-                        "--tasks", "argmax-gap", "--variants", "none,ssmax", "--seeds", "1", "--edits", "true",
+    p = subprocess.run([sys.executable, str(ROOT / "vanishing_variance_beyond.py"), "--preset", "smoke", "--device",
+                        "cpu", "--experiment", "gap", "--tasks", "argmax-gap", "--variants", "none,ssmax", "--seeds", "1", "--edits", "true",
                         "--jobs", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     claims = json.loads((tmp_path / "claims.json").read_text())
     assert {(c["task"], c["what"]) for c in claims} == {("argmax-gap", "ssmax")} | {
-        ("argmax-gap", f"none + {e} (test time)") for e in VV.EDITS}
+        ("argmax-gap", f"none + {e} (test time)") for e in VVB.EDITS}
 
 
 def test_ntrain_at_16_reuses_the_fix_ladder_cells():
@@ -214,8 +217,8 @@ def test_ntrain_at_16_reuses_the_fix_ladder_cells():
     from dataclasses import replace
     import harness as H
     base = replace(VV.Config(), **VV.PRESETS["quick"])
-    ladder = H.sweep_cells(VV.SCRIPT, [replace(base, **run) for run in VV.SCRIPT.experiments["fixes"]], torch.device("cpu"))
-    ntrain = H.sweep_cells(VV.SCRIPT, [replace(base, **VV.ntrain_run(16))], torch.device("cpu"))
+    ladder = H.sweep_cells(VV.SCRIPT, [replace(base, **run) for run in VVB.SCRIPT.experiments["fixes"]], torch.device("cpu"))
+    ntrain = H.sweep_cells(VV.SCRIPT, [replace(base, **VVB.ntrain_run(16))], torch.device("cpu"))
     keys = {H.cell_key(c) for c in ladder if c["task"] == "lookup" and c["variant"] == "none"}
     assert len(keys) == 10 and {H.cell_key(c) for c in ntrain} == keys
 
@@ -228,7 +231,7 @@ def test_committed_cells_keep_their_keys():
     import harness as H
     base = replace(VV.Config(), **VV.PRESETS["quick"])
     for experiment, folder in (("fixes", "fixes"), ("gap", "gap"), ("ntrain", "ntrain")):
-        cells = H.sweep_cells(VV.SCRIPT, [replace(base, **run) for run in VV.SCRIPT.experiments[experiment]],
+        cells = H.sweep_cells(VV.SCRIPT, [replace(base, **run) for run in VVB.SCRIPT.experiments[experiment]],
                               torch.device("cpu"))
         have = {p.stem for p in (ROOT / "results" / "vanishing_variance" / folder / "cells").glob("*.json")}
         assert cells and {H.cell_key(c) for c in cells} <= have, experiment
@@ -271,7 +274,7 @@ def test_ntrain_tables_oracle():
                    for L in (n, 2 * n, 8 * n)]}
                for n in (16, 64) for s in range(10)]
     lines = []
-    VV.say_ntrain(VV.ntrain_rows(records), lines.append)
+    VVB.say_ntrain(VVB.ntrain_rows(records), lines.append)
     text = "\n".join(lines)
     assert "| 16 | 1.00 ± 0.00 (1.00) | 10/10 [0.72, 1.00] |" in text
     assert "| 64 | 0.95 ± 0.15 (1.00) | 9/10 [0.60, 0.98] |" in text
@@ -279,5 +282,5 @@ def test_ntrain_tables_oracle():
     row = [line for line in lines if line.startswith("| 8x | 16 | 128 |")][0]
     assert f"| {np.mean(loss16):.3f} ± {np.std(loss16):.3f} |" in row and "| +0.050 [+0.050, +0.050] | 10/10 |" in row
     lines = []  # without the edits (--edits false): the select columns stay empty
-    VV.say_ntrain([r for r in VV.ntrain_rows(records) if r["edit"] == "no edit"], lines.append)
+    VVB.say_ntrain([r for r in VVB.ntrain_rows(records) if r["edit"] == "no edit"], lines.append)
     assert [line for line in lines if line.startswith("| 8x | 16 | 128 |")][0].endswith("|  |  |  |")
