@@ -34,6 +34,7 @@ from queue import Empty
 import torch
 
 import common as C
+import cli
 import harness as H
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
@@ -216,7 +217,7 @@ def main():
         print(json.dumps(eval_once(*json.loads(args._eval))))
         return
     try:
-        device = H.pick_device(args.device, C.TrainConfig(dtype=args.dtype))
+        device = cli.pick_device(args.device, C.TrainConfig(dtype=args.dtype))
     except C.UsageError as e:  # e.g. --device cuda on a machine without CUDA: one line, exit 2
         p.exit(H.EXIT_USAGE, f"error: {e}\n")
     if args.steps < 0:

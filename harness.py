@@ -1,20 +1,18 @@
-"""harness.py: the machinery around an experiment. No result depends on it; read it to run things.
+"""harness.py: the sweep around an experiment. No result depends on it; read it to run things.
 
-  sweeps    make_cells() (one cell per combination of a script's declared axes), run_sweep(): cells
-            in parallel processes, shards, one atomic file per finished cell and its saved weights,
-            resume; TrainAndEvaluate (a cell start to end), EvaluateSaved (--eval-only)
-  results   write_results() (results.json, results.csv), load_results() and saved_run() for
-            --plot-only, environment()
-  the CLI   Script (what a script declares), main(script): flags from the config dataclass, one
-            precedence (class defaults <- preset <- experiment <- flags), device, a memory estimate,
-            errors as one line (exit 2 bad input, 3 a file-system fault or a dead worker, 130 interrupted)
+  cells      make_cells(): one cell per combination of a script's declared axes, keyed by its whole
+             config (cell_key); TrainAndEvaluate (a cell start to end), EvaluateSaved (--eval-only)
+  the sweep  run_sweep(): cells in parallel processes (the pool), shards, one atomic file per finished
+             cell and its saved weights, resume; progress bars that move within a cell
+  files      write_results() (results.json, results.csv), load_results() and saved_run() for --plot-only
+  main       Script (what a script declares), run(), eval_only(), main(): one error line and exit
+             status per kind of fault (2 bad input, 3 a file-system or device fault, 130 interrupted)
 
-A script declares a Script (its config class, presets, named experiments, sweep axes, and build /
-train / evaluate / report) and its __main__ is `harness.main(SCRIPT)`.
+The flags come from cli.py, the fault guards (atomic writes, record checks, the memory estimate,
+tolerant streams) from faults.py. A script declares a Script and its __main__ is `harness.main(SCRIPT)`.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import functools
@@ -22,7 +20,6 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -31,10 +28,9 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -43,9 +39,11 @@ from tqdm.auto import tqdm
 
 import common as C
 import reporting as R
-
-EXIT_USAGE, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 130  # bad input; a file-system fault; Ctrl-C
-JOBS_PER_GPU = 8   # default --jobs per GPU
+from cli import (check_fields, flag_name, given_flags, jobs_for, make_parser, out_dir, parse_shard, pick_device,
+                 run_configs, shown)
+from faults import (EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, WorkerDied, atomic_write, check_memory, check_record, check_row_types, device_fault,
+                    interrupted, one_per_shape, prepare_out, read_json, read_weights, remove_stale_temp_files,
+                    tolerant_streams)
 
 
 # =============================================================================================
@@ -72,55 +70,8 @@ def seed_list(seeds):
     return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
 
-def parse_seeds(s):
-    """--seeds: '10' (seeds 0..9), '10-19' (a range, both ends in) or '3,7' (a list)."""
-    try:
-        if "-" in s.strip()[1:]:
-            a, b = (int(x) for x in s.split("-"))
-            if not 0 <= a <= b:
-                raise argparse.ArgumentTypeError(f"invalid seeds range {s!r}: A-B needs 0 <= A <= B")
-            return tuple(range(a, b + 1))
-        return tuple(int(x) for x in s.split(",")) if "," in s else int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seeds value: {s!r} (a count, A-B or A,B,...)") from None
-
-
 def cell_key(cell):
     return hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, data):
-    """Write through a temp file of this process and thread, then rename: readers see the old file or
-    the new, never half, and two writers never share a temp file. data: text, or a function that
-    writes the path it is given (e.g. torch.save of a state dict)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        data(tmp) if callable(data) else tmp.write_text(data)
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk: no half-written temp file left behind, and say where
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    except BaseException:  # Ctrl-C, an error in a worker
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temp_files(cell_dir):
-    """Temp files of processes that no longer run (a run killed with kill -9 leaves them behind)."""
-    for tmp in Path(cell_dir).glob(".*.tmp"):
-        pid = tmp.name.split(".")[-3]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, but belongs to someone else
-        return True
-    return True
 
 
 def save_weights(model, path):
@@ -149,15 +100,6 @@ class TrainAndEvaluate:
             return {**out, **self.evaluate(model, cell)}
 
 
-def read_weights(path):
-    """A saved state dict; a file that cannot be read (truncated, not a model) is one line, naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError, ... for a damaged file
-        raise C.UsageError(f"cannot read saved model {path} ({type(e).__name__}); delete it and its cell file "
-                           "(the same name, .json) and re-run the sweep to train it again") from None
-
-
 class EvaluateSaved:
     """A saved model tested again (--eval-only): built from the cell's config (the original's, with
     only evaluation fields changed), loaded with the weights the cell names, evaluated. The original
@@ -171,21 +113,10 @@ class EvaluateSaved:
         model = self.build(cell)
         model.load_state_dict(read_weights(self.cell_dir / f"{cell['weights']}.pt"))
         model.to(torch.device(cell["device"]))
-        original = _read_json(self.cell_dir / f"{cell['weights']}.json")
+        original = read_json(self.cell_dir / f"{cell['weights']}.json")
         kept = {k: v for k, v in original.items() if k not in ("cell", "status", "rows", "seconds")}
         with C.matmul_precision(cell["config"].get("tf32", False)):  # as the sweep evaluated it
             return {**kept, **self.evaluate(model, cell)}
-
-
-class DeviceFault(OSError):
-    """A cell ran out of memory or met an accelerator runtime error: the sweep ends with one line (exit 3)."""
-
-
-def device_fault(cell, e):
-    kind = "ran out of memory" if isinstance(e, torch.OutOfMemoryError) else "met a device error"
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    return DeviceFault(f"cell {R.cell_label(cell)} {kind} on {cell.get('device', 'its device')} ({first}): "
-                       "run fewer cells at once (a lower --jobs) or smaller sizes")
 
 
 def _run_and_save(run_cell, cell_dir, cell):
@@ -275,10 +206,6 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
     return load_cells(out_dir, keys=[cell_key(c) for c in cells])
 
 
-class WorkerDied(OSError):
-    """A --jobs worker process died (killed, out of memory, a crash) or could not start."""
-
-
 def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
     """Cells in `jobs` spawned processes (safe with CUDA and threads; each worker single-threaded).
     The bar moves from the first seconds: finished cells plus the trained fraction of those in flight,
@@ -289,7 +216,7 @@ def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
     on_cuda = any(c.get("device") == "cuda" for c in todo)  # a CPU run never touches a GPU it may have
     pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(1, shared, on_cuda))
     try:
-        pending = {pool.submit(_Runner(run_cell, cell_dir), c) for c in todo}
+        pending = {pool.submit(functools.partial(_run_and_save, run_cell, cell_dir), c) for c in todo}
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for f in done:
@@ -313,23 +240,9 @@ def _stop(pool):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _Runner:  # a picklable partial(_run_and_save, run_cell, cell_dir)
-    def __init__(self, run_cell, cell_dir):
-        self.run_cell, self.cell_dir = run_cell, cell_dir
-
-    def __call__(self, cell):
-        return _run_and_save(self.run_cell, self.cell_dir, cell)
-
-
 # =============================================================================================
 # Results
 # =============================================================================================
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise C.UsageError(f"cannot read results file {path}: {e}; delete it and re-run") from None
 
 
 def load_cells(out_dir, keys=None):
@@ -337,21 +250,11 @@ def load_cells(out_dir, keys=None):
     cell_dir = Path(out_dir) / "cells"
     paths = sorted(cell_dir.glob("*.json")) if keys is None else \
         [cell_dir / f"{k}.json" for k in keys if (cell_dir / f"{k}.json").exists()]
-    recs = [_read_json(p) for p in paths]
+    recs = [read_json(p) for p in paths]
     for p, r in zip(paths, recs):
         check_record(r, p)
+    check_row_types(recs, paths)
     return sorted(recs, key=record_order)  # the same order for a run, a re-run and --plot-only
-
-
-def check_record(rec, path):
-    """A cell record of the shape this harness writes: a cell (ids and a config), a status, tidy rows."""
-    ok = isinstance(rec, dict) and {"cell", "rows", "status"} <= rec.keys() and isinstance(rec["cell"], dict) \
-        and isinstance(rec["cell"].get("config"), dict) and isinstance(rec["status"], str) \
-        and isinstance(rec["rows"], list) and all(isinstance(r, dict) for r in rec["rows"])
-    ids = [k for k in rec["cell"] if k != "config"] if ok else []
-    ok = ok and all(k in r for r in rec["rows"] for k in ids)  # each row carries its cell's ids
-    C.check(ok, f"corrupt results file {path}: not a cell record (a cell with its config, a status, rows with "
-                "the cell's ids); delete it and re-run")
 
 
 def record_order(rec):
@@ -414,7 +317,7 @@ def load_results(out_dir):
         if recs:
             return recs
     C.check((out_dir / "results.json").exists(), f"--plot-only: no results in {out_dir} (no cell files, no results.json)")
-    res = _read_json(out_dir / "results.json")
+    res = read_json(out_dir / "results.json")
     C.check(isinstance(res, dict) and {"rows", "cells", "config"} <= res.keys() and isinstance(res["config"], dict)
             and isinstance(res["rows"], list) and all(isinstance(r, dict) for r in res["rows"])
             and isinstance(res["cells"], list) and all(isinstance(c, dict) and "status" in c for c in res["cells"]),
@@ -440,7 +343,7 @@ def saved_run(out_dir, config_cls, mixed=False):
     """(records, config) of a saved run, for --plot-only: plots use the config the results came from.
     Refuses results that another script wrote (their config has fields this script does not know).
     Where cells of several settings share the folder (another config, another device, an --eval-only
-    run), the newest setting's are shown, so that no seed counts twice."""
+    run), one setting is shown, so that no seed counts twice: the last sweep's (last_sweep_setting)."""
     recs, script = load_results(out_dir), script_of(config_cls)
     names = {f.name for f in fields(config_cls)}
     mine = [r for r in recs if set(r["cell"].get("config", {})) <= names and r.get("script") in (None, script)]
@@ -449,12 +352,15 @@ def saved_run(out_dir, config_cls, mixed=False):
     if len(mine) < len(recs):
         print(f"note: {len(recs) - len(mine)} result(s) in {out_dir} come from another script or another "
               "version of this script; ignored")
-    if len({setting_text(r, mixed) for r in mine}) > 1:
-        newest = setting_text(max(mine, key=functools.partial(cell_mtime, out_dir)), mixed)
-        kept = [r for r in mine if setting_text(r, mixed) == newest]
-        print(f"note: {len(mine) - len(kept)} cell(s) in {out_dir} come from another setting (config, device or "
-              f"--eval-only run); shown: the newest ({len(kept)} cells)")
-        mine = kept
+    groups = {}
+    for r in mine:
+        groups.setdefault(setting_text(r, mixed), []).append(r)
+    if len(groups) > 1:
+        names, shown_key = setting_names(groups), last_sweep_setting(out_dir, groups)
+        print(f"note: {out_dir} holds cells of {len(groups)} settings (" +
+              "; ".join(f"{names[s]}: {len(v)} cells" for s, v in groups.items()) +
+              f"); shown: {names[shown_key]}, the setting of the last sweep into it, so that no seed counts twice")
+        mine = groups[shown_key]
     missing = unfinished(out_dir)
     if missing:
         print(f"note: {missing} cell(s) of the last sweep into {out_dir} have no results (an unfinished run, or "
@@ -462,9 +368,26 @@ def saved_run(out_dir, config_cls, mixed=False):
     return mine, config_cls(**mine[0]["cell"]["config"])
 
 
-def cell_mtime(out_dir, rec):
-    path = Path(out_dir) / "cells" / f"{cell_key(rec['cell'])}.json"
-    return path.stat().st_mtime if path.exists() else 0.0
+def last_sweep_setting(out_dir, groups):
+    """The setting most of whose cells the last sweep into out_dir planned (sweep.json); without one, the
+    setting with the most cells (the first in record order on a tie)."""
+    plan = Path(out_dir) / "sweep.json"
+    last = set(read_json(plan).get("cells", [])) if plan.exists() else set()
+    return max(groups, key=lambda s: (sum(cell_key(r["cell"]) in last for r in groups[s]), len(groups[s])))
+
+
+def setting_names(groups):
+    """{setting: what tells it apart from the others}: the config fields that differ, the device, --eval-only."""
+    sets = {s: json.loads(s) for s in groups}
+    cfgs = [v["config"] or {} for v in sets.values()]
+    differ = sorted({k for c in cfgs for k in c if len({json.dumps(d.get(k)) for d in cfgs}) > 1})
+    names = {}
+    for s, v in sets.items():
+        parts = [f"{k}={json.dumps(v['config'].get(k))}" for k in differ if v["config"]]
+        parts += [f"device {v['device']}"] if len({x["device"] for x in sets.values()}) > 1 else []
+        parts += [("--eval-only" if v["eval_only"] else "trained")] if len({x["eval_only"] for x in sets.values()}) > 1 else []
+        names[s] = ", ".join(parts) or "the same"
+    return names
 
 
 def unfinished(out_dir):
@@ -472,7 +395,7 @@ def unfinished(out_dir):
     plan = Path(out_dir) / "sweep.json"
     if not plan.exists():
         return 0
-    planned = _read_json(plan)
+    planned = read_json(plan)
     keys = planned.get("cells", []) if isinstance(planned, dict) else []
     return sum(not (Path(out_dir) / "cells" / f"{k}.json").exists() for k in keys)
 
@@ -518,184 +441,6 @@ class Script:
     examples: Callable = None
 
 
-def _parse_value(kind, elem, s):
-    if kind is bool:
-        C.check(s.lower() in ("1", "0", "true", "false", "yes", "no"), f"expected true/false, got {s!r}")
-        return s.lower() in ("1", "true", "yes")
-    if kind is tuple:
-        return tuple(_parse_value(elem, elem, x) for x in s.split(",") if x.strip())
-    if kind is int and "e" in s.lower():  # 1e6 for a million
-        x = float(s)
-        C.check(x.is_integer(), f"expected an integer, got {s!r}")
-        return int(x)
-    return kind(s)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one 'error: ...' line (exit 2), like every other bad input."""
-
-    def error(self, message):
-        if message.endswith("expected one argument"):  # argparse reads a value such as -1/2 as a flag
-            message += " (a value that starts with '-' is given as --flag=VALUE)"
-        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
-
-
-TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "true/false"}
-
-
-def flag_type(kind, elem):
-    """The argparse type of a config field, named for argparse's message ('invalid integer value')."""
-    def parse(s):
-        return _parse_value(kind, elem, s)
-    parse.__name__ = f"comma-separated {TYPE_NAMES[elem]}" if kind is tuple else TYPE_NAMES[kind]
-    return parse
-
-
-def shown(v):
-    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-
-
-def make_parser(script: Script):
-    p = OneLineParser(description=script.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="quick", choices=list(script.presets),
-                   help="smoke: seconds (tests); quick: minutes on a laptop CPU; paper: paper scale, for a GPU")
-    if len(script.experiments) > 1:
-        p.add_argument("--experiment", default=next(iter(script.experiments)), choices=list(script.experiments),
-                       help="a named experiment: " + "; ".join(
-                           f"{k}: " + " | ".join(", ".join(f"{f}={shown(v)}" for f, v in run.items()) or "the flags"
-                                                 for run in runs) for k, runs in script.experiments.items()))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--out", default="out/<script>/<preset>", help="output directory")
-    p.add_argument("--jobs", type=int, default=0,
-                   help=f"cells run in parallel processes (0 = one per CPU core on CPU; on CUDA "
-                        f"{JOBS_PER_GPU} per GPU, at most one per CPU core)")
-    p.add_argument("--shard", default="0/1", help="I/N: run only cells i with i %% N == I (cluster job arrays)")
-    p.add_argument("--fresh", action="store_true", help="recompute cells that already have results")
-    p.add_argument("--plot-only", metavar="DIR", default=None, help="redraw figures and summary from DIR; no training")
-    p.add_argument("--eval-only", metavar="DIR", default=None,
-                   help="test the models saved in DIR again, with the evaluation flags given (" +
-                        ", ".join(flag_name(f) for f in script.eval_fields) + "); no training; new cells in DIR")
-    p.add_argument("--save-models", type=flag_type(bool, bool), nargs="?", const="true", default=True,
-                   metavar="BOOL", help="save each cell's trained weights as cells/<key>.pt (for --eval-only)")
-    g = p.add_argument_group("experiment config (the default in brackets, then what each preset sets)")
-    for f in fields(script.config):
-        d = getattr(script.config(), f.name)
-        kind = type(d) if not isinstance(d, (list, tuple)) else tuple
-        elem = type(d[0]) if kind is tuple and d else str
-        text = "; ".join([shown(d)] + [f"{name}: {shown(v[f.name])}" for name, v in script.presets.items()
-                                       if f.name in v])
-        choices = f" {{{','.join(f.metadata['choices'])}}}" if "choices" in f.metadata else ""
-        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       metavar=kind.__name__.upper() if kind is not tuple else "A,B,...",
-                       type=parse_seeds if f.metadata.get("seeds") else flag_type(kind, elem),
-                       nargs="?" if kind is bool else None, const="true" if kind is bool else None,
-                       help=f.metadata.get("help", "") + choices + f" [{text}]".replace("%", "%%"))
-    return p
-
-
-def flag_name(field_name):
-    return "--" + field_name.replace("_", "-")
-
-
-def check_fields(cfg):
-    """Every field of cfg within its declared range and choices."""
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        vals = tuple(v) if isinstance(v, (tuple, list)) else (v,)
-        flag = flag_name(f.name)
-        C.check(len(vals) > 0, f"{flag} needs at least one value")
-        C.check(len(set(vals)) == len(vals), f"{flag} lists a value twice: {shown(v)}")
-        C.check(all(math.isfinite(x) for x in vals if isinstance(x, float)), f"{flag} must be a finite number, got {v}")
-        if f.metadata.get("seeds"):
-            C.check(all(x >= 0 for x in vals) and (not isinstance(v, int) or v >= 1),
-                    f"{flag} needs a count >= 1 or seeds >= 0, got {shown(v)}")
-        if "min" in f.metadata:
-            C.check(all(x >= f.metadata["min"] for x in vals), f"{flag} must be >= {f.metadata['min']}, got {v}")
-        if "max" in f.metadata:
-            C.check(all(x <= f.metadata["max"] for x in vals), f"{flag} must be <= {f.metadata['max']}, got {v}")
-        bad = [x for x in vals if "choices" in f.metadata and x not in f.metadata["choices"]]
-        C.check(not bad, f"{flag}: unknown {bad[0]!r}; choose from {', '.join(f.metadata.get('choices', ()))}"
-                if bad else "")
-
-
-def run_configs(args, script: Script):
-    """The config of each run of the chosen experiment: class defaults <- preset <- the experiment's run
-    <- the flags given on the command line (a flag always wins). Every field is checked."""
-    runs = script.experiments[getattr(args, "experiment", next(iter(script.experiments)))]
-    cfgs = [replace(replace(replace(script.config(), **script.presets[args.preset]), **run), **given_flags(args, script))
-            for run in runs]
-    for cfg in cfgs:
-        check_fields(cfg)
-    return cfgs
-
-
-def given_flags(args, script):
-    """The config fields set on the command line."""
-    return {f.name: getattr(args, f.name) for f in fields(script.config) if hasattr(args, f.name)}
-
-
-def pick_device(name, cfg):
-    """The torch.device, printing the choice and the reason; checks the dtype and TF32 asked for."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    why = "requested"
-    if name == "auto":
-        name, why = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu", "auto-detected"
-    C.check(name != "cuda" or torch.cuda.is_available(), "--device cuda requested but CUDA is not available here")
-    C.check(name != "mps" or has_mps, "--device mps requested but MPS is not available here")
-    C.check(cfg.dtype == "fp32" or name == "cuda", f"--dtype {cfg.dtype} needs a CUDA GPU; this run is on {name}")
-    C.check(cfg.dtype == "fp32" or torch.cuda.is_bf16_supported(including_emulation=False),
-            f"--dtype {cfg.dtype}: this GPU has no native bf16 (it would be emulated, slower than fp32); use fp32")
-    C.check(not cfg.tf32 or name == "cuda", "--tf32 applies to CUDA only")
-    what = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
-        if name == "cuda" else platform.processor() or name
-    text = {"fp32": "float32", "bf16": "bfloat16 autocast (probes in float32)"}[cfg.dtype]
-    text += f", TF32 {'on' if cfg.tf32 else 'off'}" if name == "cuda" else ""
-    print(f"device: {name} ({what}, {why}); dtype: {text}")
-    return torch.device(name)
-
-
-def parse_shard(s):
-    try:
-        i, n = (int(x) for x in s.split("/"))
-    except ValueError:
-        raise C.UsageError(f"--shard must look like I/N (e.g. 0/4), got {s!r}") from None
-    C.check(n >= 1 and 0 <= i < n, f"--shard I/N needs 0 <= I < N, got {s!r}")
-    return i, n
-
-
-def default_jobs(device):
-    """One cell process per CPU core on CPU. On CUDA several per GPU: each step of these small models
-    is a few hundred tiny kernels, so one process leaves a GPU mostly idle (bench.py measures it)."""
-    cores = os.cpu_count() or 1
-    if device.type == "cuda":
-        return max(1, min(cores, JOBS_PER_GPU * torch.cuda.device_count()))
-    return cores if device.type == "cpu" else 1
-
-
-def prepare_out(out, flag="--out"):
-    """Check before any work that results can be written under `out`: a directory, writable."""
-    C.check(not out.exists() or out.is_dir(), f"{flag} {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test.{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise C.UsageError(f"{flag} {out} is not writable ({e.strerror or e}): results, figures and the summary "
-                           "are written there") from None
-
-
-def out_dir(args, parser, script):
-    """--out, with <script> and <preset> filled in; a named experiment's default folder gets its name."""
-    out = os.path.expanduser(args.out)
-    C.check(out.strip() != "", "--out needs a directory name")
-    experiment = getattr(args, "experiment", "main")
-    if experiment != "main" and out == parser.get_default("out"):
-        out += f"-{experiment}"
-    return Path(out.replace("<script>", script.name).replace("<preset>", args.preset))
-
-
 def sweep_cells(script: Script, cfgs, device):
     """Every cell of the runs' configs, in order (the same cell twice is run once)."""
     return [c for cfg in cfgs for c in make_cells(cfg, script.axes, device, script.groups(cfg) if script.groups
@@ -711,7 +456,7 @@ def run(script: Script):
     if args.plot_only:
         recs, cfg = saved_run(args.plot_only, script.config, mixed=len(cfgs) > 1)
         prepare_out(Path(args.plot_only), "--plot-only")
-        return report(script, recs, cfg, Path(args.plot_only))
+        return script.report(recs, cfg, Path(args.plot_only))
     C.check(args.jobs >= 0, f"--jobs must be >= 0, got {args.jobs}")
     shard = parse_shard(args.shard)
     if args.eval_only:
@@ -729,74 +474,7 @@ def run(script: Script):
     runner = TrainAndEvaluate(script, out / "cells", args.save_models)
     records = run_sweep(cells, runner, out, jobs, shard, args.fresh)
     write_results(out, records, cfgs[0], environment(device, cfgs[0]))
-    report(script, records, cfgs[0], out)
-
-
-def memory_needed(script, cell, cfg):
-    """{part: bytes} one cell process needs at most, for fp32: the model with its gradients and AdamW's
-    two moments (16 B a parameter); a training batch's activations (~34 floats a token, layer and
-    channel, and three copies of the attention matrix, which the math attention path keeps); the
-    largest test set, which evaluation holds in memory (three int64 tensors a token); one evaluation or
-    calibration forward (2**16 tokens, the most either runs at once; ~16 live floats a token and channel)."""
-    with torch.device("meta"):  # shapes only
-        model = script.build(cell)
-    params = sum(p.numel() for p in model.parameters())
-    t_train, t_test = script.seq_lens(cell)
-    L, d, h = model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_head
-    return {"the model and its optimizer state": 16 * params,
-            "a training batch": 4 * cfg.batch_size * t_train * L * (34 * d + 3 * h * t_train),
-            "the largest test set": 24 * cfg.eval_examples * t_test,
-            "an evaluation or calibration batch": 4 * 2**16 * 16 * d}
-
-
-def check_memory(script, cells, device, jobs):
-    """Refuse, before any training, sizes this machine cannot hold (an absurd --n-embd, --batch-size or
-    --eval-examples), with the estimate, instead of an out-of-memory crash hours later."""
-    if script.seq_lens is None:
-        return
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    if device.type == "cuda":
-        have = min(have, torch.cuda.get_device_properties(0).total_memory * torch.cuda.device_count())
-    for cell in one_per_shape(cells):
-        parts, label = memory_needed(script, cell, script.config(**cell["config"])), R.cell_label(
-            {k: v for k, v in cell.items() if k != "seed"})
-        need = sum(parts.values()) * min(jobs, len(cells))
-        worst = max(parts, key=parts.get)
-        C.check(not have or need <= 0.8 * have,
-                f"{label} would need about {gigabytes(need)} of memory ({worst}: "
-                f"{gigabytes(parts[worst])}{f', x {min(jobs, len(cells))} jobs' if min(jobs, len(cells)) > 1 else ''}), "
-                f"more than this machine's {gigabytes(have)}: use smaller sizes (--n-embd, --batch-size, "
-                "--eval-examples, test lengths) or fewer --jobs")
-
-
-def one_per_shape(cells):
-    """One cell of each model shape and setting: cells that differ only in their seed (and, for --eval-only
-    cells, the weights they load) build the same model."""
-    return list({cell_key({k: v for k, v in c.items() if k not in ("seed", "weights")}): c for c in cells}.values())
-
-
-def gigabytes(n):
-    return f"{n / 2**30:,.1f} GiB"
-
-
-def report(script, records, cfg, out):
-    """The script's report; records it cannot read (a cell file edited by hand, or written by another
-    version of the script) end in one line, with the traceback saved in out/report-error.txt."""
-    try:
-        script.report(records, cfg, out)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        atomic_write(Path(out) / "report-error.txt", traceback.format_exc())
-        raise C.UsageError(f"cannot report the results in {out} ({type(e).__name__}: {e}): a cell file of "
-                           f"another shape (edited, or from another version of this script)? The traceback is in "
-                           f"{Path(out) / 'report-error.txt'}; cell files are kept") from None
-
-
-def jobs_for(args, device):
-    """--jobs, or the default for the device; sets this process to one thread as well."""
-    # Tiny models on CPU: one thread per process beats PyTorch's default team of threads (bench.py);
-    # with several jobs each worker process is single-threaded anyway.
-    torch.set_num_threads(1)
-    return args.jobs or default_jobs(device)
+    script.report(records, cfgs[0], out)
 
 
 def eval_only(script: Script, args, shard):
@@ -838,7 +516,7 @@ def eval_only(script: Script, args, shard):
           f"{', '.join(f'{flag_name(k)} {shown(v)}' for k, v in given.items()) or 'their own settings'}")
     records = run_sweep(cells, EvaluateSaved(script, src / "cells"), src, jobs, shard, args.fresh)
     write_results(src, records, cfg, environment(device, cfg))
-    report(script, records, cfg, src)
+    script.report(records, cfg, src)
 
 
 def check_same_model(script, cell, original):
@@ -853,51 +531,6 @@ def check_same_model(script, cell, original):
              if shapes_new.get(k) != shapes_old.get(k)]
     C.check(not diff, f"--eval-only: with these settings the {R.cell_label(original)} model would be built "
                       f"differently from the one trained ({'; '.join(diff[:3])}): testing that needs new models")
-
-
-def interrupted(signum, frame):
-    raise KeyboardInterrupt
-
-
-class Tolerant:
-    """stdout or stderr that never ends a run: once a write fails (a closed pipe: `| head -1`; a full
-    disk: `>/dev/full`; a closed stream: `>&-`) output goes to /dev/null, and characters the encoding
-    lacks (PYTHONIOENCODING=ascii) are replaced. Results go to files and are not affected."""
-
-    def __init__(self, stream):
-        self.stream = stream if stream is not None else open(os.devnull, "w")
-        try:
-            self.stream.reconfigure(errors="replace")
-        except (AttributeError, OSError, ValueError):
-            pass
-
-    def write(self, text):
-        try:
-            return self.stream.write(text)
-        except (OSError, ValueError):
-            self._drop()
-            return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except (OSError, ValueError):
-            self._drop()
-
-    def _drop(self):
-        try:  # what is still buffered goes to /dev/null too, or Python complains once more at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
-        self.stream = open(os.devnull, "w")
-
-    def __getattr__(self, name):  # isatty, encoding, fileno, ... of the stream in use
-        return getattr(self.stream, name)
-
-
-def tolerant_streams():
-    if not isinstance(sys.stdout, Tolerant):
-        sys.stdout, sys.stderr = Tolerant(sys.stdout), Tolerant(sys.stderr)
 
 
 def main(script: Script):

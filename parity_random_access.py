@@ -79,6 +79,7 @@ import numpy as np
 import torch
 
 import common as C
+import faults
 import harness as H
 import reporting as R
 
@@ -857,7 +858,7 @@ def report(records, cfg, out):
     say(f"\n=== parity_random_access: {sum(r['status'] == 'ok' for r in records)} runs ok, "
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
     verdicts = claims(acc, mass_rows(records, cfg), cfg)
-    H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    faults.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     budget = ", copy pre-training + task steps]" if mixed_budgets(records) \
         else f"]; {cfg.pretrain_steps} copy pre-training steps"
     say(f"\nthe paper's claims next to what was measured (final-answer accuracy, mean ± std over seeds; "

@@ -79,6 +79,7 @@ import torch
 import torch.nn as nn
 
 import common as C
+import faults
 import harness as H
 import reporting as R
 
@@ -942,7 +943,7 @@ def report(records, cfg, out):
         f"{sum(r['status'] == 'diverged' for r in records)} diverged ===")
     verdicts = (sparsity_claims(sp, L) if sp else []) + (locality_claims(loc, L) if loc else []) + \
         (ppc_claims(ppc, cfg) if ppc else [])
-    H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    faults.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say(f"\nthe paper's claims next to what was measured (mean ± std (median) over seeds; a seed holds at a "
         f"length when it scores >= {HOLDS} there)")
     say_claims(verdicts, say)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import faults
 import harness as H
 import reporting as R
 import vanishing_variance as VV
@@ -351,7 +352,7 @@ def report(records, cfg, out):
     if edits:
         fig_edits(acc, edits, tasks, cfg, out)
     verdicts = claims(acc, edits, cfg)
-    H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    faults.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     VVR.say_verdicts(records, verdicts, say)
     VVR.say_details(records, acc, ratios, slopes, th, cfg, say)
     VVR.say_headline(acc, probe, say)

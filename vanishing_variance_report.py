@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-import harness as H
+import faults
 import reporting as R
 
 
@@ -396,7 +396,7 @@ def report(records, cfg, out):
         return say.write(out)
     th, slopes = paper_figures(records, acc, probe, ordered(r["task"] for r in acc), cfg, out)
     verdicts = claims(acc, cfg)
-    H.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
+    faults.atomic_write(out / "claims.json", json.dumps(verdicts, indent=1))
     say_verdicts(records, verdicts, say)
     say_details(records, acc, {}, slopes, th, cfg, say)
     say_headline(acc, probe, say)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import common as C
+import cli
 import harness as H
 import toy_experiment as T
 import vanishing_variance as VV
@@ -128,7 +129,7 @@ def test_emulated_bf16_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     with pytest.raises(C.UsageError, match="no native bf16"):
-        H.pick_device("cuda", C.TrainConfig(dtype="bf16"))
+        cli.pick_device("cuda", C.TrainConfig(dtype="bf16"))
 
 
 def close(a, b, tol=0.02):

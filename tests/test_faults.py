@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import common as C
+import faults
 import harness as H
 from test_cli import ENV, TOY, run as run_toy
 
@@ -98,7 +99,7 @@ def test_atomic_write_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(OSError, match="No space left") as e:
-        H.atomic_write(target, "new contents")
+        faults.atomic_write(target, "new contents")
     assert e.value.filename == str(target)
     monkeypatch.undo()
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cell.json"]
@@ -270,7 +271,7 @@ def test_plot_only_says_when_cells_of_the_sweep_are_missing(tmp_path):
 WRONG = {"rows not records": ([1, 2], "not a cell record"),
          "rows without the cell's ids": ([{"table": "accuracy", "length": 8, "accuracy": 1.0}], "not a cell record"),
          "a metric that is no number": ([{"table": "accuracy", "length": 8, "accuracy": "high"}],
-                                        "cannot report the results")}
+                                        "row field 'accuracy' holds a str")}
 
 
 @pytest.mark.parametrize("case", list(WRONG))
@@ -283,10 +284,10 @@ def test_a_cell_of_the_wrong_shape_is_one_line(case, tmp_path):
     cell.write_text(json.dumps({**rec, "rows": [{**ids, **r} if isinstance(r, dict) else r for r in rows]}))
     p = run_toy("--preset", "smoke", "--plot-only", str(tmp_path), check=False)
     one_error_line(p, H.EXIT_USAGE, msg)
-    assert str(cell) in p.stderr or (tmp_path / "report-error.txt").exists()
+    assert str(cell) in p.stderr
 
 
-def test_plot_only_never_counts_a_seed_twice_when_cells_differ_outside_their_config(tmp_path):
+def test_plot_only_never_counts_a_seed_twice_when_cells_differ_outside_their_config(tmp_path, capsys):
     run_toy("--preset", "smoke", "--out", str(tmp_path))
     for f in sorted((tmp_path / "cells").glob("*.json")):  # the same cells, as if run on a GPU too
         rec = json.loads(f.read_text())
@@ -296,6 +297,12 @@ def test_plot_only_never_counts_a_seed_twice_when_cells_differ_outside_their_con
     import toy_experiment as T
     recs, _ = H.saved_run(tmp_path, T.Config)
     assert len(recs) == 4 and len({(r["cell"]["variant"], r["cell"]["seed"]) for r in recs}) == 4
+    assert {r["cell"]["device"] for r in recs} == {"cpu"}  # the setting of the last sweep into the folder
+    cuda = [H.cell_key(r["cell"]) for r in H.load_cells(tmp_path) if r["cell"]["device"] == "cuda"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cuda}))
+    recs, _ = H.saved_run(tmp_path, T.Config)
+    assert {r["cell"]["device"] for r in recs} == {"cuda"} and len(recs) == 4
+    assert "2 settings (device cpu: 4 cells; device cuda: 4 cells); shown: device cuda" in capsys.readouterr().out
 
 
 def test_bench_jobs_ends_with_one_line_when_a_process_dies():

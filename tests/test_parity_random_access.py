@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import common as C
+import cli
 import harness as H
 import reporting as R
 import parity_random_access as P
@@ -297,8 +298,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def cells_of(argv, claims=False):
     """The cells main() would run for these flags (no training)."""
-    args = H.make_parser(P.SCRIPT).parse_args(argv + (["--experiment", "claims"] if claims else []))
-    return H.sweep_cells(P.SCRIPT, H.run_configs(args, P.SCRIPT), torch.device("cpu"))
+    args = cli.make_parser(P.SCRIPT).parse_args(argv + (["--experiment", "claims"] if claims else []))
+    return H.sweep_cells(P.SCRIPT, cli.run_configs(args, P.SCRIPT), torch.device("cpu"))
 
 
 def test_claims_experiment_reuses_the_standalone_commands_cells():
