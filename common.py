@@ -113,7 +113,7 @@ def check_model_shape(n_embd, n_head, rope=False):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, three ways (x (B, T, C); rope: rope_angles() of the ids, or None):
-      forward     y (B, T, C) from the fused kernel; with rows_at (B, P) also those queries' rows (probes)
+      forward     y (B, T, C) from the fused kernel; forward_probed also returns chosen queries' rows
       forward_at  y (B, P, C) for the queries at `at` alone from explicit rows (B, nh, P, T), returned too:
                   the last block when only answers are read; with every position, the full maps
       decode      y for the new positions, attending to everything in the KVCache
@@ -125,8 +125,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)      # W_O
 
-    def qkv(self, x, rope, start=0):
-        """q, k, v (B, nh, T, hs) of x (B, T, C), whose first token is the sequence's token `start`."""
+    def qkv(self, x, rope):
+        """q, k, v (B, nh, T, hs) of x (B, T, C)."""
         B, T, C = x.shape
         nh = self.cfg.n_head
         q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
@@ -134,23 +134,26 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(torch.stack((q, k)), rope).unbind(0)
         return q, k, v
 
-    def out(self, y, x, at=None):
-        """Heads y (B, nh, T, hs) -> (B, T, C) through W_O; x (at `at`, if given) is the input, for gates."""
+    def out(self, y, x):
+        """Heads y (B, nh, T, hs) -> (B, T, C) through W_O; x: the input at y's queries (the gate fix reads it)."""
         B, nh, T, hs = y.shape
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, nh * hs))  # (B, T, C): heads side by side
 
-    def forward(self, x, rope, rows_at=None):
+    def forward(self, x, rope):
         q, k, v = self.qkv(x, rope)
-        y = self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True), x)
-        return y, (None if rows_at is None else attention_rows(q, k, rows_at))
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True), x)
+
+    def forward_probed(self, x, rope, rows_at):  # forward(), and the attention rows of the queries at rows_at
+        q, k, v = self.qkv(x, rope)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True), x), attention_rows(q, k, rows_at)
 
     def forward_at(self, x, rope, at):
         q, k, v = self.qkv(x, rope)
         rows = attention_rows(q, k, at)  # (B, nh, P, T)
-        return self.out(rows.to(v.dtype) @ v, x, at), rows  # (B, P, C)
+        return self.out(rows.to(v.dtype) @ v, gather_at(x, at)), rows  # (B, P, C)
 
     def decode(self, x, rope, cache: KVCache):
-        q, k, v = self.qkv(x, rope, start=cache.n)
+        q, k, v = self.qkv(x, rope)
         k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
         return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=x.size(1) > 1), x)
 
@@ -186,10 +189,11 @@ class Block(nn.Module):
         return (x if self.mlp is None else x + self.mlp(self.ln_2(x))), n
 
     def forward(self, x, rope):
-        return self.residual(x, self.attn(self.ln_1(x), rope)[0])[0]
+        x = x + self.attn_out_norm(self.attn(self.ln_1(x), rope))
+        return x if self.mlp is None else x + self.mlp(self.ln_2(x))
 
     def forward_probed(self, x, rope, at):
-        a, rows = self.attn(self.ln_1(x), rope, rows_at=at)
+        a, rows = self.attn.forward_probed(self.ln_1(x), rope, at)
         x, n = self.residual(x, a)
         return x, {"attn": rows, "pre": gather_at(a, at), "post": gather_at(n, at)}
 
@@ -369,44 +373,40 @@ def train(model, sample_batch, cfg: TrainConfig, device, data_seed, eval_fn=None
           on_progress=None):
     """Train on batches of `sample_batch(rng, batch_size)`. Returns {steps, final_loss, seconds, loss_curve};
     raises Diverged at a non-finite loss or gradient (checked every 10 steps: the only device syncs)."""
-    with matmul_precision(cfg.tf32):
-        return _train(model, sample_batch, cfg, device, data_seed, eval_fn, progress, desc, on_progress)
-
-
-def _train(model, sample_batch, cfg, device, data_seed, eval_fn, progress, desc, on_progress):
-    model.to(device).train()
-    rng = np.random.default_rng(data_seed)
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # gains, biases
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    step_loss = torch.compile(model.loss) if cfg.compile else model.loss  # eval always uses the eager model
-    t0, curve, loss_val = time.time(), [], float("nan")
-    pbar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
-    for step in pbar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        with autocast(device, cfg.dtype):
-            loss = step_loss(to_device(sample_batch(rng, cfg.batch_size), device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-        last = step == cfg.steps - 1
-        if step % 10 == 0 or last:
-            loss_val = loss.item()
-            if not (math.isfinite(loss_val) and math.isfinite(gnorm.item())):
-                raise Diverged({"steps": step + 1, "final_loss": loss_val, "seconds": round(time.time() - t0, 2),
-                                "loss_curve": curve})
-            if step % max(1, cfg.steps // 50) == 0 or last:
-                curve.append((step, round(loss_val, 5)))
-            pbar.set_postfix(loss=f"{loss_val:.4f}")
-            if on_progress:
-                on_progress((step + 1) / cfg.steps)
-        opt.step()
-        if eval_fn is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and progress:
-            tqdm.write(f"{desc} step {step + 1}: loss {loss_val:.4f}, " +
-                       ", ".join(f"{k} {v:.3f}" for k, v in eval_fn(model).items()))
-            model.train()
-    return {"steps": step + 1, "final_loss": loss_val, "seconds": round(time.time() - t0, 2), "loss_curve": curve}
+    with matmul_precision(cfg.tf32):  # restored on return
+        model.to(device).train()
+        rng = np.random.default_rng(data_seed)
+        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # gains, biases
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+        step_loss = torch.compile(model.loss) if cfg.compile else model.loss  # eval always uses the eager model
+        t0, curve, loss_val = time.time(), [], float("nan")
+        pbar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
+        for step in pbar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            with autocast(device, cfg.dtype):
+                loss = step_loss(to_device(sample_batch(rng, cfg.batch_size), device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
+            last = step == cfg.steps - 1
+            if step % 10 == 0 or last:
+                loss_val = loss.item()
+                if not (math.isfinite(loss_val) and math.isfinite(gnorm.item())):
+                    raise Diverged({"steps": step + 1, "final_loss": loss_val, "seconds": round(time.time() - t0, 2),
+                                    "loss_curve": curve})
+                if step % max(1, cfg.steps // 50) == 0 or last:
+                    curve.append((step, round(loss_val, 5)))
+                pbar.set_postfix(loss=f"{loss_val:.4f}")
+                if on_progress:
+                    on_progress((step + 1) / cfg.steps)
+            opt.step()
+            if eval_fn is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and progress:
+                tqdm.write(f"{desc} step {step + 1}: loss {loss_val:.4f}, " +
+                           ", ".join(f"{k} {v:.3f}" for k, v in eval_fn(model).items()))
+                model.train()
+        return {"steps": step + 1, "final_loss": loss_val, "seconds": round(time.time() - t0, 2), "loss_curve": curve}
 
 
 # ---------------------------------------------------------------------------- 3. evaluation by length

@@ -41,9 +41,9 @@ import common as C
 import reporting as R
 from cli import (check_fields, flag_name, given_flags, jobs_for, make_parser, out_dir, parse_shard, pick_device,
                  run_configs, shown)
-from faults import (EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, WorkerDied, atomic_write, check_memory, check_record, check_row_types, device_fault,
-                    interrupted, one_per_shape, prepare_out, read_json, read_weights, remove_stale_temp_files,
-                    tolerant_streams)
+from faults import (EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, WorkerDied, atomic_write, check_memory, check_record,
+                    check_row_types, device_fault, interrupted, one_per_shape, prepare_out, read_json, read_weights,
+                    remove_stale_temp_files, tolerant_streams)
 
 
 # =============================================================================================
@@ -385,7 +385,8 @@ def setting_names(groups):
     for s, v in sets.items():
         parts = [f"{k}={json.dumps(v['config'].get(k))}" for k in differ if v["config"]]
         parts += [f"device {v['device']}"] if len({x["device"] for x in sets.values()}) > 1 else []
-        parts += [("--eval-only" if v["eval_only"] else "trained")] if len({x["eval_only"] for x in sets.values()}) > 1 else []
+        if len({x["eval_only"] for x in sets.values()}) > 1:
+            parts.append("--eval-only" if v["eval_only"] else "trained")
         names[s] = ", ".join(parts) or "the same"
     return names
 

@@ -55,10 +55,19 @@ class FixAttention(C.CausalSelfAttention):
         if cfg.fix == "gate":  # from the attention input (after ln_1), one gate per head
             self.gate = nn.Linear(cfg.n_embd, cfg.n_head)
 
-    def qkv(self, x, rope, start=0):
-        q, k, v = super().qkv(x, rope, start)
-        scale = self.query_scale(x.size(1), start, x.device)
+    start = 0  # the position of x's first token: 0, or while decoding the tokens already cached
+
+    def qkv(self, x, rope):
+        q, k, v = super().qkv(x, rope)
+        scale = self.query_scale(x.size(1), self.start, x.device)
         return (q if scale is None else q * scale.to(q.dtype)), k, v
+
+    def decode(self, x, rope, cache):
+        self.start = cache.n  # the new queries see cache.n more keys than their index says
+        try:
+            return super().decode(x, rope, cache)
+        finally:
+            self.start = 0
 
     def query_scale(self, T, start, device):
         """(nh or 1, T, 1) factors on q, or None (plain softmax: headnorm, gate, logn in training)."""
@@ -70,11 +79,10 @@ class FixAttention(C.CausalSelfAttention):
             return (self.ssmax_s[:, None] * log_n)[:, :, None]  # (nh, T, 1)
         return (log_n / math.log(self.cfg.n_train)).clamp_min(1.0)[None, :, None]  # (1, T, 1)
 
-    def out(self, y, x, at=None):
+    def out(self, y, x):
         if self.cfg.fix == "headnorm":
             y = F.layer_norm(y, (y.size(-1),))
-        elif self.cfg.fix == "gate":
-            x = x if at is None else C.gather_at(x, at)  # the input at the queries y belongs to
+        elif self.cfg.fix == "gate":  # x: the input at the queries y belongs to
             y = y * torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]  # (B, nh, T, 1) gates
         return super().out(y, x)
 
