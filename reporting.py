@@ -85,6 +85,23 @@ def diff_text(d, places=2):
     return f"{d['diff']:+.{places}f} [{d['lo']:+.{places}f}, {d['hi']:+.{places}f}]"
 
 
+def seeds_holding(values, threshold):
+    """{k, n, ci}: the seeds whose value is at least threshold, of n, with the 95% Wilson interval."""
+    v = list(values)
+    k = sum(x >= threshold for x in v)
+    return {"k": k, "n": len(v), "ci": list(wilson_ci(k, len(v)))}
+
+
+def count_text(k, n, ci):
+    """'k/n [lo, hi]': a count of seeds with its 95% interval."""
+    return f"{k}/{n} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def holding_text(h):
+    """A seeds_holding() record as printed: 'k/n [lo, hi]'."""
+    return count_text(h["k"], h["n"], h["ci"])
+
+
 def wilson_ci(k, n, z=1.96):
     """95% Wilson score interval (lo, hi) of a fraction k / n (sound at k = 0 or k = n, unlike k/n ± 2 se)."""
     if n == 0:
@@ -203,6 +220,27 @@ def markdown_table(say, header, rows):
         say("| " + " | ".join(str(c) for c in r) + " |")
 
 
+def say_by_length(rows, y, say, group="variant"):
+    """A table of y, mean ± std over seeds, a line per group and a column per length; returns the lengths."""
+    Ls = sorted({r["length"] for r in rows})
+    w = max(len(str(r[group])) for r in rows)
+    say(f"  {'':<{w}}" + "".join(f"{L:>12}" for L in Ls))
+    for g, (xs, m, s, n) in sorted(mean_std_by(rows, "length", y, group).items()):
+        at = dict(zip(xs, zip(m, s)))
+        say(f"  {g:<{w}}" + "".join(f"{at[L][0]:>6.2f}±{at[L][1]:<5.2f}" if L in at else f"{'-':>12}" for L in Ls))
+    return Ls
+
+
+def say_examples(records, say, label, width):
+    """A few decoded examples of each seed-0 cell (its 'examples'), each cut at width characters; label(rec)
+    names the cell."""
+    for rec in records:
+        if rec["cell"].get("seed") == 0 and rec.get("examples"):
+            say(f"\nexamples ({label(rec)}):")
+            for e in rec["examples"][:4]:
+                say(f"  {e if len(e) < width else e[:width] + ' ...'}")
+
+
 class Summary:
     """The printed summary of a report: say(line) prints it and keeps it for summary.txt."""
 
@@ -306,6 +344,31 @@ class Palette:
 
 def seeds_text(n):
     return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def paired_panel(ax, rows, by, base, others, colors, train_len, title):
+    """Accuracy of each of `others` minus `base` vs length, paired by seed: a line with its 95% CI band, and
+    a dot per seed (colors: {variant: colour})."""
+    for v in [v for v in others if select(rows, **{by: v})]:
+        d = paired_diff_ci(rows, "accuracy", v, base, by=by)
+        if not d:
+            continue
+        xs = [r["length"] for r in d]
+        ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − {base} ({seeds_text(d[0]['n'])})",
+                color=colors[v])
+        ax.fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=colors[v], alpha=0.15)
+        b = {(r["seed"], r["length"]): r["accuracy"] for r in select(rows, **{by: base})}
+        pts = [(r["length"], r["accuracy"] - b[r["seed"], r["length"]]) for r in select(rows, **{by: v})
+               if (r["seed"], r["length"]) in b]
+        ax.scatter([x * (1 + 0.04 * (others.index(v) - len(others) / 2)) for x, _ in pts], [y for _, y in pts],
+                   s=6, color=colors[v], alpha=0.4, lw=0)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(train_len, color="gray", ls="--", lw=1, label=f"max train length {train_len}")
+    ax.set_xscale("log", base=2)
+    ticks_at(ax, sorted({r["length"] for r in rows}))
+    ax.set(xlabel="test length N", ylabel=f"accuracy difference to {base}", title=title)
+    legend_outside(ax)
+    ax.grid(alpha=0.3)
 
 
 def band(ax, rows, x, y, group, colors, label=str):

@@ -133,8 +133,8 @@ def fig_edits(acc, edits, tasks, cfg, out):
         rows = edit_table(R.select(acc, task=task), R.select(edits, task=task))
         R.plot_vs_length(rows, "accuracy", None, cfg.train_len, group="edit", chance=1 / cfg.n_classes, ax=axes[0, j],
                          style=style, title=f"{task}: none models edited at test time (mean ± std over seeds)")
-        VVR._paired_panel(axes[1, j], rows, "edit", "no edit", list(EDITS), cfg,
-                      f"{task}: edited − unedited, per seed (dots), 95% CI")
+        R.paired_panel(axes[1, j], rows, "edit", "no edit", list(EDITS), COLORS, cfg.train_len,
+                       f"{task}: edited − unedited, per seed (dots), 95% CI")
         R.plot_vs_length(rows, "target_mass", None, cfg.train_len, group="edit", ax=axes[2, j], style=style,
                          title=f"{task}: attention mass on the answering item")
     R.save_figure(fig, out / "edits.png")
@@ -160,8 +160,8 @@ def say_ladder(acc, probe, ratios, verdicts, cfg, say):
             r = R.seed_stats(ratios.get((task, v, 0), []))
             ratio = f"{r['mean']:.2f}" if r["n"] else "-"  # per-head stds: measured with --heads only
             c = by.get((task, v, None))
-            diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
-            wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
+            diff = R.diff_text(c, 3) if c else ""
+            wins = R.count_text(c["wins"], c["n"], c["wins_ci"]) if c else ""
             say(f"| {task} | {v} | {a_lo['mean']:.3f} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) | {diff} | "
                 f"{wins} | {h['mean']:.1f} | {m['mean']:.2f} | {ratio} |")
 
@@ -184,8 +184,8 @@ def say_edits(acc, probe, edits, verdicts, cfg, say):
         for e in [e for e in ("no edit",) + EDITS if R.select(rows, edit=e)]:
             stat = functools.partial(edit_stats, R.select(rows, edit=e))
             a, c = stat("accuracy"), by.get((task, "none", e))
-            diff = f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c else ""
-            wins = f"{c['wins']}/{c['n']} [{c['wins_ci'][0]:.2f}, {c['wins_ci'][1]:.2f}]" if c else ""
+            diff = R.diff_text(c, 3) if c else ""
+            wins = R.count_text(c["wins"], c["n"], c["wins_ci"]) if c else ""
             eff = stat("eff_n") if e != "no edit" else R.seed_stats(list(R.per_seed(
                 probe, "eff_n", task=task, variant="none", length=top, layer=0, where="pre").values()))
             fac = f"{stat('factor')['mean']:.2f}" if e != "no edit" else "1"
@@ -215,7 +215,7 @@ def say_gap_vs_argmax(acc, cfg, say):
         return
     d = R.paired_diff_ci(none, "accuracy", "argmax-gap", "argmax", by="task")
     say("\nargmax-gap − argmax, none models, matched by seed (95% CI): " +
-        ", ".join(f"N={r['length']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for r in d))
+        ", ".join(f"N={r['length']}: {R.diff_text(r, 3)}" for r in d))
     top = max(cfg.test_lengths)
     for task in ("argmax", "argmax-gap"):
         for v in ordered(r["variant"] for r in R.select(acc, task=task)):

@@ -152,35 +152,9 @@ def fig_accuracy(acc, tasks, cfg, out):
     for j, task in enumerate(tasks):
         R.plot_vs_length(R.select(acc, task=task), "accuracy", None, cfg.train_len, chance=1 / cfg.n_classes,
                          ax=axes[0, j], title=f"{task}: accuracy (mean ± std over seeds)", style=style)
-        _paired_panel(axes[1, j], R.select(acc, task=task), "variant", "none",
-                      [v for v in VARIANT_ORDER if v != "none"], cfg, f"{task}: paired difference to none, "
-                      "per seed (dots), 95% CI")
+        R.paired_panel(axes[1, j], R.select(acc, task=task), "variant", "none", [v for v in VARIANT_ORDER if v != "none"],
+                       COLORS, cfg.train_len, f"{task}: paired difference to none, per seed (dots), 95% CI")
     R.save_figure(fig, out / "accuracy.png")
-
-
-def _paired_panel(ax, rows, by, base, others, cfg, title):
-    """Paired difference of each of `others` to `base` vs N: a line with its 95% CI band, and a dot
-    per seed."""
-    for v in [v for v in others if R.select(rows, **{by: v})]:
-        d = R.paired_diff_ci(rows, "accuracy", v, base, by=by)
-        if not d:
-            continue
-        xs = [r["length"] for r in d]
-        ax.plot(xs, [r["diff"] for r in d], marker="o", ms=3, label=f"{v} − {base} ({R.seeds_text(d[0]['n'])})",
-                color=COLORS[v])
-        ax.fill_between(xs, [r["lo"] for r in d], [r["hi"] for r in d], color=COLORS[v], alpha=0.15)
-        b = {(r["seed"], r["length"]): r["accuracy"] for r in R.select(rows, **{by: base})}
-        pts = [(r["length"], r["accuracy"] - b[r["seed"], r["length"]]) for r in R.select(rows, **{by: v})
-               if (r["seed"], r["length"]) in b]
-        ax.scatter([x * (1 + 0.04 * (others.index(v) - len(others) / 2)) for x, _ in pts], [y for _, y in pts],
-                   s=6, color=COLORS[v], alpha=0.4, lw=0)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.axvline(cfg.train_len, color="gray", ls="--", lw=1, label=f"max train length {cfg.train_len}")
-    ax.set_xscale("log", base=2)
-    R.ticks_at(ax, sorted({r["length"] for r in rows}))
-    ax.set(xlabel="test length N", ylabel=f"accuracy difference to {base}", title=title)
-    R.legend_outside(ax)
-    ax.grid(alpha=0.3)
 
 
 def fig_variance(probe, tasks, cfg, out, th):
@@ -265,8 +239,8 @@ def say_claims(rows, say):
     for r in rows:
         a, b = r["a"], r["b"]
         say(f"| {r['task']} | {r['what']} | {r['claim']} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) / "
-            f"{b['mean']:.3f} ± {b['std']:.3f} ({b['median']:.3f}) | {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
-            f"{r['wins']}/{r['n']} [{r['wins_ci'][0]:.2f}, {r['wins_ci'][1]:.2f}] | {r['verdict']} |")
+            f"{b['mean']:.3f} ± {b['std']:.3f} ({b['median']:.3f}) | {R.diff_text(r, 3)} | "
+            f"{R.count_text(r['wins'], r['n'], r['wins_ci'])} | {r['verdict']} |")
 
 
 HOLDS = 0.95  # a model "holds" at N when its accuracy there is at least this
@@ -274,9 +248,7 @@ HOLDS = 0.95  # a model "holds" at N when its accuracy there is at least this
 
 def holds_text(accuracies):
     """'k/n [lo, hi]': the seeds whose accuracy is at least HOLDS, with a 95% Wilson interval."""
-    k = sum(x >= HOLDS for x in accuracies)
-    lo, hi = R.wilson_ci(k, len(accuracies))
-    return f"{k}/{len(accuracies)} [{lo:.2f}, {hi:.2f}]"
+    return R.holding_text(R.seeds_holding(accuracies, HOLDS))
 
 
 def say_headline(acc, probe, say):
@@ -348,7 +320,7 @@ def say_details(records, acc, ratios, slopes, th, cfg, say):
         for v in [v for v in VARIANT_ORDER if v != "none" and v in table]:
             d = R.paired_diff_ci(R.select(acc, task=task), "accuracy", v, "none")
             say(f"  {v} − none, paired over seeds (95% CI): " +
-                ", ".join(f"N={r['length']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for r in d))
+                ", ".join(f"N={r['length']}: {R.diff_text(r, 3)}" for r in d))
     firsts = {}
     for rec in records:
         firsts.setdefault(rec["cell"].get("task"), rec)

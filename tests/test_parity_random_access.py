@@ -16,6 +16,7 @@ import cli
 import harness as H
 import reporting as R
 import parity_random_access as P
+import parity_random_access_report as PR
 from reference import reference_maps
 
 SCRIPT = str(Path(P.__file__))
@@ -258,7 +259,7 @@ def test_claims_oracle():
                 row("add-mnemonic", s, 15, min(1.0, 0.9 + 0.02 * s))]
     mass = [{"variant": f"scratchpad, {where}", "fmt": "scratchpad", "setting": where, "seed": s, "length": L,
              "mass": 0.9 if L == 20 else 0.1 * s} for s in range(10) for L in cfg.test_lengths]
-    out = P.claims(acc, mass, cfg)
+    out = PR.claims(acc, mass, cfg, P.ADD_FORMATS)
     by = {c["fmt"]: c for c in out if "seeds" in c}
     mn, sp = by["mnemonic"], by["scratchpad"]
     assert mn["generalize_at"] == 60 and mn["test_max"] == 100  # 3 x the longest training length (20)
@@ -284,10 +285,10 @@ def test_attention_figure_shows_the_same_seed_when_only_its_maps_are_kept():
     recs = [{"label": "mnemonic, rope", "cell": {"fmt": "mnemonic", "seed": s}, "maps": [[[[s]]]],
              "rows": [{"table": "accuracy", "length": L, "accuracy": 1.0 if L == 20 else 0.5 + 0.04 * (s % 7)}
                       for L in cfg.test_lengths]} for s in range(10)]
-    (rec, of, key, n), = P.maps_to_show(recs, cfg)
+    (rec, of, key, n), = PR.maps_to_show(recs, cfg)
     assert (rec["cell"]["seed"], of, key, n) == (6, 10, "maps", cfg.map_length)  # the best at n = 40
     kept = [r if r is rec else {k: v for k, v in r.items() if k != "maps"} for r in recs]
-    assert P.maps_to_show(kept, cfg) == [(rec, 10, "maps", cfg.map_length)]
+    assert PR.maps_to_show(kept, cfg) == [(rec, 10, "maps", cfg.map_length)]
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import common as C
 import reporting as R
 import sparse_planted as S
+import sparse_planted_report as SR
 
 SCRIPT = str(Path(S.__file__))
 
@@ -236,7 +237,7 @@ def test_ppc_claims_oracle():
     rows = [{"variant": v, "seed": s, "length": n, "token_acc": a, "exact": float(a == 1.0), "id_acc": a}
             for s in range(4) for n in cfg.ppc_test
             for v, a in (("ppc", 1.0 if n == 20 else 0.5 + 0.1 * s), ("rope", 1.0 if n == 20 else 0.2))]
-    out = S.ppc_claims(rows, cfg)
+    out = SR.ppc_claims(rows, cfg)
     ppc = next(c for c in out if c["setting"] == "ppc" and "by_n" in c)
     at40 = ppc["by_n"][-1]["token_acc"]  # 0.5, 0.6, 0.7, 0.8: mean 0.65, sd 0.129, t(3) = 3.182
     half = 3.182 * np.std([0.5, 0.6, 0.7, 0.8], ddof=1) / 2
@@ -298,7 +299,7 @@ def test_rho_keeps_every_k_when_one_seed_fails_one_k():
     rows = [{"exp": "fixed", "family": "fixed", "seed": s, "k": k, "length": L,
              "accuracy": (0.5 if (s, k) == (0, 3) else 1.0) if L == 20 else 1.0 - 0.1 * k - 0.01 * s}
             for s in range(4) for k in (1, 2, 3) for L in (20, 160)]
-    (c,) = S.sparsity_claims(rows, 20)
+    (c,) = SR.sparsity_claims(rows, 20)
     assert c["ks"] == [1, 2, 3] and c["unlearned"] == [{"seed": 0, "k": 3}]
     kept = [(r["seed"], r["k"], r["accuracy"]) for r in rows if r["length"] == 160 and (r["seed"], r["k"]) != (0, 3)]
     assert len(kept) == 11 and c["rho"] == pytest.approx(R.spearman_ci(kept)[0])
