@@ -70,7 +70,8 @@ def shown(v):
 
 
 def make_parser(script):
-    p = OneLineParser(description=script.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=script.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      allow_abbrev=False)  # a flag is spelled out: --experiment never reaches another flag
     p.add_argument("--preset", default="quick", choices=list(script.presets),
                    help="smoke: seconds (tests); quick: minutes on a laptop CPU; paper: paper scale, for a GPU")
     if len(script.experiments) > 1:

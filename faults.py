@@ -127,9 +127,9 @@ def memory_needed(script, cell, cfg):
     largest test set, which evaluation holds in memory (three int64 tensors a token); one evaluation or
     calibration forward (2**16 tokens, the most either runs at once; ~16 live floats a token and channel)."""
     with torch.device("meta"):  # shapes only
-        model = script.build(cell)
+        model = script.build(cell, cfg)
     params = sum(p.numel() for p in model.parameters())
-    t_train, t_test = script.seq_lens(cell)
+    t_train, t_test = script.seq_lens(cell, cfg)
     L, d, h = model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_head
     return {"the model and its optimizer state": 16 * params,
             "a training batch": 4 * cfg.batch_size * t_train * L * (34 * d + 3 * h * t_train),

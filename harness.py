@@ -87,17 +87,18 @@ class TrainAndEvaluate:
     next to the cell file (cells/<key>.pt), evaluate."""
 
     def __init__(self, script, cell_dir, save_models=True):
-        self.build, self.train, self.evaluate = script.build, script.train, script.evaluate
+        self.config, self.build, self.train, self.evaluate = script.config, script.build, script.train, script.evaluate
         self.cell_dir, self.save_models = Path(cell_dir), save_models
 
     def __call__(self, cell):
+        cfg = self.config(**cell["config"])
         torch.manual_seed(cell["seed"])
-        model = self.build(cell)
-        with C.matmul_precision(cell["config"].get("tf32", False)):  # one precision for training and every test
-            out = self.train(model, cell)
+        model = self.build(cell, cfg)
+        with C.matmul_precision(cfg.tf32):  # one precision for training and every test
+            out = self.train(model, cell, cfg)
             if self.save_models:
                 save_weights(model, self.cell_dir / f"{cell_key(cell)}.pt")
-            return {**out, **self.evaluate(model, cell)}
+            return {**out, **self.evaluate(model, cell, cfg)}
 
 
 class EvaluateSaved:
@@ -106,17 +107,19 @@ class EvaluateSaved:
     record's other fields (the training curve, ...) are carried over."""
 
     def __init__(self, script, cell_dir):
-        self.build, self.evaluate, self.cell_dir = script.build, script.evaluate, Path(cell_dir)
+        self.config, self.build, self.evaluate = script.config, script.build, script.evaluate
+        self.cell_dir = Path(cell_dir)
 
     def __call__(self, cell):
+        cfg = self.config(**cell["config"])
         torch.manual_seed(cell["seed"])
-        model = self.build(cell)
+        model = self.build(cell, cfg)
         model.load_state_dict(read_weights(self.cell_dir / f"{cell['weights']}.pt"))
         model.to(torch.device(cell["device"]))
         original = read_json(self.cell_dir / f"{cell['weights']}.json")
         kept = {k: v for k, v in original.items() if k not in ("cell", "status", "rows", "seconds")}
-        with C.matmul_precision(cell["config"].get("tf32", False)):  # as the sweep evaluated it
-            return {**kept, **self.evaluate(model, cell)}
+        with C.matmul_precision(cfg.tf32):  # as the sweep evaluated it
+            return {**kept, **self.evaluate(model, cell, cfg)}
 
 
 def _run_and_save(run_cell, cell_dir, cell):
@@ -412,12 +415,13 @@ class Script:
       config       its config dataclass (a common.TrainConfig): every field is a flag
       presets      {name: {field: value}}: smoke (seconds, the tests), quick (minutes), paper
       axes         {cell field: config field}: the sweep axes ('seeds' -> seed 0..seeds-1)
-      build        cell -> the cell's model, untrained (torch is seeded with the cell's seed first)
-      train        (model, cell) -> {'train': ...}: trains in place; raises common.Diverged to record a
+      build        (cell, cfg) -> the cell's model, untrained (torch is seeded with the cell's seed first);
+                   cfg: the cell's config dataclass, as in train, evaluate and seq_lens
+      train        (model, cell, cfg) -> {'train': ...}: trains in place; raises common.Diverged to record a
                    diverged run
-      evaluate     (model, cell) -> {'rows': [...], ...}: tests a trained model (also a saved one: --eval-only)
+      evaluate     (model, cell, cfg) -> {'rows': [...], ...}: tests a trained model (also a saved one: --eval-only)
       eval_fields  the config fields that only evaluation reads: the ones --eval-only may change
-      seq_lens     cell -> (longest training sequence, longest test sequence) in tokens: for the memory
+      seq_lens     (cell, cfg) -> (longest training sequence, longest test sequence) in tokens: for the memory
                    estimate made before any training
       report       (records, cfg, out) -> figures, claims and the printed summary
       experiments  {name: [changes, ...]}: a named experiment is one or more runs, each a dict of
@@ -524,7 +528,7 @@ def check_same_model(script, cell, original):
     """Refuse an evaluation setting that would build the model differently from the one trained (a
     larger lookup key table, a longer position table): the weights would not fit, or mean something else."""
     with torch.device("meta"):  # shapes only: no memory, no time
-        new, old = script.build(cell), script.build(original)
+        new, old = (script.build(c, script.config(**c["config"])) for c in (cell, original))
     diff = [f"{f.name} {getattr(old.cfg, f.name)} -> {getattr(new.cfg, f.name)}" for f in fields(old.cfg)
             if getattr(old.cfg, f.name) != getattr(new.cfg, f.name)]
     shapes_new, shapes_old = ({k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (new, old))

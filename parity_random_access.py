@@ -235,7 +235,7 @@ def sample_copy(rng, batch_size, length, pool=128):
             "targets": torch.from_numpy(tok[:, at + 1])}
 
 
-def decode(ids):
+def render(ids):
     """Token ids -> text, anchors as A0, A1, ... (their index in the pool)."""
     return " ".join(NAMES.get(t, str(t)) if t < A0 else f"A{t - A0}" for t in ids if t >= 0)
 
@@ -473,20 +473,20 @@ def answer_only(batch):
 
 # ---------------------------------------------------------------------------------------- one cell
 
-def build(cell):
+def build(cell, cfg):
     """The cell's model, untrained (the harness seeds torch with the cell's seed first: the init seed)."""
-    return build_model(cell["fmt"], cell["pos"], Config(**cell["config"]))
+    return build_model(cell["fmt"], cell["pos"], cfg)
 
 
-def seq_lens(cell):
+def seq_lens(cell, cfg):
     """(longest training sequence, longest test sequence) in tokens."""
-    (_, hi), lengths = lengths_of(cell["fmt"], Config(**cell["config"]))
+    (_, hi), lengths = lengths_of(cell["fmt"], cfg)
     return seq_len(cell["fmt"], hi), seq_len(cell["fmt"], max(lengths))
 
 
-def train(model, cell):
+def train(model, cell, cfg):
     """Optional copy pre-training, then the task (each with its own optimizer run and data seed)."""
-    cfg, fmt, pos, seed = Config(**cell["config"]), cell["fmt"], cell["pos"], cell["seed"]
+    fmt, pos, seed = cell["fmt"], cell["pos"], cell["seed"]
     device, hi = torch.device(cell["device"]), lengths_of(fmt, cfg)[0][1]
     data, test = samplers(fmt, cfg, model.cfg.block_size)
     key = test_key(fmt, cfg, model.cfg.block_size)
@@ -507,9 +507,9 @@ def train(model, cell):
     return {"train": result, "pretrain": pre}
 
 
-def evaluate(model, cell):
+def evaluate(model, cell, cfg):
     """Accuracy per n and per step, probes, decoded examples, and the attention on the bits."""
-    cfg, fmt, device = Config(**cell["config"]), cell["fmt"], torch.device(cell["device"])
+    fmt, device = cell["fmt"], torch.device(cell["device"])
     lengths = lengths_of(fmt, cfg)[1]
     _, test = samplers(fmt, cfg, model.cfg.block_size)
     key = test_key(fmt, cfg, model.cfg.block_size)
@@ -549,15 +549,15 @@ def examples(model, test, lengths, device, key, k=3):
         for i in [0] + [w for w in wrong if w != 0][:k - 1]:
             bad = (seq[i, b["steps"]] != gold[i, b["steps"]]).nonzero()[:, 0].tolist()
             verdict = f"WRONG from step {bad[0] + 1}" if bad else "WRONG (stop)" if i in wrong else "right"
-            out.append(f"n={n} {verdict}: {decode(gold[i, :start].tolist())} -> model: "
-                       f"{decode(seq[i, start:].tolist())}  (gold: {decode(gold[i, start:].tolist())})")
+            out.append(f"n={n} {verdict}: {render(gold[i, :start].tolist())} -> model: "
+                       f"{render(seq[i, start:].tolist())}  (gold: {render(gold[i, start:].tolist())})")
     return out
 
 
 def examples_of_formats(cfg):
     for fmt in cfg.formats:
         ex = sample_batch(np.random.default_rng(0), 1, 4, fmt, cfg.anchors, cfg.cycle)
-        print(f"{fmt:>13} (n=4): {decode(ex['idx'][0].tolist())}")
+        print(f"{fmt:>13} (n=4): {render(ex['idx'][0].tolist())}")
 
 
 SCRIPT = H.Script(

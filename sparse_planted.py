@@ -9,7 +9,7 @@ Generalization in Transformers" (ICML 2025: "...in LLMs"), arXiv 2502.16792. The
   (3) Predictive Position Coupling (PPC) trains the model to predict the coupled position ids, so
       coupling works on tasks whose ids depend on the input.
 
-The experiments (`--experiments`, any subset):
+The studies (`--studies`, any subset):
   sparsity   one model per K in --k-train, trained on k ~ U[1, K]; each k tested at lengths L..8L
   fixed      the control: one model per k in --fixed-k, trained on that k alone
   locality   unmarked bits; the label is the parity of the k bits at fixed distances before '=', spread
@@ -54,10 +54,10 @@ Commands and measured run times (2-core CPU; the results are in docs/sparse_plan
                                                    #   35 cells: 10.8 min
   python sparse_planted.py --seeds 10              # the sparsity claims: the same 10 seeds, reusing quick's 5 (70 cells)
   python sparse_planted.py --preset smoke          # ~35 s: what the tests run
-  python sparse_planted.py --experiments locality --seeds 10   # the locality claims: NoPE / RoPE / coupled RoPE
+  python sparse_planted.py --studies locality --seeds 10   # the locality claims: NoPE / RoPE / coupled RoPE
                                                    #   x W = 1, 4, 16 x 10 seeds, 90 cells of ~50 s each
-  python sparse_planted.py --experiments ppc       # NoPE, RoPE, coupled (oracle and PPC), 4000 steps: 24.2 min
-  python sparse_planted.py --experiments ppc --ppc-steps 16000 --seeds 5 \
+  python sparse_planted.py --studies ppc       # NoPE, RoPE, coupled (oracle and PPC), 4000 steps: 24.2 min
+  python sparse_planted.py --studies ppc --ppc-steps 16000 --seeds 5 \
       --out results/sparse_planted/ppc16k          # the PPC claims: 15 cells, 80 min on 2 cores
   python sparse_planted.py --device cuda --preset paper   # everything at paper scale (not run yet)
 
@@ -87,7 +87,7 @@ SPARSE_NAMES = ["0", "1", "0*", "1*", "=", "^"]
 # pointer-chasing tokens: values 0-9, jumps >1 >2 >3, the last cell's E, then '=', '$', '^'
 N_VALUES, JUMP1, END, P_SEP, P_EOS, P_BOS = 10, 10, 13, 14, 15, 16
 POINTER_NAMES = [str(v) for v in range(N_VALUES)] + [">1", ">2", ">3", "E", "=", "$", "^"]
-EXPERIMENTS = ("sparsity", "fixed", "locality", "ppc")
+STUDIES = ("sparsity", "fixed", "locality", "ppc")
 LOCALITY_VARIANTS = ("nope", "rope", "coupled")
 PPC_VARIANTS = ("nope", "rope", "coupled")  # 'coupled' is evaluated as 'oracle' and as 'ppc'
 
@@ -183,7 +183,7 @@ def sample_pointer(rng, batch_size, n, offset_max=0):
             "prompt": P, "chain": chains}
 
 
-def decode(ids, names):
+def render(ids, names):
     return " ".join(names[i] for i in ids)
 
 
@@ -301,7 +301,7 @@ def first_drift(pred, gold, valued):
 
 @dataclass
 class Config(C.TrainConfig):
-    experiments: tuple = C.arg(("sparsity", "fixed"), "experiments to run", choices=EXPERIMENTS)
+    studies: tuple = C.arg(("sparsity", "fixed"), "studies to run (each its own models and claims)", choices=STUDIES)
     k_train: tuple = C.arg((4, 6), "sparsity: one model per K, trained on k ~ U[1, K]", min=1)
     fixed_k: tuple = C.arg((1, 2, 3, 4, 5), "fixed: one model per k, trained on that k only (the control)", min=1)
     n_layer: int = C.arg(2, "transformer blocks", min=1)
@@ -326,11 +326,11 @@ class Config(C.TrainConfig):
 
 
 PRESETS = {
-    "smoke": dict(seeds=2, steps=30, loc_steps=30, ppc_steps=30, experiments=EXPERIMENTS, k_train=(3,),
+    "smoke": dict(seeds=2, steps=30, loc_steps=30, ppc_steps=30, studies=STUDIES, k_train=(3,),
                   fixed_k=(2,), windows=(1, 4), test_lengths=(20, 40), ppc_test=(10, 20), eval_examples=32,
                   probe_examples=16),
     "quick": dict(seeds=5, steps=3000, lr=3e-3, eval_examples=500),
-    "paper": dict(seeds=5, steps=10000, loc_steps=10000, ppc_steps=30000, lr=1e-3, experiments=EXPERIMENTS,
+    "paper": dict(seeds=5, steps=10000, loc_steps=10000, ppc_steps=30000, lr=1e-3, studies=STUDIES,
                   k_train=(4, 6, 8, 10, 12), fixed_k=(1, 2, 3, 4, 5, 6, 8), train_min=12, train_max=40,
                   test_lengths=(40, 80, 160, 320), windows=(1, 4, 16, 32), loc_min=32, ppc_test=(10, 20, 40, 80, 160)),
 }
@@ -338,25 +338,25 @@ PRESETS = {
 
 def validate(cfg):
     """Constraints between flags, checked before any training."""
-    rope = ("locality" in cfg.experiments and set(cfg.loc_variants) - {"nope"}) or \
-        ("ppc" in cfg.experiments and "rope" in cfg.ppc_variants)
+    rope = ("locality" in cfg.studies and set(cfg.loc_variants) - {"nope"}) or \
+        ("ppc" in cfg.studies and "rope" in cfg.ppc_variants)
     C.check_model_shape(cfg.n_embd, cfg.n_head, bool(rope))
     C.check(cfg.train_min <= cfg.train_max, f"--train-min {cfg.train_min} > --train-max {cfg.train_max}")
     C.check(cfg.ppc_min <= cfg.ppc_max, f"--ppc-min {cfg.ppc_min} > --ppc-max {cfg.ppc_max}")
-    C.check("ppc" not in cfg.experiments or cfg.ppc_max <= max(cfg.ppc_test), f"--ppc-max {cfg.ppc_max} beyond the "
+    C.check("ppc" not in cfg.studies or cfg.ppc_max <= max(cfg.ppc_test), f"--ppc-max {cfg.ppc_max} beyond the "
             f"longest --ppc-test {max(cfg.ppc_test)}: the position table is sized from the test lengths")
-    C.check("locality" not in cfg.experiments or max(cfg.windows) <= cfg.loc_min <= cfg.train_max,
+    C.check("locality" not in cfg.studies or max(cfg.windows) <= cfg.loc_min <= cfg.train_max,
             f"the locality task trains on l = --loc-min {cfg.loc_min} .. --train-max {cfg.train_max}, which must "
             f"hold the largest window {max(cfg.windows)}")
-    ks = (cfg.k_train if "sparsity" in cfg.experiments else ()) + (cfg.fixed_k if "fixed" in cfg.experiments else ())
+    ks = (cfg.k_train if "sparsity" in cfg.studies else ()) + (cfg.fixed_k if "fixed" in cfg.studies else ())
     C.check(not ks or max(ks) <= cfg.train_max, f"k={max(ks + (0,))} planted bits need train_max >= k")
     C.check(min(cfg.test_lengths) >= max(ks + (cfg.loc_k,)), "every test length must hold the largest k")
-    C.check("locality" not in cfg.experiments or min(cfg.windows) >= cfg.loc_k,
+    C.check("locality" not in cfg.studies or min(cfg.windows) >= cfg.loc_k,
             f"a window must hold loc_k={cfg.loc_k} planted bits")
 
 
 def axes_of(exp, cfg):
-    """The cell fields of one experiment, structured (no strings to parse back): sparsity K, fixed k_only,
+    """The cell fields of one study, structured (no strings to parse back): sparsity K, fixed k_only,
     locality W and pos, ppc variant."""
     return {"sparsity": dict(K=cfg.k_train), "fixed": dict(k_only=cfg.fixed_k),
             "locality": dict(W=cfg.windows, pos=cfg.loc_variants), "ppc": dict(variant=cfg.ppc_variants)}[exp]
@@ -434,7 +434,7 @@ def sparse_examples(model, test, cfg, device, k=3):
     pred, gold = logits[:, 0].argmax(-1), b["targets"][:, 0]
     wrong = (pred != gold).nonzero()[:, 0].tolist()
     return [f"l={cfg.test_lengths[-1]} {'right' if i not in wrong else 'WRONG'}: "
-            f"{decode(b['idx'][i].tolist(), SPARSE_NAMES)} -> model {int(pred[i])} (gold {int(gold[i])})"
+            f"{render(b['idx'][i].tolist(), SPARSE_NAMES)} -> model {int(pred[i])} (gold {int(gold[i])})"
             for i in [0] + [w for w in wrong if w != 0][:k - 1]]
 
 
@@ -497,57 +497,55 @@ def pointer_examples(model, test, modes, cfg, device):
         for name, ids in modes:
             seq, fed, _ = greedy_pointer(model, b, ids)
             verdict = "right" if (seq[0, P:P + m] == gold[P:P + m]).all() else "WRONG"
-            out.append(f"n={n} {name} {verdict}: {decode(gold[:P].tolist(), POINTER_NAMES)} -> model: "
-                       f"{decode(seq[0, P:P + m].tolist(), POINTER_NAMES)}  (gold: "
-                       f"{decode(gold[P:P + m].tolist(), POINTER_NAMES)})")
+            out.append(f"n={n} {name} {verdict}: {render(gold[:P].tolist(), POINTER_NAMES)} -> model: "
+                       f"{render(seq[0, P:P + m].tolist(), POINTER_NAMES)}  (gold: "
+                       f"{render(gold[P:P + m].tolist(), POINTER_NAMES)})")
     return out
 
 
-def build(cell):
+def build(cell, cfg):
     """The cell's model, untrained (the harness seeds torch with the cell's seed first: the init seed)."""
-    cfg = Config(**cell["config"])
     return build_pointer(cell, cfg) if cell["exp"] == "ppc" else build_sparse(cell, cfg)
 
 
-def seq_lens(cell):
+def seq_lens(cell, cfg):
     """(longest training sequence, longest test sequence) in tokens: at most 3n + 3 for pointer chasing,
     length + 2 for sparse parity."""
-    cfg = Config(**cell["config"])
     if cell["exp"] == "ppc":
         return 3 * cfg.ppc_max + 3, 3 * max(cfg.ppc_test) + 3
     return cfg.train_max + 2, max(cfg.test_lengths) + 2
 
 
-def train(model, cell):
-    cfg, device = Config(**cell["config"]), torch.device(cell["device"])
+def train(model, cell, cfg):
+    device = torch.device(cell["device"])
     return train_pointer(model, cell, cfg, device) if cell["exp"] == "ppc" else train_sparse(model, cell, cfg, device)
 
 
-def evaluate(model, cell):
-    cfg, device = Config(**cell["config"]), torch.device(cell["device"])
+def evaluate(model, cell, cfg):
+    device = torch.device(cell["device"])
     return evaluate_pointer(model, cell, cfg, device) if cell["exp"] == "ppc" else \
         evaluate_sparse(model, cell, cfg, device)
 
 
 def print_examples(cfg):
     rng = np.random.default_rng(0)
-    print(f"sparse parity (l=10, k=3): {decode(sample_sparse(rng, 1, 10, 3)['idx'][0].tolist(), SPARSE_NAMES)}")
+    print(f"sparse parity (l=10, k=3): {render(sample_sparse(rng, 1, 10, 3)['idx'][0].tolist(), SPARSE_NAMES)}")
     ex = sample_pointer(rng, 1, 5)
-    print(f"pointer chasing (n=5):     {decode(ex['idx'][0].tolist(), POINTER_NAMES)}")
+    print(f"pointer chasing (n=5):     {render(ex['idx'][0].tolist(), POINTER_NAMES)}")
 
 
 SLOW_FIRST = {"ppc": 0, "locality": 1, "sparsity": 2, "fixed": 2}  # so that parallel workers finish together
 
 
 def groups(cfg):
-    """One sub-sweep per experiment, the slow ones first: its own axes (axes_of), then the seed."""
+    """One sub-sweep per study, the slow ones first: its own axes (axes_of), then the seed."""
     return [{"exp": [exp], **axes_of(exp, cfg), "seed": H.seed_list(cfg.seeds)}
-            for exp in sorted(cfg.experiments, key=SLOW_FIRST.get)]
+            for exp in sorted(cfg.studies, key=SLOW_FIRST.get)]
 
 
 SCRIPT = H.Script(
     name="sparse_planted", description=__doc__.splitlines()[0], config=Config, presets=PRESETS,
-    axes={"exp": "experiments", "K": "k_train", "k_only": "fixed_k", "W": "windows", "pos": "loc_variants",
+    axes={"exp": "studies", "K": "k_train", "k_only": "fixed_k", "W": "windows", "pos": "loc_variants",
           "variant": "ppc_variants", "seed": "seeds"},
     groups=groups, build=build, train=train, evaluate=evaluate, validate=validate,
     report=functools.partial(SR.report, offsets=spread_offsets),

@@ -64,12 +64,12 @@ import torch.nn as nn
 
 import common as C
 import harness as H
-import vanishing_variance_fixes as F
+import vanishing_variance_fixes as fixes
 import vanishing_variance_report as VVR
 
 TASKS = ("argmax", "lookup", "argmax-gap")  # argmax-gap: beyond the paper (vanishing_variance_beyond.py)
 GAP = 1 / 16  # argmax-gap: the largest priority exceeds all others by at least this fraction of the range
-VARIANTS = C.ATTN_OUT_NORMS + F.FIXES  # the paper's norms (common.py), then the fix ladder's (the fixes module)
+VARIANTS = C.ATTN_OUT_NORMS + fixes.FIXES  # the paper's norms (common.py), then the fix ladder's (the fixes module)
 GRID = 2**30  # argmax priorities: distinct integers below GRID
 
 
@@ -122,7 +122,7 @@ def _pack(a, b, query_a, target, item, n_classes):
             "item": torch.from_numpy(item)}
 
 
-def decode(batch, i, n_classes=8):
+def render(batch, i, n_classes=8):
     """Human-readable example i of a batch: '(a,b) (a,b) ... ? -> target'."""
     ids = batch["idx"][i].tolist()
     items = " ".join(f"({t // (n_classes + 1)},{t % (n_classes + 1)})" for t in ids[:-1][:6])
@@ -220,8 +220,8 @@ def build_model(task, variant, cfg):
     ladder (vanishing_variance_fixes.FixGPT; n_train is the training sequence, train_len items + query)."""
     shape = dict(vocab_size=cfg.n_classes, block_size=1, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                  mlp=cfg.mlp, pos="none")
-    if variant in F.FIXES:
-        model = F.FixGPT(F.FixConfig(**shape, fix=variant, n_train=cfg.train_len + 1))
+    if variant in fixes.FIXES:
+        model = fixes.FixGPT(fixes.FixConfig(**shape, fix=variant, n_train=cfg.train_len + 1))
     else:
         model = C.GPT(C.GPTConfig(**shape, attn_out_norm=variant))
     model.wte = ItemEmbedding(task, cfg.n_embd, cfg.n_classes, n_keys(cfg))  # items, not a token table
@@ -251,19 +251,18 @@ def up_to_length(rng, batch_size, sample, length):
     return sample(rng, batch_size, int(rng.integers(1, length + 1)))
 
 
-def build(cell):
+def build(cell, cfg):
     """The cell's model, untrained (the harness seeds torch with the cell's seed first: the init seed)."""
-    return build_model(cell["task"], cell["variant"], Config(**cell["config"]))
+    return build_model(cell["task"], cell["variant"], cfg)
 
 
-def seq_lens(cell):
+def seq_lens(cell, cfg):
     """(longest training sequence, longest test sequence) in tokens: N items + the query."""
-    cfg = Config(**cell["config"])
     return cfg.train_len + 1, max(cfg.test_lengths) + 1
 
 
-def train(model, cell):
-    cfg, task, variant, seed = Config(**cell["config"]), cell["task"], cell["variant"], cell["seed"]
+def train(model, cell, cfg):
+    task, variant, seed = cell["task"], cell["variant"], cell["seed"]
     device, key, sample = torch.device(cell["device"]), test_key(task, cfg), sampler(task, cfg)
 
     def in_distribution(m):
@@ -274,17 +273,17 @@ def train(model, cell):
                              **H.train_options(f"{task}/{variant}/seed{seed}"))}
 
 
-def evaluate(model, cell):
+def evaluate(model, cell, cfg):
     """Every test length: accuracy, probes, and with --heads / --edits the fix-ladder measurements."""
-    cfg, task, variant, seed = Config(**cell["config"]), cell["task"], cell["variant"], cell["seed"]
+    task, variant, seed = cell["task"], cell["variant"], cell["seed"]
     device, key, sample = torch.device(cell["device"]), test_key(task, cfg), sampler(task, cfg)
     rows, probes, kept = C.evaluate_with_probes(model, sample, cfg.test_lengths, cfg.eval_examples, device,
                                                 extra=target_mass, keep=cfg.keep_lengths, key=key)
     out = {"rows": [{"table": "accuracy", **r} for r in rows] + [{"table": "probe", **r} for r in probes]}
     if cfg.heads:  # vanishing_variance_beyond.py --experiment fixes (kept out of the main job: it is slow)
-        out["rows"] += F.head_std_rows(model, sample, cfg.test_lengths, device)
+        out["rows"] += fixes.head_std_rows(model, sample, cfg.test_lengths, device)
     if cfg.edits and variant == "none":
-        out["rows"] += F.edit_rows(model, sample, cfg.test_lengths, cfg.train_len, cfg.eval_examples, device,
+        out["rows"] += fixes.edit_rows(model, sample, cfg.test_lengths, cfg.train_len, cfg.eval_examples, device,
                                    target_mass, key)
     out["mistakes"] = mistakes(model, sample, max(cfg.test_lengths), device, cfg.n_classes, key)
     if seed == 0:  # component 0 of the raw outputs, for the distribution figure (kept small)
@@ -300,7 +299,7 @@ def mistakes(model, sample, length, device, n_classes, key, k=3):
     logits, _ = model(b["idx"], at=b["at"])
     pred = logits[:, 0].argmax(-1)
     wrong = (pred != b["targets"][:, 0]).nonzero()[:k, 0].tolist()
-    return [f"N={length}: {decode(b, i, n_classes)}, model said {int(pred[i])}" for i in wrong]
+    return [f"N={length}: {render(b, i, n_classes)}, model said {int(pred[i])}" for i in wrong]
 
 
 # ---------------------------------------------------------------------------------------- theory
@@ -317,9 +316,9 @@ def examples(cfg):
     print("theory: log-log slope of the attention-output std vs N: " +
           ", ".join(f"{k} {VVR.slope(x, y):+.3f}" for k, (x, y) in th.items()))
     ex = sample_argmax(np.random.default_rng(0), 1, 4, cfg.n_classes)
-    print(f"argmax example (N=4): {decode(ex, 0, cfg.n_classes)}")
+    print(f"argmax example (N=4): {render(ex, 0, cfg.n_classes)}")
     ex = sample_lookup(np.random.default_rng(0), 1, 4, cfg.n_classes, n_keys(cfg))
-    print(f"lookup example (N=4): {decode(ex, 0, cfg.n_classes)}")
+    print(f"lookup example (N=4): {render(ex, 0, cfg.n_classes)}")
 
 
 SCRIPT = H.Script(

@@ -202,9 +202,9 @@ def test_a_saved_model_is_tested_again_under_the_tf32_setting_of_its_sweep(tmp_p
     in the sweep and again in --eval-only, and restored after; the re-evaluated rows equal the recorded."""
     seen = []
 
-    def evaluate(model, cell):
+    def evaluate(model, cell, cfg):
         seen.append(torch.backends.cuda.matmul.allow_tf32)
-        return T.evaluate(model, cell)
+        return T.evaluate(model, cell, cfg)
     script = dataclasses.replace(T.SCRIPT, evaluate=evaluate)
     cfg = dataclasses.replace(T.Config(), **T.PRESETS["smoke"], tf32=True)
     cell = H.make_cells(cfg, script.axes, torch.device("cpu"))[0]
@@ -235,16 +235,16 @@ CALIBRATION_PEAK = """
 import math, resource
 from dataclasses import replace
 import torch
-import vanishing_variance as VV, vanishing_variance_fixes as F
+import vanishing_variance as VV, vanishing_variance_fixes as fixes
 torch.set_num_threads(1)
 cfg = replace(VV.Config(), **VV.PRESETS["paper"])
 model = VV.build_model("lookup", "none", cfg).eval()
-idx = F.calibration(VV.sampler("lookup", cfg), 4096, torch.device("cpu"))  # 256 x 4097 tokens
+idx = fixes.calibration(VV.sampler("lookup", cfg), 4096, torch.device("cpu"))  # 256 x 4097 tokens
 with torch.no_grad():
     model(idx[:2], at=torch.full((2, 1), 4096))  # one small forward first: the allocator and kernels
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-with F.edited(model, math.log(4097) / math.log(17), None):
-    F.head_std(model, idx)
+with fixes.edited(model, math.log(4097) / math.log(17), None):
+    fixes.head_std(model, idx)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
 
@@ -261,12 +261,12 @@ def test_calibration_memory_is_bounded_at_n_4096():
 
 @needs_cuda
 def test_calibration_memory_on_cuda():
-    import vanishing_variance_fixes as F
+    import vanishing_variance_fixes as fixes
     cfg = dataclasses.replace(VV.Config(), **VV.PRESETS["paper"])
     model = VV.build_model("lookup", "none", cfg).cuda().eval()
-    idx = F.calibration(VV.sampler("lookup", cfg), 4096, torch.device("cuda"))
+    idx = fixes.calibration(VV.sampler("lookup", cfg), 4096, torch.device("cuda"))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    F.head_std(model, idx)
+    fixes.head_std(model, idx)
     assert torch.cuda.max_memory_allocated() - base < 256 * 2**20

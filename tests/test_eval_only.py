@@ -50,10 +50,11 @@ def test_eval_only_at_a_new_length_equals_a_fresh_run_with_that_length(tmp_path)
 def test_a_saved_model_loads_into_the_cell_model(tmp_path):
     vv(*SMOKE, "--tasks", "argmax", "--out", str(tmp_path))
     rec = json.loads(next((tmp_path / "cells").glob("*.json")).read_text())
-    model = VV.build(rec["cell"])
+    cfg = VV.Config(**rec["cell"]["config"])
+    model = VV.build(rec["cell"], cfg)
     model.load_state_dict(torch.load(tmp_path / "cells" / f"{H.cell_key(rec['cell'])}.pt", weights_only=True))
     trained = {r["length"]: r["accuracy"] for r in rec["rows"] if r["table"] == "accuracy"}
-    rows = VV.evaluate(model, rec["cell"])["rows"]
+    rows = VV.evaluate(model, rec["cell"], cfg)["rows"]
     assert {r["length"]: r["accuracy"] for r in rows if r["table"] == "accuracy"} == trained
 
 

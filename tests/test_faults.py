@@ -46,7 +46,7 @@ BAD = [  # (script, flags, part of the message): every class of bad input, check
     (PA, ["--n-embd", "36", "--n-head", "4"], "even head size"),
     (SP, ["--windows", "100"], "must hold the largest window 100"),
     (SP, ["--n-embd", "30"], "divisible by --n-head"),
-    (SP, ["--experiments", "ppc", "--ppc-max", "30"], "--ppc-max 30 beyond"),
+    (SP, ["--studies", "ppc", "--ppc-max", "30"], "--ppc-max 30 beyond"),
     (VV, ["--n-embd", "65536"], "the model and its optimizer state"),    # sizes no machine here holds
     (VV, ["--batch-size", "5e7"], "a training batch"),
     (VV, ["--eval-examples", "1e8"], "the largest test set"),

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import common as C
-import vanishing_variance_fixes as F
+import vanishing_variance_fixes as fixes
 from reference import reference_forward, reference_maps
 
-VARIANTS = C.ATTN_OUT_NORMS + F.FIXES  # every attention variant: common's norms and the fix ladder's
+VARIANTS = C.ATTN_OUT_NORMS + fixes.FIXES  # every attention variant: common's norms and the fix ladder's
 ALL = list(itertools.product(C.POS_ENCODINGS, VARIANTS))
 
 
@@ -18,8 +18,8 @@ def tiny(pos="none", norm="none", seed=0, **kw):
     """A small random model; `norm` names any attention variant (a common.GPT norm or a fix)."""
     torch.manual_seed(seed)
     cfg = {**dict(vocab_size=20, block_size=64, n_layer=2, n_head=2, n_embd=16, pos=pos), **kw}
-    if norm in F.FIXES:
-        m = F.FixGPT(F.FixConfig(**cfg, fix=norm, n_train=8)).eval()
+    if norm in fixes.FIXES:
+        m = fixes.FixGPT(fixes.FixConfig(**cfg, fix=norm, n_train=8)).eval()
     else:
         m = C.GPT(C.GPTConfig(**cfg, attn_out_norm=norm)).eval()
     with torch.no_grad():  # sharper attention than at init, so position effects are far above float noise

@@ -286,7 +286,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("flags,word", [(["--windows", "2", "--loc-k", "3"], "window"), (["--windows", "32"], "loc-min"),
                                         (["--k-train", "30"], "train_max"),
-                                        (["--experiments", "bogus"], "experiments")])
+                                        (["--studies", "bogus"], "studies")])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flags, word):
     p = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", *flags, "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)

@@ -6,14 +6,14 @@ import torch
 
 import common as C
 import vanishing_variance as VV
-import vanishing_variance_fixes as F
+import vanishing_variance_fixes as fixes
 from reference import reference_forward
 
 
 def one_layer(fix=None):
     torch.manual_seed(0)
     shape = dict(vocab_size=20, n_layer=1, n_head=2, n_embd=16)
-    m = (C.GPT(C.GPTConfig(**shape)) if fix is None else F.FixGPT(F.FixConfig(**shape, fix=fix, n_train=8))).eval()
+    m = (C.GPT(C.GPTConfig(**shape)) if fix is None else fixes.FixGPT(fixes.FixConfig(**shape, fix=fix, n_train=8))).eval()
     with torch.no_grad():
         m.blocks[0].attn.c_attn.weight[:32] *= 20
     return m
@@ -21,9 +21,9 @@ def one_layer(fix=None):
 
 def test_bad_fix_config_is_a_usage_error():
     with pytest.raises(C.UsageError, match="unknown fix"):
-        F.FixGPT(F.FixConfig(fix="sparsemax"))
+        fixes.FixGPT(fixes.FixConfig(fix="sparsemax"))
     with pytest.raises(C.UsageError, match="n_train >= 2"):
-        F.FixGPT(F.FixConfig(fix="ssmax"))
+        fixes.FixGPT(fixes.FixConfig(fix="ssmax"))
 
 
 def test_ssmax_with_s_log_n_one_is_plain_softmax_and_n_counts_the_keys_of_each_query():
@@ -97,7 +97,7 @@ def one_block(task="lookup", seed=0):
     model = VV.build_model(task, "none", cfg).eval()
     with torch.no_grad():  # a trained model's attention is not uniform: make the logits matter
         model.blocks[0].attn.c_attn.weight.mul_(20)
-    return model, F.calibration(VV.sampler(task, cfg), 64, torch.device("cpu"))
+    return model, fixes.calibration(VV.sampler(task, cfg), 64, torch.device("cpu"))
 
 
 def answer(model, idx):
@@ -108,7 +108,7 @@ def test_sharpen_edit_equals_scaling_the_query_weights():
     """One block read at the query: q times s at the query alone == q times s everywhere (only the
     query's row reaches the answer), which is W_q, b_q times s."""
     model, idx = one_block()
-    with F.edited(model, sharpen=2.5):
+    with fixes.edited(model, sharpen=2.5):
         edited = answer(model, idx)
     plain = answer(model, idx)
     C = model.cfg.n_embd
@@ -122,7 +122,7 @@ def test_sharpen_edit_equals_scaling_the_query_weights():
 def test_scale_edit_equals_scaling_w_o_columns():
     model, idx = one_block(seed=1)
     factors = torch.tensor([[0.5, 2.0, 1.0, 3.0]])
-    with F.edited(model, head_scale=factors):
+    with fixes.edited(model, head_scale=factors):
         edited = answer(model, idx)
     hs = model.cfg.n_embd // model.cfg.n_head
     with torch.no_grad():
@@ -133,9 +133,9 @@ def test_scale_edit_equals_scaling_w_o_columns():
 def test_edits_are_removed_on_exit_and_identity_at_one():
     model, idx = one_block(seed=2)
     before = answer(model, idx)
-    with F.edited(model, 1.0, torch.ones(1, 4)):
+    with fixes.edited(model, 1.0, torch.ones(1, 4)):
         assert torch.equal(answer(model, idx), before)
-    with F.edited(model, 3.0, torch.full((1, 4), 2.0)):
+    with fixes.edited(model, 3.0, torch.full((1, 4), 2.0)):
         assert not torch.allclose(answer(model, idx), before)
     assert torch.equal(answer(model, idx), before)
 
@@ -146,13 +146,13 @@ def test_restore_scale_brings_every_block_back_to_the_reference():
     cfg = VV.Config(test_lengths=(16, 256))
     model = VV.build_model("lookup", "none", cfg).eval()
     sample = VV.sampler("lookup", cfg)
-    ref = F.head_std(model, F.calibration(sample, 16, torch.device("cpu")))
-    idx = F.calibration(sample, 256, torch.device("cpu"))
-    assert (F.head_std(model, idx) < 0.8 * ref).all()  # the heads' outputs shrink with N
+    ref = fixes.head_std(model, fixes.calibration(sample, 16, torch.device("cpu")))
+    idx = fixes.calibration(sample, 256, torch.device("cpu"))
+    assert (fixes.head_std(model, idx) < 0.8 * ref).all()  # the heads' outputs shrink with N
     for sharpen in (1.0, 2.0):
-        scale = F.restore_scale(model, ref, idx, sharpen)
-        with F.edited(model, sharpen, scale):
-            assert torch.allclose(F.head_std(model, idx), ref, rtol=1e-4)
+        scale = fixes.restore_scale(model, ref, idx, sharpen)
+        with fixes.edited(model, sharpen, scale):
+            assert torch.allclose(fixes.head_std(model, idx), ref, rtol=1e-4)
 
 
 def test_head_std_oracle():
@@ -164,4 +164,4 @@ def test_head_std_oracle():
     reference_forward(model, idx)
     h.remove()
     y = seen["y"][:, -1].double().view(idx.size(0), 4, -1)  # (B, nh, hs)
-    assert torch.allclose(F.head_std(model, idx)[0].double(), y.var(0).mean(-1).sqrt(), rtol=1e-4)
+    assert torch.allclose(fixes.head_std(model, idx)[0].double(), y.var(0).mean(-1).sqrt(), rtol=1e-4)

@@ -38,33 +38,29 @@ PRESETS = {"smoke": dict(seeds=2, steps=30, eval_examples=64),
            "paper": dict(seeds=5, steps=2000)}
 
 
-def build(cell):
-    cfg = Config(**cell["config"])
+def build(cell, cfg):
     return C.GPT(C.GPTConfig(vocab_size=16, block_size=cfg.block_size, n_layer=1, n_head=2, n_embd=cfg.n_embd,
                              pos=cfg.pos, attn_out_norm=cell["variant"]))
 
 
-def seq_lens(cell):
-    cfg = Config(**cell["config"])
+def seq_lens(cell, cfg):
     return cfg.train_len, max(cfg.test_lengths)
 
 
-def train(model, cell):
-    cfg = Config(**cell["config"])
+def train(model, cell, cfg):
     data = functools.partial(C.sample_length_range, sample=sample_batch, lo=cfg.train_len, hi=cfg.train_len)
     return {"train": C.train(model, data, cfg, torch.device(cell["device"]), data_seed=10_000 + cell["seed"],
                              progress=False, on_progress=H.report_progress)}
 
 
-def train_or_run_out_of_memory(model, cell):
+def train_or_run_out_of_memory(model, cell, cfg):
     """train(), except that seed 1 fails as a full GPU does (the tests of a device error in a cell)."""
     if cell["seed"] == 1:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    return train(model, cell)
+    return train(model, cell, cfg)
 
 
-def evaluate(model, cell):
-    cfg = Config(**cell["config"])
+def evaluate(model, cell, cfg):
     rows, probes, _ = C.evaluate_with_probes(model, sample_batch, cfg.test_lengths, cfg.eval_examples,
                                              torch.device(cell["device"]), key="toy")
     return {"rows": [{"table": "accuracy", **r} for r in rows] + [{"table": "probe", **r} for r in probes]}
