@@ -10,7 +10,7 @@ A task is a pure function `sample_batch(rng, batch_size, length) -> dict` of CPU
 explicit np.random.Generator: idx (B, T) token ids, targets (B, P) labels (-1 = ignored) at the positions
 `at` (B, P) (without `at`, targets are (B, T)), and optional position_ids (B, T), default 0..T-1.
 
-Read next: one paper's script. harness.py (sweeps, files, flags) and reporting.py (statistics, figures)
+Read next: one paper's script. harness.py (sweeps, files), cli.py (flags), faults.py and reporting.py (statistics, figures)
 are machinery that no result depends on.
 """
 from __future__ import annotations

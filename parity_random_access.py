@@ -47,20 +47,16 @@ flag, so their effect can be measured (docs/parity_random_access.md):
 Training lengths: n ~ U[10, 20] bits per batch; tests: n = 10 ... 60. Addition: 1..5 digits, each example
 its own (one batch mixes digit counts, sample_mixed); tests: 3 ... 15 digits.
 
-Commands and measured run times (2-core CPU, 2 cells at a time):
-  python parity_random_access.py                       # quick: scratchpad, interleaved, mnemonic, 3 seeds: 10.9 min
-  python parity_random_access.py --preset smoke        # ~30 s: what the tests run
-  python parity_random_access.py --formats none,constant,cyclic,misaligned   # the anchor ablations, 12 cells: 24.6 min
+Commands (their run times on 2 CPU cores: docs/parity_random_access.md):
+  python parity_random_access.py                       # quick: scratchpad, interleaved, mnemonic, 3 seeds
+  python parity_random_access.py --preset smoke        # seconds: what the tests run
+  python parity_random_access.py --formats none,constant,cyclic,misaligned   # the anchor ablations
   python parity_random_access.py --formats add,add-mnemonic                   # addition at the quick budget
       # (too short to learn it: the claims setting gives 2000 + 6000 steps)
-  python parity_random_access.py --formats mnemonic --pretrain-steps 2000 --steps 3000   # 17.2 min, 3 seeds
+  python parity_random_access.py --formats mnemonic --pretrain-steps 2000 --steps 3000
   python parity_random_access.py --device cuda --preset paper   # every format, RoPE and NoPE, n to 100, 5 seeds
   python parity_random_access.py --experiment claims   # the claim table: CLAIMS_RUNS, each format in the setting
-      # where it learns, 10 seeds, n to 100, one resumable folder. Measured: scratchpad 43.5 min, interleaved
-      # 8.5 min, mnemonic RoPE + NoPE 75 min, none 8.7 min, constant + cyclic 131 min (20 cells, sharing the
-      # cores with addition runs); misaligned ~11 min a cell, add-mnemonic ~12 min (3 cells on 2 cores); add
-      # ~5.2 min a cell (2 on 2 cores; 23 min for 8). Committed cells: --out results/parity_random_access/claims
-      # resumes them
+      # where it learns, 10 seeds, n to 100, one resumable folder (results/parity_random_access/claims)
 
 Deviations: no code was released with the paper. Our models are small transformers trained from scratch; the paper's were most likely
 pretrained language models, fine-tuned, hence the two ingredients above (reported with and without).

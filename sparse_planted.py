@@ -49,17 +49,16 @@ trained; a position-id head is trained with cross-entropy next to the token loss
 greedy and autoregressive (key/value cache): 'oracle' feeds the gold ids, 'ppc' the head's argmax.
 Metrics: per-token accuracy of the output (values and '$'), exact match, and id accuracy.
 
-Commands and measured run times (2-core CPU; the results are in docs/sparse_planted.md):
-  python sparse_planted.py                         # quick: sparsity (K = 4, 6) + fixed k = 1..5, 5 seeds,
-                                                   #   35 cells: 10.8 min
+Commands (their run times on 2 CPU cores and the results: docs/sparse_planted.md):
+  python sparse_planted.py                         # quick: sparsity (K = 4, 6) + fixed k = 1..5, 5 seeds, 35 cells
   python sparse_planted.py --seeds 10              # the sparsity claims: the same 10 seeds, reusing quick's 5 (70 cells)
-  python sparse_planted.py --preset smoke          # ~35 s: what the tests run
+  python sparse_planted.py --preset smoke          # seconds: what the tests run
   python sparse_planted.py --studies locality --seeds 10   # the locality claims: NoPE / RoPE / coupled RoPE
-                                                   #   x W = 1, 4, 16 x 10 seeds, 90 cells of ~50 s each
-  python sparse_planted.py --studies ppc       # NoPE, RoPE, coupled (oracle and PPC), 4000 steps: 24.2 min
+                                                   #   x W = 1, 4, 16 x 10 seeds, 90 cells
+  python sparse_planted.py --studies ppc           # NoPE, RoPE, coupled (oracle and PPC), 4000 steps
   python sparse_planted.py --studies ppc --ppc-steps 16000 --seeds 5 \
-      --out results/sparse_planted/ppc16k          # the PPC claims: 15 cells, 80 min on 2 cores
-  python sparse_planted.py --device cuda --preset paper   # everything at paper scale (not run yet)
+      --out results/sparse_planted/ppc16k          # the PPC claims: 15 cells
+  python sparse_planted.py --device cuda --preset paper   # everything at paper scale
 
 Deviations: no code was released with the paper. Our choices: the token layouts above, the locality task (unmarked bits at fixed distances
 before '='), coupling in it by giving the planted bits the query's id, the pointer-chasing task and its id scheme,

@@ -2,6 +2,7 @@
 where the input can be checked up front, and lose nothing already computed: one case per class of
 input across the three scripts, the file system under --out (a file, read-only, full), every cell
 diverging, and --plot-only on results another script wrote."""
+import importlib
 import json
 import signal
 import subprocess
@@ -55,11 +56,26 @@ BAD = [  # (script, flags, part of the message): every class of bad input, check
 ]
 
 
+def main_in_process(script, args, monkeypatch, capsys):
+    """harness.main of a script in this process (no fresh Python and torch): (exit status, stdout, stderr)."""
+    module = importlib.import_module(script[:-3])
+    monkeypatch.setattr(sys, "argv", [script, "--preset", "smoke", "--device", "cpu", *args])
+    with pytest.raises(SystemExit) as e:
+        H.main(module.SCRIPT)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(script, e.value.code, out.out, out.err)
+
+
 @pytest.mark.parametrize("script,args,msg", BAD, ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in BAD])
-def test_bad_input_is_one_line_before_any_training(script, args, msg, tmp_path):
-    p = run(script, "--out", str(tmp_path), *args)
+def test_bad_input_is_one_line_before_any_training(script, args, msg, tmp_path, monkeypatch, capsys):
+    p = main_in_process(script, ["--out", str(tmp_path), *args], monkeypatch, capsys)
     one_error_line(p, H.EXIT_USAGE, msg)
     assert "sweep:" not in p.stdout  # refused before the sweep started
+
+
+def test_bad_input_from_the_command_line_is_the_same_line(tmp_path):
+    """One case through a fresh process: the in-process cases above see what a user sees."""
+    one_error_line(run(PA, "--out", str(tmp_path), "--add-train-max", "50"), H.EXIT_USAGE, "--add-train-max 50 beyond")
 
 
 def test_out_and_plot_only_that_are_files(tmp_path):
