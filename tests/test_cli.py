@@ -1,5 +1,7 @@
 """The experiment machinery end to end, through tests/toy_experiment.py: files written, plots,
---plot-only, resume after a hard kill, --jobs, --shard, and one-line errors for bad input."""
+--plot-only, --shard, seed lists, and one-line errors for bad input (resume after a hard kill and --jobs:
+test_cuda.py, on every device)."""
+import functools
 import json
 import os
 import signal
@@ -11,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import common as C
 import harness as H
+import toy_experiment as T
+from inprocess import run_main
 
 TOY = [sys.executable, str(Path(__file__).parent / "toy_experiment.py")]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -65,23 +68,9 @@ def kill_mid_sweep(args, out, device="cpu", timeout=180):
     return len(list((out / "cells").glob("*.json")))
 
 
-def test_resume_after_hard_kill_equals_uninterrupted_run(tmp_path):
-    args = ["--preset", "smoke", "--seeds", "4", "--jobs", "1"]
-    run(*args, "--out", str(tmp_path / "ref"))
-    out = tmp_path / "killed"
-    done = kill_mid_sweep(args, out)
-    assert 2 <= done < 8, "the kill should land mid-sweep"
-    again = run(*args, "--out", str(out))
-    assert f"{done} already done, running {8 - done}" in again.stdout
-    assert rows(out) == rows(tmp_path / "ref")
-    again = run(*args, "--out", str(out))  # a finished sweep re-runs nothing
-    assert "8 already done, running 0" in again.stdout
-
-
-def test_jobs_and_shards_give_the_same_rows(tmp_path):
+def test_shards_give_the_same_rows(tmp_path):
+    """Two shards into one folder merge into the rows of one run (--jobs and resume: test_cuda.py, per device)."""
     run("--preset", "smoke", "--jobs", "1", "--out", str(tmp_path / "one"))
-    run("--preset", "smoke", "--jobs", "2", "--out", str(tmp_path / "two"))
-    assert rows(tmp_path / "one") == rows(tmp_path / "two")
     for i in (0, 1):
         p = run("--preset", "smoke", "--jobs", "1", "--shard", f"{i}/2", "--out", str(tmp_path / "sh"))
         assert f"2 in shard {i}/2" in p.stdout
@@ -115,9 +104,15 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("args,msg", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line(args, msg, tmp_path):
-    p = run("--preset", "smoke", "--out", str(tmp_path), *args, check=False)
+    p = run_main(T.SCRIPT, "--device", "cpu", "--preset", "smoke", "--out", tmp_path, *args)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and msg in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def test_bad_input_from_the_command_line_is_the_same_line(tmp_path):
+    """One case through a fresh process: the in-process cases above see what a user sees."""
+    p = run("--preset", "smoke", "--out", str(tmp_path), "--seeds", "5-2", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "A-B needs 0 <= A <= B" in p.stderr, p.stderr
 
 
 def test_corrupt_results_file_is_reported_not_raised(tmp_path):
@@ -129,9 +124,11 @@ def test_corrupt_results_file_is_reported_not_raised(tmp_path):
 
 
 def test_seed_lists_and_ranges_reuse_the_cells_of_a_count(tmp_path):
-    run("--preset", "smoke", "--seeds", "2", "--variants", "none", "--out", str(tmp_path))
-    p = run("--preset", "smoke", "--seeds", "1-3", "--variants", "none", "--out", str(tmp_path))
+    toy = functools.partial(run_main, T.SCRIPT, "--device", "cpu", "--jobs", "1", "--preset", "smoke", "--variants",
+                            "none", "--out", tmp_path)
+    toy("--seeds", "2")
+    p = toy("--seeds", "1-3")
     assert "3 cells, 3 in shard 0/1, 1 already done, running 2" in p.stdout  # seed 1 is reused
-    p = run("--preset", "smoke", "--seeds", "3,0", "--variants", "none", "--out", str(tmp_path))
+    p = toy("--seeds", "3,0")
     assert "2 cells, 2 in shard 0/1, 2 already done, running 0" in p.stdout
     assert sorted({r["seed"] for r in rows(tmp_path)}) == [0, 3]  # results.json holds the seeds asked for

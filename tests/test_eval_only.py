@@ -2,23 +2,20 @@
 never saw gives the rows of a fresh run that had that length from the start; settings that would need
 another model are refused before anything runs."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 import harness as H
 import vanishing_variance as VV
+from inprocess import run_main
 
-ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ["--preset", "smoke", "--device", "cpu", "--jobs", "1", "--seeds", "1", "--variants", "none",
          "--keep-lengths", "16"]
 
 
-def vv(*args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "vanishing_variance.py"), *args], capture_output=True, text=True,
-                       timeout=300)
+def vv(*args, check=True):  # python vanishing_variance.py ARGS, in this process
+    p = run_main(VV.SCRIPT, *args)
     assert not check or p.returncode == 0, p.stderr[-2000:]
     return p
 
@@ -37,13 +34,13 @@ def test_eval_only_at_a_new_length_equals_a_fresh_run_with_that_length(tmp_path)
     a, b = tmp_path / "trained", tmp_path / "fresh"
     vv(*SMOKE, "--test-lengths", "16,64,256", "--out", str(a))
     assert len(list((a / "cells").glob("*.pt"))) == 2  # argmax and lookup: one saved model a cell
-    p = vv("--eval-only", str(a), "--test-lengths", "16,32,64,256", "--keep-lengths", "16", "--device", "cpu")
+    p = vv("--eval-only", str(a), "--test-lengths", "16,32,64,256", "--keep-lengths", "16", "--device", "cpu", "--jobs", "1")
     assert "eval-only: 2 saved model(s)" in p.stdout and "running 2" in p.stdout
     vv(*SMOKE, "--test-lengths", "16,32,64,256", "--out", str(b))
     new, fresh = cell_rows(a, eval_only=True), cell_rows(b, eval_only=False)
     assert any(r["length"] == 32 for r in new) and new == fresh  # N = 32 was never tested before
     assert cell_rows(a, eval_only=False) != fresh  # the original rows are kept apart, unchanged
-    p = vv("--eval-only", str(a), "--test-lengths", "16,32,64,256", "--keep-lengths", "16", "--device", "cpu")
+    p = vv("--eval-only", str(a), "--test-lengths", "16,32,64,256", "--keep-lengths", "16", "--device", "cpu", "--jobs", "1")
     assert "2 already done, running 0" in p.stdout  # a re-run resumes
 
 

@@ -15,7 +15,9 @@ import pytest
 import common as C
 import faults
 import harness as H
-from test_cli import ENV, TOY, run as run_toy
+import toy_experiment as T
+from inprocess import run_main
+from test_cli import ENV, TOY
 
 ROOT = Path(__file__).resolve().parent.parent
 VV, PA, SP = "vanishing_variance.py", "parity_random_access.py", "sparse_planted.py"
@@ -24,6 +26,16 @@ VV, PA, SP = "vanishing_variance.py", "parity_random_access.py", "sparse_planted
 def run(script, *args, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / script), "--preset", "smoke", "--device", "cpu", *args],
                           capture_output=True, text=True, timeout=timeout)
+
+
+def inproc(script, *args):  # python SCRIPT --preset smoke --device cpu ARGS, in this process
+    return run_main(importlib.import_module(script[:-3]).SCRIPT, "--preset", "smoke", "--device", "cpu", *args)
+
+
+def toy(*args, check=True):  # python tests/toy_experiment.py --device cpu --jobs 1 ARGS, in this process
+    p = run_main(T.SCRIPT, "--device", "cpu", "--jobs", "1", *args)
+    assert not check or p.returncode == 0, p.stderr[-2000:]
+    return p
 
 
 def one_error_line(p, status, msg):
@@ -56,19 +68,9 @@ BAD = [  # (script, flags, part of the message): every class of bad input, check
 ]
 
 
-def main_in_process(script, args, monkeypatch, capsys):
-    """harness.main of a script in this process (no fresh Python and torch): (exit status, stdout, stderr)."""
-    module = importlib.import_module(script[:-3])
-    monkeypatch.setattr(sys, "argv", [script, "--preset", "smoke", "--device", "cpu", *args])
-    with pytest.raises(SystemExit) as e:
-        H.main(module.SCRIPT)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(script, e.value.code, out.out, out.err)
-
-
 @pytest.mark.parametrize("script,args,msg", BAD, ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in BAD])
-def test_bad_input_is_one_line_before_any_training(script, args, msg, tmp_path, monkeypatch, capsys):
-    p = main_in_process(script, ["--out", str(tmp_path), *args], monkeypatch, capsys)
+def test_bad_input_is_one_line_before_any_training(script, args, msg, tmp_path):
+    p = inproc(script, "--out", tmp_path, *args)
     one_error_line(p, H.EXIT_USAGE, msg)
     assert "sweep:" not in p.stdout  # refused before the sweep started
 
@@ -81,12 +83,12 @@ def test_bad_input_from_the_command_line_is_the_same_line(tmp_path):
 def test_out_and_plot_only_that_are_files(tmp_path):
     f = tmp_path / "a_file"
     f.write_text("x")
-    one_error_line(run(VV, "--out", str(f)), H.EXIT_USAGE, "is a file, not a directory")
-    one_error_line(run(VV, "--plot-only", str(f)), H.EXIT_USAGE, "is a file, not a results directory")
+    one_error_line(inproc(VV, "--out", str(f)), H.EXIT_USAGE, "is a file, not a directory")
+    one_error_line(inproc(VV, "--plot-only", str(f)), H.EXIT_USAGE, "is a file, not a results directory")
 
 
 def test_every_cell_diverging_still_writes_summary_and_figure(tmp_path):
-    p = run(VV, "--lr", "1000", "--tasks", "argmax", "--seeds", "1", "--variants", "none,layernorm",
+    p = inproc(VV, "--jobs", "1", "--lr", "1000", "--tasks", "argmax", "--seeds", "1", "--variants", "none,layernorm",
             "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr[-2000:]
     summary = (tmp_path / "summary.txt").read_text()
@@ -94,16 +96,16 @@ def test_every_cell_diverging_still_writes_summary_and_figure(tmp_path):
     assert (tmp_path / "training.png").stat().st_size > 5_000
     res = json.loads((tmp_path / "results.json").read_text())
     assert [c["status"] for c in res["cells"]] == ["diverged", "diverged"]
-    p = run(VV, "--plot-only", str(tmp_path))  # and the same from the saved results
+    p = inproc(VV, "--plot-only", str(tmp_path))  # and the same from the saved results
     assert p.returncode == 0 and "2 of 2 cell(s) diverged" in p.stdout, p.stderr[-2000:]
 
 
 def test_plot_only_refuses_results_of_another_script(tmp_path):
-    run_toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
+    toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
     for script in (VV, PA, SP):
         one_error_line(run(script, "--plot-only", str(tmp_path)), H.EXIT_USAGE, "written by another script")
     (tmp_path / "results.json").unlink()
-    one_error_line(run(VV, "--plot-only", str(tmp_path)), H.EXIT_USAGE, "written by another script")
+    one_error_line(inproc(VV, "--plot-only", str(tmp_path)), H.EXIT_USAGE, "written by another script")
 
 
 def test_atomic_write_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):
@@ -134,7 +136,7 @@ def tmpfs(tmp_path):
 
 
 def test_a_disk_that_fills_up_mid_sweep(tmpfs):
-    p = run_toy("--preset", "smoke", "--jobs", "1", "--out", str(tmpfs / "run"), check=False)
+    p = toy("--preset", "smoke", "--jobs", "1", "--out", str(tmpfs / "run"), check=False)
     one_error_line(p, H.EXIT_IO, "No space left on device")
     assert "re-run the same command to resume" in p.stderr
     cells = [c for c in (tmpfs / "run" / "cells").iterdir() if c.suffix != ".pt"]
@@ -144,14 +146,14 @@ def test_a_disk_that_fills_up_mid_sweep(tmpfs):
 
 def test_a_read_only_out(tmpfs):
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    p = run_toy("--preset", "smoke", "--out", str(tmpfs / "run"), check=False)
+    p = toy("--preset", "smoke", "--out", str(tmpfs / "run"), check=False)
     one_error_line(p, H.EXIT_USAGE, "is not writable (Read-only file system)")
 
 
 def test_plot_only_of_a_read_only_folder_is_refused_up_front(tmpfs):
-    run_toy("--preset", "smoke", "--seeds", "1", "--variants", "none", "--out", str(tmpfs / "run"))
+    toy("--preset", "smoke", "--seeds", "1", "--variants", "none", "--out", str(tmpfs / "run"))
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    p = run_toy("--preset", "smoke", "--plot-only", str(tmpfs / "run"), check=False)
+    p = toy("--preset", "smoke", "--plot-only", str(tmpfs / "run"), check=False)
     one_error_line(p, H.EXIT_USAGE, "--plot-only")
     assert "is not writable" in p.stderr
 
@@ -241,16 +243,16 @@ def test_workers_that_cannot_start_end_the_sweep_with_one_line(tmp_path):
                                       (["--variants", "none,none"], "lists a value twice"),
                                       (["--out", ""], "--out needs a directory name")])
 def test_duplicates_and_an_empty_out_are_refused(args, msg, tmp_path):
-    p = run_toy("--preset", "smoke", *args, check=False) if args[0] == "--out" else \
-        run_toy("--preset", "smoke", "--out", str(tmp_path), *args, check=False)
+    p = toy("--preset", "smoke", *args, check=False) if args[0] == "--out" else \
+        toy("--preset", "smoke", "--out", str(tmp_path), *args, check=False)
     one_error_line(p, H.EXIT_USAGE, msg)
 
 
 def test_a_truncated_cell_of_this_sweep_is_found_before_training(tmp_path):
-    run_toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
+    toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
     cell = sorted((tmp_path / "cells").glob("*.json"))[0]
     cell.write_text('{"cell": 1}')  # valid JSON of the wrong shape
-    p = run_toy("--preset", "smoke", "--seeds", "2", "--out", str(tmp_path), check=False)
+    p = toy("--preset", "smoke", "--seeds", "2", "--out", str(tmp_path), check=False)
     one_error_line(p, H.EXIT_USAGE, str(cell))
     assert "sweep:" not in p.stdout  # found before any training
 
@@ -273,14 +275,14 @@ def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path):
     (tmp_path / "cells").mkdir()
     stale = tmp_path / "cells" / ".abc.json.99999999.1.tmp"  # no such process
     stale.write_text("half a cell")
-    run_toy("--preset", "smoke", "--seeds", "1", "--variants", "none", "--out", str(tmp_path))
+    toy("--preset", "smoke", "--seeds", "1", "--variants", "none", "--out", str(tmp_path))
     assert not stale.exists() and not list((tmp_path / "cells").glob(".*"))
 
 
 def test_plot_only_says_when_cells_of_the_sweep_are_missing(tmp_path):
-    run_toy("--preset", "smoke", "--out", str(tmp_path))
+    toy("--preset", "smoke", "--out", str(tmp_path))
     sorted((tmp_path / "cells").glob("*.json"))[0].unlink()
-    p = run_toy("--preset", "smoke", "--plot-only", str(tmp_path))
+    p = toy("--preset", "smoke", "--plot-only", str(tmp_path))
     assert "1 cell(s) of the last sweep" in p.stdout
 
 
@@ -293,24 +295,23 @@ WRONG = {"rows not records": ([1, 2], "not a cell record"),
 @pytest.mark.parametrize("case", list(WRONG))
 def test_a_cell_of_the_wrong_shape_is_one_line(case, tmp_path):
     rows, msg = WRONG[case]
-    run_toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
+    toy("--preset", "smoke", "--seeds", "1", "--out", str(tmp_path))
     cell = sorted((tmp_path / "cells").glob("*.json"))[0]
     rec = json.loads(cell.read_text())
     ids = {k: v for k, v in rec["cell"].items() if k != "config"} if "ids" not in case else {}
     cell.write_text(json.dumps({**rec, "rows": [{**ids, **r} if isinstance(r, dict) else r for r in rows]}))
-    p = run_toy("--preset", "smoke", "--plot-only", str(tmp_path), check=False)
+    p = toy("--preset", "smoke", "--plot-only", str(tmp_path), check=False)
     one_error_line(p, H.EXIT_USAGE, msg)
     assert str(cell) in p.stderr
 
 
 def test_plot_only_never_counts_a_seed_twice_when_cells_differ_outside_their_config(tmp_path, capsys):
-    run_toy("--preset", "smoke", "--out", str(tmp_path))
+    toy("--preset", "smoke", "--out", str(tmp_path))
     for f in sorted((tmp_path / "cells").glob("*.json")):  # the same cells, as if run on a GPU too
         rec = json.loads(f.read_text())
         rec["cell"]["device"] = "cuda"
         rec["rows"] = [{**r, "device": "cuda"} for r in rec["rows"]]
         (f.parent / f"{H.cell_key(rec['cell'])}.json").write_text(json.dumps(rec))
-    import toy_experiment as T
     recs, _ = H.saved_run(tmp_path, T.Config)
     assert len(recs) == 4 and len({(r["cell"]["variant"], r["cell"]["seed"]) for r in recs}) == 4
     assert {r["cell"]["device"] for r in recs} == {"cpu"}  # the setting of the last sweep into the folder
