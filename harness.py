@@ -87,18 +87,17 @@ class TrainAndEvaluate:
     next to the cell file (cells/<key>.pt), evaluate."""
 
     def __init__(self, script, cell_dir, save_models=True):
-        self.config, self.build, self.train, self.evaluate = script.config, script.build, script.train, script.evaluate
-        self.cell_dir, self.save_models = Path(cell_dir), save_models
+        self.script, self.cell_dir, self.save_models = script, Path(cell_dir), save_models
 
     def __call__(self, cell):
-        cfg = self.config(**cell["config"])
+        script, cfg = self.script, self.script.config(**cell["config"])
         torch.manual_seed(cell["seed"])
-        model = self.build(cell, cfg)
+        model = script.build(cell, cfg)
         with C.matmul_precision(cfg.tf32):  # one precision for training and every test
-            out = self.train(model, cell, cfg)
+            out = script.train(model, cell, cfg)
             if self.save_models:
                 save_weights(model, self.cell_dir / f"{cell_key(cell)}.pt")
-            return {**out, **self.evaluate(model, cell, cfg)}
+            return {**out, **script.evaluate(model, cell, cfg)}
 
 
 class EvaluateSaved:
@@ -107,19 +106,18 @@ class EvaluateSaved:
     record's other fields (the training curve, ...) are carried over."""
 
     def __init__(self, script, cell_dir):
-        self.config, self.build, self.evaluate = script.config, script.build, script.evaluate
-        self.cell_dir = Path(cell_dir)
+        self.script, self.cell_dir = script, Path(cell_dir)
 
     def __call__(self, cell):
-        cfg = self.config(**cell["config"])
+        script, cfg = self.script, self.script.config(**cell["config"])
         torch.manual_seed(cell["seed"])
-        model = self.build(cell, cfg)
+        model = script.build(cell, cfg)
         model.load_state_dict(read_weights(self.cell_dir / f"{cell['weights']}.pt"))
         model.to(torch.device(cell["device"]))
         original = read_json(self.cell_dir / f"{cell['weights']}.json")
         kept = {k: v for k, v in original.items() if k not in ("cell", "status", "rows", "seconds")}
         with C.matmul_precision(cfg.tf32):  # as the sweep evaluated it
-            return {**kept, **self.evaluate(model, cell, cfg)}
+            return {**kept, **script.evaluate(model, cell, cfg)}
 
 
 def _run_and_save(run_cell, cell_dir, cell):
