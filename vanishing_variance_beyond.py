@@ -366,7 +366,7 @@ def report(records, cfg, out):
     say.write(out)
 
 
-SCRIPT = replace(VV.SCRIPT, report=report, experiments={
+SCRIPT = replace(VV.SCRIPT, description=__doc__.splitlines()[0], report=report, experiments={
     "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)],  # the fix ladder and the edits
     "gap": [dict(tasks=("argmax", "argmax-gap"), variants=("none", "ssmax"), seeds=10, edits=True)],
     "ntrain": [ntrain_run(n) for n in NTRAIN],
