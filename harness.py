@@ -42,7 +42,8 @@ import reporting as R
 from cli import (check_fields, flag_name, given_flags, jobs_for, make_parser, out_dir, parse_shard, pick_device,
                  run_configs, shown)
 from faults import (EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, WorkerDied, atomic_write, check_memory, check_record,
-                    check_row_types, device_fault, interrupted, one_per_shape, prepare_out, read_json, read_weights,
+                    check_row_types, check_saved_models, device_fault, interrupted, one_per_shape, prepare_out, read_json,
+                    read_weights,
                     remove_stale_temp_files, tolerant_streams)
 
 
@@ -353,20 +354,26 @@ def saved_run(out_dir, config_cls, mixed=False):
     if len(mine) < len(recs):
         print(f"note: {len(recs) - len(mine)} result(s) in {out_dir} come from another script or another "
               "version of this script; ignored")
-    groups = {}
-    for r in mine:
-        groups.setdefault(setting_text(r, mixed), []).append(r)
-    if len(groups) > 1:
-        names, shown_key = setting_names(groups), last_sweep_setting(out_dir, groups)
-        print(f"note: {out_dir} holds cells of {len(groups)} settings (" +
-              "; ".join(f"{names[s]}: {len(v)} cells" for s, v in groups.items()) +
-              f"); shown: {names[shown_key]}, the setting of the last sweep into it, so that no seed counts twice")
-        mine = groups[shown_key]
+    mine = one_setting(out_dir, mine, mixed)
     missing = unfinished(out_dir)
     if missing:
         print(f"note: {missing} cell(s) of the last sweep into {out_dir} have no results (an unfinished run, or "
               "other shards): the tables show the finished ones; re-run its command to finish it")
     return mine, config_cls(**mine[0]["cell"]["config"])
+
+
+def one_setting(out_dir, recs, mixed=False):
+    """The records of one setting (last_sweep_setting's), so that no seed counts twice; a note names the others."""
+    groups = {}
+    for r in recs:
+        groups.setdefault(setting_text(r, mixed), []).append(r)
+    if len(groups) == 1:
+        return recs
+    names, shown_key = setting_names(groups), last_sweep_setting(out_dir, groups)
+    print(f"note: {out_dir} holds cells of {len(groups)} settings (" +
+          "; ".join(f"{names[s]}: {len(v)} cells" for s, v in groups.items()) +
+          f"); shown: {names[shown_key]}, the setting of the last sweep into it, so that no seed counts twice")
+    return groups[shown_key]
 
 
 def last_sweep_setting(out_dir, groups):
@@ -493,7 +500,11 @@ def eval_only(script: Script, args, shard):
     C.check(not bad, f"--eval-only changes evaluation settings only ({', '.join(map(flag_name, script.eval_fields))}) "
                      f"and picks models by {', '.join(map(flag_name, axes))}; {', '.join(bad)} would need new models: "
                      "run a sweep instead")
-    saved = [r for r in load_cells(src) if r["status"] == "ok" and "weights" not in r["cell"]
+    recs, names = load_cells(src), {f.name for f in fields(script.config)}
+    other = sorted({k for r in recs for k in r["cell"]["config"] if k not in names})
+    C.check(not other, f"--eval-only: {src} holds results of another script (config fields {', '.join(other[:3])} "
+                       f"are not {script.name}.py's): run that script's --eval-only")
+    saved = [r for r in recs if r["status"] == "ok" and "weights" not in r["cell"]
              and (src / "cells" / f"{cell_key(r['cell'])}.pt").exists()
              and all(r["cell"].get(cf) in values for cf, values in only.items())]
     C.check(saved, f"--eval-only: no saved models in {src / 'cells'}" + (" of the models picked" if only else "") +
@@ -505,13 +516,11 @@ def eval_only(script: Script, args, shard):
         cell = {**r["cell"], "device": device.type, "config": {**r["cell"]["config"], **given}}
         new.setdefault(cell_key(cell), ({**cell, "weights": cell_key(r["cell"])}, r))
     cells, originals = [c for c, _ in new.values()], {c["weights"]: r["cell"] for c, r in new.values()}
-    for cell in cells:
-        read_weights(src / "cells" / f"{cell['weights']}.pt")  # a damaged file: found before any evaluation
     for cell in one_per_shape(cells):
         check_fields(script.config(**cell["config"]))
         if script.validate:
             script.validate(script.config(**cell["config"]))
-        check_same_model(script, cell, originals[cell["weights"]])
+    check_saved_models(script, cells, originals, src / "cells")
     prepare_out(src, "--eval-only")
     jobs = jobs_for(args, device)
     check_memory(script, cells, device, jobs)
@@ -519,21 +528,7 @@ def eval_only(script: Script, args, shard):
           f"{', '.join(f'{flag_name(k)} {shown(v)}' for k, v in given.items()) or 'their own settings'}")
     records = run_sweep(cells, EvaluateSaved(script, src / "cells"), src, jobs, shard, args.fresh)
     write_results(src, records, cfg, environment(device, cfg))
-    script.report(records, cfg, src)
-
-
-def check_same_model(script, cell, original):
-    """Refuse an evaluation setting that would build the model differently from the one trained (a
-    larger lookup key table, a longer position table): the weights would not fit, or mean something else."""
-    with torch.device("meta"):  # shapes only: no memory, no time
-        new, old = (script.build(c, script.config(**c["config"])) for c in (cell, original))
-    diff = [f"{f.name} {getattr(old.cfg, f.name)} -> {getattr(new.cfg, f.name)}" for f in fields(old.cfg)
-            if getattr(old.cfg, f.name) != getattr(new.cfg, f.name)]
-    shapes_new, shapes_old = ({k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (new, old))
-    diff += [f"{k} {shapes_old.get(k)} -> {shapes_new.get(k)}" for k in sorted(set(shapes_new) | set(shapes_old))
-             if shapes_new.get(k) != shapes_old.get(k)]
-    C.check(not diff, f"--eval-only: with these settings the {R.cell_label(original)} model would be built "
-                      f"differently from the one trained ({'; '.join(diff[:3])}): testing that needs new models")
+    script.report(one_setting(src, records), cfg, src)
 
 
 def main(script: Script):

@@ -2,6 +2,7 @@
 never saw gives the rows of a fresh run that had that length from the start; settings that would need
 another model are refused before anything runs."""
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -75,3 +76,36 @@ def test_eval_only_refuses_what_would_need_new_models(tmp_path):
     one_line(vv("--eval-only", str(tmp_path), check=False), f"cannot read saved model {weights}")
     vv(*SMOKE, "--tasks", "argmax", "--save-models", "false", "--out", str(tmp_path / "unsaved"))
     one_line(vv("--eval-only", str(tmp_path / "unsaved"), check=False), "no saved models")
+
+
+def test_a_saved_model_that_does_not_fit_is_one_line_before_any_evaluation(tmp_path):
+    """Another model size, a list, a named pipe (which would block a read): each named in one line, exit 2."""
+    vv(*SMOKE, "--tasks", "argmax", "--out", str(tmp_path))
+    weights = next((tmp_path / "cells").glob("*.pt"))
+    good = weights.read_bytes()
+    torch.save({k: v[..., :3] if v.dim() else v for k, v in torch.load(weights, weights_only=True).items()}, weights)
+    one_line(vv("--eval-only", str(tmp_path), check=False), f"saved model {weights} does not fit")
+    torch.save([1, 2], weights)
+    one_line(vv("--eval-only", str(tmp_path), check=False), "holds a list, not a model's state dict")
+    weights.unlink()
+    os.mkfifo(weights)
+    one_line(vv("--eval-only", str(tmp_path), check=False), "is not a regular file")
+    weights.unlink()
+    weights.write_bytes(good)
+    assert vv("--eval-only", str(tmp_path), "--jobs", "1").returncode == 0
+
+
+def test_a_folder_of_another_script_is_refused_up_front(tmp_path):
+    import sparse_planted as S
+    assert run_main(S.SCRIPT, "--preset", "smoke", "--device", "cpu", "--jobs", "1", "--studies", "fixed",
+                    "--seeds", "1", "--fixed-k", "1", "--out", tmp_path).returncode == 0
+    one_line(vv("--eval-only", str(tmp_path), check=False), "holds results of another script")
+
+
+def test_eval_only_of_two_settings_counts_each_seed_once(tmp_path):
+    """Seed 0 trained twice (40 and 80 steps) in one folder: --eval-only tests both and reports one setting."""
+    for steps in ("40", "80"):
+        vv(*SMOKE, "--tasks", "argmax", "--steps", steps, "--out", str(tmp_path))
+    p = vv("--eval-only", str(tmp_path), "--jobs", "1")
+    assert "eval-only: 2 saved model(s)" in p.stdout and "holds cells of 2 settings (steps=40" in p.stdout
+    assert [line.split()[-1] for line in p.stdout.splitlines() if line.startswith("  none ")] == ["1"]  # seeds: 1
