@@ -19,6 +19,9 @@ from faults import EXIT_USAGE
 JOBS_PER_GPU = 8   # default --jobs per GPU
 
 
+MAX_SEEDS = 10_000  # seeds in one sweep: far more than any run here; a typo (0-100000000) is refused at once
+
+
 def parse_seeds(s):
     """--seeds: '10' (seeds 0..9), '10-19' (a range, both ends in) or '3,7' (a list)."""
     try:
@@ -26,8 +29,13 @@ def parse_seeds(s):
             a, b = (int(x) for x in s.split("-"))
             if not 0 <= a <= b:
                 raise argparse.ArgumentTypeError(f"invalid seeds range {s!r}: A-B needs 0 <= A <= B")
-            return tuple(range(a, b + 1))
-        return tuple(int(x) for x in s.split(",")) if "," in s else int(s)
+            n = b - a + 1
+        else:
+            n = len(s.split(",")) if "," in s else int(s)
+        if n > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f"--seeds {s} names {n:,} seeds; a sweep takes at most {MAX_SEEDS:,}")
+        return tuple(range(a, b + 1)) if "-" in s.strip()[1:] else \
+            tuple(int(x) for x in s.split(",")) if "," in s else int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid seeds value: {s!r} (a count, A-B or A,B,...)") from None
 

@@ -152,6 +152,9 @@ def check_same_model(script, cell, original):
 def prepare_out(out, flag="--out"):
     """Check before any work that results can be written under `out`: a directory, writable."""
     C.check(not out.exists() or out.is_dir(), f"{flag} {out} is a file, not a directory")
+    cells = out / "cells"
+    C.check(cells.is_dir() or not (cells.exists() or cells.is_symlink()),
+            f"{flag} {out}: {cells} must be the folder of cell files, and it is a file or a broken link: move it away")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test.{os.getpid()}"

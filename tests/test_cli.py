@@ -95,6 +95,8 @@ BAD = [
     (["--dtype", "fp16"], "unknown 'fp16'"),
     (["--seeds", "5-2"], "invalid seeds range '5-2': A-B needs 0 <= A <= B"),
     (["--seeds", "a,b"], "invalid seeds value: 'a,b'"),
+    (["--seeds", "0-100000000"], "names 100,000,001 seeds; a sweep takes at most 10,000"),  # at once, no MemoryError
+    (["--seeds", "1000000000"], "names 1,000,000,000 seeds"),
 ]
 if not torch.cuda.is_available():
     BAD += [(["--device", "cuda"], "CUDA is not available"),

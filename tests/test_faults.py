@@ -87,6 +87,14 @@ def test_out_and_plot_only_that_are_files(tmp_path):
     one_error_line(inproc(VV, "--plot-only", str(f)), H.EXIT_USAGE, "is a file, not a results directory")
 
 
+@pytest.mark.parametrize("what", ["a file", "a link to itself"])
+def test_cells_that_is_no_folder_is_bad_input_before_any_training(what, tmp_path):
+    (tmp_path / "cells").write_text("x") if what == "a file" else (tmp_path / "cells").symlink_to(tmp_path / "cells")
+    p = toy("--preset", "smoke", "--out", tmp_path, check=False)
+    one_error_line(p, H.EXIT_USAGE, "cells must be the folder of cell files")
+    assert "sweep:" not in p.stdout
+
+
 def test_every_cell_diverging_still_writes_summary_and_figure(tmp_path):
     p = inproc(VV, "--jobs", "1", "--lr", "1000", "--tasks", "argmax", "--seeds", "1", "--variants", "none,layernorm",
             "--out", str(tmp_path))
