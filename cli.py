@@ -29,13 +29,15 @@ def parse_seeds(s):
             a, b = (int(x) for x in s.split("-"))
             if not 0 <= a <= b:
                 raise argparse.ArgumentTypeError(f"invalid seeds range {s!r}: A-B needs 0 <= A <= B")
-            n = b - a + 1
+            value, n = range(a, b + 1), b - a + 1  # a range object: nothing is built before the check
+        elif "," in s:
+            value = tuple(int(x) for x in s.split(","))
+            n = len(value)
         else:
-            n = len(s.split(",")) if "," in s else int(s)
+            value = n = int(s)
         if n > MAX_SEEDS:
             raise argparse.ArgumentTypeError(f"--seeds {s} names {n:,} seeds; a sweep takes at most {MAX_SEEDS:,}")
-        return tuple(range(a, b + 1)) if "-" in s.strip()[1:] else \
-            tuple(int(x) for x in s.split(",")) if "," in s else int(s)
+        return tuple(value) if isinstance(value, range) else value
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid seeds value: {s!r} (a count, A-B or A,B,...)") from None
 

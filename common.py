@@ -182,28 +182,24 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.mlp else None
         self.mlp = MLP(cfg) if cfg.mlp else None
 
-    def residual(self, x, a):
-        """x + norm_out(a), then the MLP; returns the block output and norm_out(a)."""
-        n = self.attn_out_norm(a)
-        x = x + n
-        return (x if self.mlp is None else x + self.mlp(self.ln_2(x))), n
+    def feed_forward(self, x):  # x + mlp(ln_2(x)); attention-only blocks pass x through
+        return x if self.mlp is None else x + self.mlp(self.ln_2(x))
 
     def forward(self, x, rope):
-        x = x + self.attn_out_norm(self.attn(self.ln_1(x), rope))
-        return x if self.mlp is None else x + self.mlp(self.ln_2(x))
+        return self.feed_forward(x + self.attn_out_norm(self.attn(self.ln_1(x), rope)))
 
     def forward_probed(self, x, rope, at):
         a, rows = self.attn.forward_probed(self.ln_1(x), rope, at)
-        x, n = self.residual(x, a)
-        return x, {"attn": rows, "pre": gather_at(a, at), "post": gather_at(n, at)}
+        n = self.attn_out_norm(a)
+        return self.feed_forward(x + n), {"attn": rows, "pre": gather_at(a, at), "post": gather_at(n, at)}
 
     def forward_at(self, x, rope, at):
         a, rows = self.attn.forward_at(self.ln_1(x), rope, at)  # (B, P, C)
-        x, n = self.residual(gather_at(x, at), a)  # (B, P, C)
-        return x, {"attn": rows, "pre": a, "post": n}
+        n = self.attn_out_norm(a)
+        return self.feed_forward(gather_at(x, at) + n), {"attn": rows, "pre": a, "post": n}  # (B, P, C)
 
     def decode(self, x, rope, cache):
-        return self.residual(x, self.attn.decode(self.ln_1(x), rope, cache))[0]
+        return self.feed_forward(x + self.attn_out_norm(self.attn.decode(self.ln_1(x), rope, cache)))
 
 
 def token_loss(logits, targets):

@@ -94,10 +94,10 @@ class TrainAndEvaluate:
         script, cfg = self.script, self.script.config(**cell["config"])
         torch.manual_seed(cell["seed"])
         model = script.build(cell, cfg)
-        with C.matmul_precision(cfg.tf32):  # one precision for training and every test
-            out = script.train(model, cell, cfg)
-            if self.save_models:
-                save_weights(model, self.cell_dir / f"{cell_key(cell)}.pt")
+        out = script.train(model, cell, cfg)  # common.train holds cfg.tf32 itself
+        if self.save_models:
+            save_weights(model, self.cell_dir / f"{cell_key(cell)}.pt")
+        with C.matmul_precision(cfg.tf32):  # every test under the training's precision
             return {**out, **script.evaluate(model, cell, cfg)}
 
 

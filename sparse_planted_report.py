@@ -298,7 +298,6 @@ def stat_ci(s):
     return f"{R.stat_text(s)} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
 
 
-frac = R.holding_text
 
 
 def say_sparsity_claims(sp, say):
@@ -306,7 +305,7 @@ def say_sparsity_claims(sp, say):
     R.markdown_table(say, ["model", "k", f"l = {sp[0]['train_max']} (training)"] + [
         f"l = {Lx}: {what}" for Lx in longer for what in ("accuracy", f"seeds >= {HOLDS} [95% CI]")],
         [[c["setting"], d["k"], R.stat_text({x["length"]: x for x in d["by_length"]}[c["train_max"]])] +
-         [cell for x in d["by_length"] if x["length"] in longer for cell in (R.stat_text(x), frac(x["hold"]))]
+         [cell for x in d["by_length"] if x["length"] in longer for cell in (R.stat_text(x), R.holding_text(x["hold"]))]
          for c in sp for d in c["by_k"]])
     for c in sp:
         left = ", ".join(f"seed {u['seed']} at k = {u['k']}" for u in c["unlearned"]) or "none"
@@ -325,7 +324,7 @@ def say_locality_claims(loc, say):
         d = c["diff_W"]
         for i, x in enumerate(c["by_W"]):
             diff = "" if i else c["verdict"] if d is None else f"W = {d['a']} - {d['b']}: {R.diff_text(d)} -> {c['verdict']}"
-            rows.append([c["setting"], x["W"], R.stat_text(x["inside"]), R.stat_text(x["beyond"]), frac(x["beyond"]["hold"]), diff])
+            rows.append([c["setting"], x["W"], R.stat_text(x["inside"]), R.stat_text(x["beyond"]), R.holding_text(x["beyond"]["hold"]), diff])
     R.markdown_table(say, ["position ids", "W", f"l = {loc[0]['train_max']} (training)", f"l = {top}",
                            f"seeds >= {HOLDS} at l = {top} [95% CI]",
                            f"largest - smallest W learned in distribution, at l = {top}, paired [95% CI]"], rows)
@@ -336,7 +335,7 @@ def say_ppc_claims(pp, say):
     for c in pp:
         for d in c["by_n"]:
             by_j = " / ".join(f"{d['drift_by_jump'][j]['mean']:.3f}" for j in (1, 2, 3)) if "ids_ok" in d else "-"
-            rows.append([c["setting"], d["n"], stat_ci(d["token_acc"]), stat_ci(d["exact"]), frac(d["exact"]["hold"]),
+            rows.append([c["setting"], d["n"], stat_ci(d["token_acc"]), stat_ci(d["exact"]), R.holding_text(d["exact"]["hold"]),
                          stat_ci(d["id_acc"]) if "id_acc" in d else "-", R.stat_text(d["ids_ok"]) if "ids_ok" in d else "-",
                          by_j])
     R.markdown_table(say, ["model / decoding", "n", "per-token accuracy [95% CI of the mean]", "exact match [95% CI]",

@@ -1,8 +1,8 @@
 """vanishing_variance_fixes.py: beyond Li et al. 2025, the fix ladder and the test-time edits.
 
 Is the failure at long N one of *scale* (each head's output shrinks, the paper's account) or of
-*selection* (the query's attention spreads over more items)? Two tools, used by vanishing_variance.py
-(`python vanishing_variance_beyond.py --experiment fixes`):
+*selection* (the query's attention spreads over more items)? Two tools, built by vanishing_variance.py
+and run by `python vanishing_variance_beyond.py --experiment fixes`:
 
   the fix ladder   FixGPT: common.GPT whose attention (FixAttention) has one change, retrained per
                    seed. Output side, per head before W_O:
@@ -47,6 +47,7 @@ class FixConfig(C.GPTConfig):
 class FixAttention(C.CausalSelfAttention):
     """CausalSelfAttention with one fix: a factor on q per head and query (ssmax, logn), or a change of
     each head's output before W_O (headnorm, gate)."""
+    start = 0  # the position of x's first token: 0, or while decoding the number of tokens already cached
 
     def __init__(self, cfg: FixConfig):
         super().__init__(cfg)
@@ -54,8 +55,6 @@ class FixAttention(C.CausalSelfAttention):
             self.ssmax_s = nn.Parameter(torch.full((cfg.n_head,), 1 / math.log(cfg.n_train)))
         if cfg.fix == "gate":  # from the attention input (after ln_1), one gate per head
             self.gate = nn.Linear(cfg.n_embd, cfg.n_head)
-
-    start = 0  # the position of x's first token: 0, or while decoding the tokens already cached
 
     def qkv(self, x, rope):
         q, k, v = super().qkv(x, rope)
