@@ -365,6 +365,10 @@ CLAIMS_RUNS = (
     (("misaligned",), ("rope",), {**MNEMONIC_BUDGET, "anchors": 2 * CLAIMS_TEST[-1]}),  # 2n fresh anchors
     (("add", "add-mnemonic"), ("rope",), dict(pretrain_steps=2000, steps=6000)),  # 1..5 digits, tested to 15
 )
+# --experiment depth: `none` (no scratchpad) at 1, 3, 4 and 6 blocks, the claims run's budget otherwise. One
+# layer provably cannot compute parity; four suffice for a construction (Kozachinskiy, Steifer & Walega 2026,
+# "Parity, Sensitivity, and Transformers", arXiv 2602.05896). The 3-block cells are the claims run's `none` cells.
+DEPTHS = (1, 3, 4, 6)
 
 
 def lengths_of(fmt, cfg):
@@ -564,7 +568,9 @@ SCRIPT = H.Script(
     eval_fields=("test_lengths", "add_test_lengths", "eval_examples", "probe_examples", "map_length"),
     seq_lens=seq_lens,
     experiments={"main": [{}],  # the formats and settings the flags give
-                 "claims": [dict(seeds=10, formats=f, pos=p, **change) for f, p, change in CLAIMS_RUNS]})
+                 "claims": [dict(seeds=10, formats=f, pos=p, **change) for f, p, change in CLAIMS_RUNS],
+                 "depth": [dict(seeds=10, formats=("none",), pos=("rope",), n_layer=n, test_lengths=CLAIMS_TEST)
+                           for n in DEPTHS]})
 
 if __name__ == "__main__":
     H.main(SCRIPT)
