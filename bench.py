@@ -206,7 +206,7 @@ def print_estimates(results, thr):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.OneLineParser(description=__doc__.splitlines()[0], allow_abbrev=False)  # a bad flag: one 'error:' line
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device to measure")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (CUDA only)")
     p.add_argument("--quick", action="store_true", help="fewer steps, evaluation at T = 1024 only: a short look")

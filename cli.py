@@ -144,6 +144,22 @@ def check_fields(cfg):
                 if bad else "")
 
 
+def check_mode_flags(args, parser, script):
+    """--plot-only and --eval-only read only some flags; any other flag given with one would be silently
+    ignored, so it is refused (one line, exit 2), and so is the pair of them."""
+    C.check(not (args.plot_only and args.eval_only), "--plot-only and --eval-only do not combine: --eval-only "
+            "DIR tests the saved models and redraws DIR itself; run it alone")
+    if not (args.plot_only or args.eval_only):
+        return
+    mode, configs = ("--plot-only", set()) if args.plot_only else ("--eval-only", {f.name for f in fields(script.config)})
+    reads = {"plot_only", "preset", "experiment"} if args.plot_only else {"eval_only", "device", "jobs", "shard", "fresh"}
+    given = [k for k, v in vars(args).items() if k not in reads | configs and v != parser.get_default(k)]
+    why = {"out": f" ({mode} DIR writes into DIR)"}
+    C.check(not given, f"{mode} does not take {', '.join(flag_name(k) for k in given)}"
+            f"{why.get(given[0], '') if given else ''}: " + ("it redraws the saved results as they are"
+                                                             if args.plot_only else "see --help"))
+
+
 def run_configs(args, script):
     """The config of each run of the chosen experiment: class defaults <- preset <- the experiment's run
     <- the flags given on the command line (a flag always wins). Every field is checked."""

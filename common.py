@@ -16,6 +16,7 @@ are machinery that no result depends on.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import time
 from collections import OrderedDict, defaultdict
 from contextlib import contextmanager, nullcontext
@@ -440,20 +441,31 @@ def accuracy_at(model, batch):
     return {"accuracy": hit.all(-1).float()}
 
 
+def eval_bar(lengths, n):
+    """The bar of an evaluation over `lengths` (n examples each), in the main process only. It appears once
+    the evaluation has run 5 s (N = 65536 takes minutes) and advances per batch by B*N^2, the attention's
+    cost, so that its time left means something."""
+    return tqdm(total=n * sum(L * L for L in lengths), delay=5, leave=False, disable=mp.parent_process() is not None,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+
 @torch.no_grad()
 def evaluate_by_length(model, sample_batch, lengths, n, device, score=accuracy_at, seed=EVAL_SEED,
                        tokens_per_batch=2**16, key=None, dtype="fp32"):
     """Rows [{length, <metric>: mean over n examples, ..., n}] of score(model, batch) -> {metric: (B,)}."""
     model.eval()
-    rows = []
+    rows, bar = [], eval_bar(lengths, n)
     for length in lengths:
         sums = defaultdict(list)  # per-batch sums stay on the device: one sync per length, not per batch
+        bar.set_description(f"evaluate N={length}", refresh=False)
         for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch, key):
             with autocast(device, dtype):
                 out = score(model, to_device(b, device))
             for k, v in out.items():
                 sums[k].append(batch_sum(v))
+            bar.update(len(b["idx"]) * length * length)
         rows.append({"length": length, **mean_of_sums(sums, n), "n": n})
+    bar.close()
     model.train()
     return rows
 
@@ -486,9 +498,10 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
     layer, where, comp_std, vec_mean, vec_var, entropy H of the query's attention, eff_n = exp(H), n}],
     and kept {(length, layer, where): (n, C) array} of the raw vectors at the lengths in `keep`."""
     model.eval()
-    rows, probe_rows, kept = [], [], {}
+    rows, probe_rows, kept, bar = [], [], {}, eval_bar(lengths, n)
     for length in lengths:
         sums, vecs, ent = defaultdict(list), defaultdict(list), defaultdict(list)
+        bar.set_description(f"evaluate N={length}", refresh=False)
         for b in eval_batches(sample_batch, length, n, seed, tokens_per_batch, key):
             b = to_device(b, device)
             logits, recs = model.probe(b["idx"], b["at"][:, -1:], b.get("position_ids"))
@@ -501,6 +514,7 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
                     vecs[layer, where].append(r[where][:, 0])  # kept on the device until the length is done
                 p = r["attn"][:, :, 0]  # (B, nh, T): the query's attention weights
                 ent[layer].append(-(p * p.clamp_min(1e-30).log()).sum(-1))  # (B, nh)
+            bar.update(len(b["idx"]) * length * length)
         rows.append({"length": length, **mean_of_sums(sums, n), "n": n})
         for (layer, where), vs in vecs.items():
             v, h = torch.cat(vs).cpu(), torch.cat(ent[layer]).cpu()
@@ -508,5 +522,6 @@ def evaluate_with_probes(model, sample_batch, lengths, n, device, extra=None, ke
                                "entropy": float(h.mean()), "eff_n": float(h.exp().mean()), "n": n})
             if length in keep:
                 kept[length, layer, where] = v.numpy()
+    bar.close()
     model.train()
     return rows, probe_rows, kept

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 from dataclasses import fields
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import torch
@@ -61,11 +63,20 @@ def pid_alive(pid):
     return True
 
 
+MAX_JSON_BYTES = 1 << 30  # a results file is kilobytes to megabytes; a larger one is not this harness's
+
+
 def read_json(path):
+    """A results file's JSON; a file that is not one (truncated, nested too deep, too large) is one line."""
     try:
+        if not Path(path).is_file():  # a named pipe would block the read forever
+            raise ValueError("not a regular file")
+        size = Path(path).stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ValueError(f"{size / 2**30:.1f} GiB, far larger than any results file")
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise C.UsageError(f"cannot read results file {path}: {e}; delete it and re-run") from None
+    except (OSError, ValueError, RecursionError, MemoryError) as e:  # RecursionError: lists nested 1000s deep
+        raise C.UsageError(f"cannot read results file {path}: {str(e).splitlines()[0][:200]}; delete it and re-run") from None
 
 
 def check_record(rec, path):
@@ -149,12 +160,19 @@ def check_same_model(script, cell, original):
                       f"differently from the one trained ({'; '.join(diff[:3])}): testing that needs new models")
 
 
+RESULT_FILES = ("results.json", "results.csv", "claims.json", "summary.txt", "sweep.json")  # written in the out folder
+
+
 def prepare_out(out, flag="--out"):
-    """Check before any work that results can be written under `out`: a directory, writable."""
+    """Check before any work that results can be written under `out`: a directory, writable, whose
+    result files, where they exist, are files (a folder in their place is found now, not after training)."""
     C.check(not out.exists() or out.is_dir(), f"{flag} {out} is a file, not a directory")
     cells = out / "cells"
     C.check(cells.is_dir() or not (cells.exists() or cells.is_symlink()),
             f"{flag} {out}: {cells} must be the folder of cell files, and it is a file or a broken link: move it away")
+    for name in RESULT_FILES:
+        C.check(not (out / name).exists() or (out / name).is_file(),
+                f"{flag} {out}: {out / name} must be a file (it is written there), and it is not: move it away")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test.{os.getpid()}"
@@ -226,6 +244,22 @@ def device_fault(cell, e):
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     return DeviceFault(f"cell {R.cell_label(cell)} {kind} on {cell.get('device', 'its device')} ({first}): "
                        "run fewer cells at once (a lower --jobs) or smaller sizes")
+
+
+HANGUPS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # what a closed terminal or Slurm sends, beside SIGTERM
+
+
+def start_resource_tracker():
+    """Start multiprocessing's resource tracker (one helper process per run) with HANGUPS ignored. It
+    ignores SIGINT and SIGTERM by itself but not these: one sent to the whole process group (a closed
+    terminal, Slurm's scancel or --signal) would kill it, and the tracker started in its place prints a
+    KeyError traceback for each semaphore of the old one. SIG_IGN survives the exec that starts it."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in HANGUPS}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def interrupted(signum, frame):

@@ -39,12 +39,11 @@ from tqdm.auto import tqdm
 
 import common as C
 import reporting as R
-from cli import (check_fields, flag_name, given_flags, jobs_for, make_parser, out_dir, parse_shard, pick_device,
-                 run_configs, shown)
-from faults import (EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, WorkerDied, atomic_write, check_memory, check_record,
+from cli import (check_fields, check_mode_flags, flag_name, given_flags, jobs_for, make_parser, out_dir, parse_shard,
+                 pick_device, run_configs, shown)
+from faults import (EXIT_INTERRUPTED, HANGUPS, EXIT_IO, EXIT_USAGE, WorkerDied, atomic_write, check_memory, check_record,
                     check_row_types, check_saved_models, device_fault, interrupted, one_per_shape, prepare_out, read_json,
-                    read_weights,
-                    remove_stale_temp_files, tolerant_streams)
+                    read_weights, remove_stale_temp_files, start_resource_tracker, tolerant_streams)
 
 
 # =============================================================================================
@@ -182,30 +181,53 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
     i % N == I), `jobs` at a time in separate processes. Each finished cell is written at once to
     out_dir/cells/<key>.json; cells already there are skipped unless fresh. A cell is a JSON-able dict:
     ids (variant, seed, ...) are copied into its rows; 'config' is not."""
-    cells = list({cell_key(c): c for c in cells}.values())  # the same cell asked twice runs once
+    by_key = {cell_key(c): c for c in cells}  # the same cell asked twice runs once
     cell_dir = Path(out_dir) / "cells"
     cell_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(cell_dir)
-    atomic_write(Path(out_dir) / "sweep.json", json.dumps({"cells": [cell_key(c) for c in cells]}))
+    atomic_write(Path(out_dir) / "sweep.json", json.dumps({"cells": list(by_key)}))
     i, n = shard
-    mine = [c for j, c in enumerate(cells) if j % n == i]
-    todo = [c for c in mine if fresh or not (cell_dir / f"{cell_key(c)}.json").exists()]
-    load_cells(out_dir, keys=[cell_key(c) for c in mine if c not in todo])  # a broken one: one line, before training
+    mine = [k for j, k in enumerate(by_key) if j % n == i]
+    C.check(mine, f"--shard {i}/{n}: this shard has no cells (the sweep has {len(by_key)}; shards {len(by_key)}/{n} "
+                  f"to {n - 1}/{n} are empty)")
+    done = {p.stem for p in cell_dir.glob("*.json")} if not fresh else set()
+    todo = [by_key[k] for k in mine if k not in done]
+    load_cells(out_dir, keys=[k for k in mine if k in done])  # a broken one: one line, before training
     jobs = max(1, min(jobs, len(todo)))
-    print(f"sweep: {len(cells)} cells, {len(mine)} in shard {i}/{n}, {len(mine) - len(todo)} already "
+    print(f"sweep: {len(by_key)} cells, {len(mine)} in shard {i}/{n}, {len(mine) - len(todo)} already "
           f"done, running {len(todo)} with {jobs} job(s)")
-    bar = tqdm(total=len(todo), desc="cells", disable=len(todo) < 2,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
+    bar = CellBar(len(todo))
     try:
         if jobs == 1 or len(todo) < 2:
             for c in todo:  # the cell's own training bar shows its steps
                 _run_and_save(run_cell, cell_dir, c)
-                bar.update()
+                bar.show(bar.finished + 1, 0.0)
         else:
             _run_in_pool(run_cell, cell_dir, todo, jobs, bar)
     finally:  # closed now, so that an error or 'interrupted' line is the last thing printed
         bar.close()
-    return load_cells(out_dir, keys=[cell_key(c) for c in cells])
+    return load_cells(out_dir, keys=list(by_key))
+
+
+class CellBar(tqdm):
+    """The sweep's bar in whole cells: 'cells: 40%|####  | 4/10 done, ~3:10 left'. It moves with the
+    trained fraction of the cells in flight too; the time left is the elapsed time scaled by what is
+    left, given only once a cell has finished (before that it would be a guess from process start-up)."""
+
+    def __init__(self, total):
+        super().__init__(total=total, desc="cells", disable=total < 2, bar_format=f"{{desc}}: |{{bar}}| 0/{total} done")
+        self.finished = 0
+        self.show(0, 0.0)
+
+    def show(self, finished, in_flight):
+        self.finished = finished
+        if self.disable:
+            return
+        self.n = finished + in_flight
+        left = self.format_dict["elapsed"] * (self.total - self.n) / self.n if finished else None
+        text = f"{finished}/{self.total} done" + (f", ~{self.format_interval(left)} left" if left is not None else "")
+        self.bar_format = "{desc}: {percentage:3.0f}%|{bar}| " + text + " [{elapsed}]"
+        self.refresh()
 
 
 def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
@@ -214,6 +236,7 @@ def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
     which the workers write to a shared array (report_progress). A worker that dies breaks the pool:
     the sweep stops with WorkerDied (exit 3) instead of waiting for a cell that will never finish."""
     ctx = mp.get_context("spawn")
+    start_resource_tracker()  # before the pool: one that a hang-up cannot kill
     shared = ctx.RawArray("d", jobs)  # no lock, no semaphore: each worker writes its own slot
     on_cuda = any(c.get("device") == "cuda" for c in todo)  # a CPU run never touches a GPU it may have
     pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(1, shared, on_cuda))
@@ -223,8 +246,7 @@ def _run_in_pool(run_cell, cell_dir, todo, jobs, bar):
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for f in done:
                 f.result()  # a cell's own error, or BrokenProcessPool
-            bar.n = len(todo) - len(pending) + sum(shared[:])
-            bar.refresh()
+            bar.show(len(todo) - len(pending), sum(shared[:]))
     except BrokenProcessPool:
         _stop(pool)
         raise WorkerDied(None, "a worker process died or could not start (killed, out of memory, or a crash)") from None
@@ -462,6 +484,7 @@ def run(script: Script):
     run the sweep; then report."""
     parser = make_parser(script)
     args = parser.parse_args()
+    check_mode_flags(args, parser, script)
     cfgs = run_configs(args, script)
     if args.plot_only:
         recs, cfg = saved_run(args.plot_only, script.config, mixed=len(cfgs) > 1)
@@ -505,7 +528,7 @@ def eval_only(script: Script, args, shard):
     C.check(not other, f"--eval-only: {src} holds results of another script (config fields {', '.join(other[:3])} "
                        f"are not {script.name}.py's): run that script's --eval-only")
     saved = [r for r in recs if r["status"] == "ok" and "weights" not in r["cell"]
-             and (src / "cells" / f"{cell_key(r['cell'])}.pt").exists()
+             and any(f(src / "cells" / f"{cell_key(r['cell'])}.pt") for f in (Path.exists, Path.is_symlink))
              and all(r["cell"].get(cf) in values for cf, values in only.items())]
     C.check(saved, f"--eval-only: no saved models in {src / 'cells'}" + (" of the models picked" if only else "") +
             " (a sweep saves them unless --save-models false)")
@@ -533,12 +556,12 @@ def eval_only(script: Script, args, shard):
 
 def main(script: Script):
     """Run the script; bad input -> one 'error: ...' line and exit 2; a file-system fault (a full disk, a
-    directory that turned read-only) or a dead worker -> one line and exit 3; Ctrl-C, SIGTERM or SIGHUP
-    (what a cluster scheduler sends) -> exit 130. Finished cells are kept in every case: re-running the
-    same command resumes."""
+    directory that turned read-only) or a dead worker -> one line and exit 3; Ctrl-C, SIGTERM, SIGHUP or
+    SIGUSR1/2 (what a cluster scheduler sends) -> exit 130. Finished cells are kept in every case:
+    re-running the same command resumes."""
     tolerant_streams()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the shell started us ignoring it (&)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, *HANGUPS):
         signal.signal(sig, interrupted)
     try:
         run(script)

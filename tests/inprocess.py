@@ -24,3 +24,12 @@ def run_main(script, *args):
         for s, h in handlers.items():  # main() installs its own: the test process keeps pytest's
             signal.signal(s, h)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def with_flags(defaults, args):
+    """A test helper's default flags (--device cpu, --jobs 1, ...) before args; with --plot-only, which
+    refuses flags it would ignore, only the --preset among them."""
+    args = [str(a) for a in args]
+    if "--plot-only" in args:
+        defaults = [x for i, x in enumerate(defaults) if "--preset" in defaults[max(0, i - 1):i + 1]]
+    return [*defaults, *args]

@@ -15,7 +15,7 @@ import torch
 
 import harness as H
 import toy_experiment as T
-from inprocess import run_main
+from inprocess import run_main, with_flags
 
 TOY = [sys.executable, str(Path(__file__).parent / "toy_experiment.py")]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 def run(*args, check=True, device="cpu"):
     """The toy experiment on `device` (CPU by default: these tests assert CPU behaviour, such as
     bit-identical rows across --jobs, shards and resume, which CUDA kernels do not promise)."""
-    p = subprocess.run(TOY + ["--device", device] + list(args), capture_output=True, text=True, env=ENV,
+    p = subprocess.run(TOY + with_flags(["--device", device], args), capture_output=True, text=True, env=ENV,
                        timeout=300)
     if check:
         assert p.returncode == 0, p.stderr[-2000:]
@@ -106,7 +106,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("args,msg", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line(args, msg, tmp_path):
-    p = run_main(T.SCRIPT, "--device", "cpu", "--preset", "smoke", "--out", tmp_path, *args)
+    p = run_main(T.SCRIPT, *with_flags(["--device", "cpu", "--preset", "smoke", "--out", tmp_path], args))
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and msg in p.stderr.strip().splitlines()[-1], p.stderr
 

@@ -4,6 +4,7 @@ input across the three scripts, the file system under --out (a file, read-only, 
 diverging, and --plot-only on results another script wrote."""
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import common as C
 import faults
 import harness as H
 import toy_experiment as T
-from inprocess import run_main
+from inprocess import run_main, with_flags
 from test_cli import ENV, TOY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,16 +25,16 @@ VV, PA, SP = "vanishing_variance.py", "parity_random_access.py", "sparse_planted
 
 
 def run(script, *args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / script), "--preset", "smoke", "--device", "cpu", *args],
+    return subprocess.run([sys.executable, str(ROOT / script), *with_flags(["--preset", "smoke", "--device", "cpu"], args)],
                           capture_output=True, text=True, timeout=timeout)
 
 
 def inproc(script, *args):  # python SCRIPT --preset smoke --device cpu ARGS, in this process
-    return run_main(importlib.import_module(script[:-3]).SCRIPT, "--preset", "smoke", "--device", "cpu", *args)
+    return run_main(importlib.import_module(script[:-3]).SCRIPT, *with_flags(["--preset", "smoke", "--device", "cpu"], args))
 
 
 def toy(*args, check=True):  # python tests/toy_experiment.py --device cpu --jobs 1 ARGS, in this process
-    p = run_main(T.SCRIPT, "--device", "cpu", "--jobs", "1", *args)
+    p = run_main(T.SCRIPT, *with_flags(["--device", "cpu", "--jobs", "1"], args))
     assert not check or p.returncode == 0, p.stderr[-2000:]
     return p
 
@@ -166,15 +167,18 @@ def test_plot_only_of_a_read_only_folder_is_refused_up_front(tmpfs):
     assert "is not writable" in p.stderr
 
 
-def interrupt_toy(tmp_path, sig, jobs):
+def interrupt_toy(tmp_path, sig, jobs, group=False):
     """Start the toy sweep, send it `sig` after a few seconds, and return (exit status, stderr). SIGINT is
-    ignored in the child's parent setting, as in a suite started as a background job (`&`)."""
+    ignored in the child's parent setting, as in a suite started as a background job (`&`). group: the
+    sweep runs in a session of its own and the signal goes to its whole process group (workers and
+    multiprocessing's helper included), as a closed terminal or Slurm's scancel sends it."""
     p = subprocess.Popen(TOY + ["--device", "cpu", "--preset", "smoke", "--steps", "3000", "--jobs", str(jobs),
                                 "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                         env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                         start_new_session=group)
     time.sleep(8)
     workers = [c for c in children(p.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="ignore")]
-    p.send_signal(sig)
+    os.killpg(p.pid, sig) if group else p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     return p.returncode, err, workers
 
@@ -187,11 +191,14 @@ def alive(pid):
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"])
-def test_an_interrupt_ends_with_one_line_and_keeps_finished_cells(tmp_path, sig):
-    status, err, workers = interrupt_toy(tmp_path, sig, jobs=2 if sig == signal.SIGINT else 1)
+@pytest.mark.parametrize("sig,group", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGHUP, False),
+                                       (signal.SIGHUP, True), (signal.SIGUSR1, True)],
+                         ids=["ctrl-c", "sigterm", "sighup", "sighup to the group", "slurm's sigusr1 to the group"])
+def test_an_interrupt_ends_with_one_line_and_keeps_finished_cells(tmp_path, sig, group):
+    jobs = 2 if sig == signal.SIGINT or group else 1
+    status, err, workers = interrupt_toy(tmp_path, sig, jobs, group)
     assert status == H.EXIT_INTERRUPTED, err[-2000:]
-    assert workers or sig != signal.SIGINT, "no worker started"
+    assert workers or jobs == 1, "no worker started"
     assert not [w for w in workers if alive(w)]  # the --jobs workers are stopped, not left running
     assert err.strip().splitlines()[-1].startswith("interrupted: finished cells are saved")
     assert "Traceback" not in err and "leaked" not in err
