@@ -43,7 +43,7 @@ from cli import (check_fields, check_mode_flags, flag_name, given_flags, jobs_fo
                  pick_device, run_configs, shown)
 from faults import (EXIT_INTERRUPTED, HANGUPS, EXIT_IO, EXIT_USAGE, WorkerDied, atomic_write, check_memory, check_record,
                     check_row_types, check_saved_models, device_fault, interrupted, one_per_shape, prepare_out, read_json,
-                    read_weights, remove_stale_temp_files, start_resource_tracker, tolerant_streams)
+                    check_weights, read_weights, remove_stale_temp_files, start_resource_tracker, tolerant_streams)
 
 
 # =============================================================================================
@@ -118,6 +118,31 @@ class EvaluateSaved:
         kept = {k: v for k, v in original.items() if k not in ("cell", "status", "rows", "seconds")}
         with C.matmul_precision(cfg.tf32):  # as the sweep evaluated it
             return {**kept, **script.evaluate(model, cell, cfg)}
+
+
+PAPER_SCRIPTS = ("vanishing_variance", "parity_random_access", "sparse_planted")
+
+
+def load_model(path, device="cpu"):
+    """A saved model on its own, for your own analysis: path is a cells/<key>.pt (or the cell's .json beside
+    it, which holds the ids and config that build the model). Returns (model in eval mode, cell record).
+    The script is the one of PAPER_SCRIPTS whose config has the cell's fields.
+        import harness; model, rec = harness.load_model("out/vanishing_variance/quick/cells/<key>.pt")
+        logits, _ = model(idx, at=at)    # as the script's evaluate() calls it"""
+    import importlib
+    path = Path(path)
+    rec = read_json(path.with_suffix(".json"))
+    check_record(rec, path.with_suffix(".json"))
+    cell = rec["cell"]
+    scripts = [importlib.import_module(name).SCRIPT for name in PAPER_SCRIPTS]
+    mine = [s for s in scripts if set(cell["config"]) <= {f.name for f in fields(s.config)} and set(s.axes) <= set(cell)]
+    C.check(mine, f"{path}: a cell of none of {', '.join(PAPER_SCRIPTS)} (its config fields are not theirs)")
+    script, cfg = mine[0], mine[0].config(**cell["config"])
+    model = script.build(cell, cfg)
+    weights = path.with_name(f"{cell.get('weights', cell_key(cell))}.pt")  # an --eval-only cell names its weights
+    check_weights(weights, model, R.cell_label(cell))
+    model.load_state_dict(read_weights(weights))
+    return model.to(device).eval(), rec
 
 
 def _run_and_save(run_cell, cell_dir, cell):
@@ -306,6 +331,14 @@ def environment(device, cfg):
     return env
 
 
+def recorded_environment(out_dir):
+    """The environment results.json recorded for the sweep (--plot-only keeps it), or None."""
+    try:
+        return read_json(Path(out_dir) / "results.json").get("environment")
+    except (C.UsageError, AttributeError):
+        return None
+
+
 def script_of(config_cls):
     """The script that defines an experiment config class: a results folder is tied to it."""
     return Path(sys.modules[config_cls.__module__].__file__).stem
@@ -487,9 +520,12 @@ def run(script: Script):
     check_mode_flags(args, parser, script)
     cfgs = run_configs(args, script)
     if args.plot_only:
-        recs, cfg = saved_run(args.plot_only, script.config, mixed=len(cfgs) > 1)
-        prepare_out(Path(args.plot_only), "--plot-only")
-        return script.report(recs, cfg, Path(args.plot_only))
+        out = Path(args.plot_only)
+        recs, cfg = saved_run(out, script.config, mixed=len(cfgs) > 1)
+        prepare_out(out, "--plot-only")
+        if (out / "cells").is_dir():  # results.json and .csv of the setting shown, from the cells (kept as they are)
+            write_results(out, recs, cfg, recorded_environment(out))
+        return script.report(recs, cfg, out)
     C.check(args.jobs >= 0, f"--jobs must be >= 0, got {args.jobs}")
     shard = parse_shard(args.shard)
     if args.eval_only:

@@ -45,15 +45,23 @@ def test_eval_only_at_a_new_length_equals_a_fresh_run_with_that_length(tmp_path)
     assert "2 already done, running 0" in p.stdout  # a re-run resumes
 
 
-def test_a_saved_model_loads_into_the_cell_model(tmp_path):
+def test_a_saved_model_loads_on_its_own_with_load_model(tmp_path):
+    """harness.load_model(path) rebuilds the cell's model from the cell file beside the weights and loads
+    them: evaluated again, it gives the recorded rows; a file that is no cell of a paper script is one line."""
     vv(*SMOKE, "--tasks", "argmax", "--out", str(tmp_path))
-    rec = json.loads(next((tmp_path / "cells").glob("*.json")).read_text())
-    cfg = VV.Config(**rec["cell"]["config"])
-    model = VV.build(rec["cell"], cfg)
-    model.load_state_dict(torch.load(tmp_path / "cells" / f"{H.cell_key(rec['cell'])}.pt", weights_only=True))
+    pt = next((tmp_path / "cells").glob("*.pt"))
+    model, rec = H.load_model(pt)
+    assert not model.training and H.cell_key(rec["cell"]) == pt.stem
     trained = {r["length"]: r["accuracy"] for r in rec["rows"] if r["table"] == "accuracy"}
-    rows = VV.evaluate(model, rec["cell"], cfg)["rows"]
+    rows = VV.evaluate(model, rec["cell"], VV.Config(**rec["cell"]["config"]))["rows"]
     assert {r["length"]: r["accuracy"] for r in rows if r["table"] == "accuracy"} == trained
+    rec["cell"]["config"]["train_min"] = 3  # a field no paper script has with these axes
+    pt.with_suffix(".json").write_text(json.dumps(rec))
+    try:
+        H.load_model(pt)
+        raise AssertionError("a foreign cell was loaded")
+    except H.C.UsageError as e:
+        assert "a cell of none of" in str(e)
 
 
 def one_line(p, msg):
