@@ -17,6 +17,7 @@ import common as C
 from faults import EXIT_USAGE
 
 JOBS_PER_GPU = 8   # default --jobs per GPU
+DEFAULT_PRESET = "quick"
 
 
 MAX_SEEDS = 10_000  # seeds in one sweep: far more than any run here; a typo (0-100000000) is refused at once
@@ -82,7 +83,7 @@ def shown(v):
 def make_parser(script):
     p = OneLineParser(description=script.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                       allow_abbrev=False)  # a flag is spelled out: --experiment never reaches another flag
-    p.add_argument("--preset", default="quick", choices=list(script.presets),
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(script.presets),
                    help="smoke: seconds (tests); quick: minutes on a laptop CPU; paper: paper scale, for a GPU")
     if len(script.experiments) > 1:
         p.add_argument("--experiment", default=next(iter(script.experiments)), choices=list(script.experiments),
@@ -91,7 +92,8 @@ def make_parser(script):
                                                  for run in runs) for k, runs in script.experiments.items()))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--out", default="out/<script>/<preset>", help="output directory")
+    p.add_argument("--out", default="out/<script>/<preset>",
+                   help="output directory; a named --experiment appends -<experiment> to the default")
     p.add_argument("--jobs", type=int, default=0,
                    help=f"cells run in parallel processes (0 = one per CPU core on CPU; on CUDA "
                         f"{JOBS_PER_GPU} per GPU, at most one per CPU core)")
@@ -103,20 +105,30 @@ def make_parser(script):
                         ", ".join(flag_name(f) for f in script.eval_fields) + "); no training; new cells in DIR")
     p.add_argument("--save-models", type=flag_type(bool, bool), nargs="?", const="true", default=True,
                    metavar="BOOL", help="save each cell's trained weights as cells/<key>.pt (for --eval-only)")
-    g = p.add_argument_group("experiment config (the default in brackets, then what each preset sets)")
+    g = p.add_argument_group(f"experiment config (in brackets: the default, which is the {DEFAULT_PRESET} preset's, "
+                             "then what the other presets set)")
     for f in fields(script.config):
         d = getattr(script.config(), f.name)
         kind = type(d) if not isinstance(d, (list, tuple)) else tuple
         elem = type(d[0]) if kind is tuple and d else str
-        text = "; ".join([shown(d)] + [f"{name}: {shown(v[f.name])}" for name, v in script.presets.items()
-                                       if f.name in v])
+        text = preset_defaults(script, f.name, d)
         choices = f" {{{','.join(f.metadata['choices'])}}}" if "choices" in f.metadata else ""
         g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       metavar=kind.__name__.upper() if kind is not tuple else "A,B,...",
+                       metavar="N|A-B|A,B" if f.metadata.get("seeds") else kind.__name__.upper() if kind is not tuple
+                       else "A,B,...",
                        type=parse_seeds if f.metadata.get("seeds") else flag_type(kind, elem),
                        nargs="?" if kind is bool else None, const="true" if kind is bool else None,
                        help=f.metadata.get("help", "") + choices + f" [{text}]".replace("%", "%%"))
     return p
+
+
+def preset_defaults(script, name, base):
+    """'2000; smoke: 40; paper: 10000': the value a run gets without the flag (the default preset's), then
+    the other presets' where they differ."""
+    presets = script.presets
+    value = presets.get(DEFAULT_PRESET, {}).get(name, base)
+    return "; ".join([shown(value)] + [f"{p}: {shown(v.get(name, base))}" for p, v in presets.items()
+                                       if p != DEFAULT_PRESET and v.get(name, base) != value])
 
 
 def flag_name(field_name):

@@ -193,7 +193,8 @@ def summarize(records, metric, train_len, group="variant", say=print):
         for part, sel in (("id", inside), ("ood", beyond)):
             if sel:
                 runs[g][part].append(float(np.mean(sel)))
-    say(f"\n{metric}: in-distribution (length <= {train_len}) vs out-of-distribution, mean ± std over seeds")
+    say(f"\n{metric}: in distribution (ID: lengths <= {train_len}) and out of distribution (OOD: lengths > "
+        f"{train_len}), each seed averaged over those lengths; mean ± std over seeds")
     w = max([16] + [len(str(g)) for g in runs])
     say(f"  {group:<{w}} {'ID':>15} {'OOD':>15}  seeds")
     for g, r in runs.items():

@@ -147,9 +147,11 @@ def say_ladder(acc, probe, ratios, verdicts, cfg, say):
     per-head output std ratio (layer 0)."""
     top, lo = max(cfg.test_lengths), cfg.train_len
     by = {(c["task"], c["variant"], c["edit"]): c for c in verdicts}
+    heads = bool(ratios)  # per-head stds: measured with --heads only; no empty column without them
     say(f"\n| task | variant | accuracy at N = {lo} | accuracy at N = {top} (median) | − none, paired [95% CI] | "
-        f"seeds better than none [95% CI] | exp(H), layer 0 | mass on the answer | head std ratio {top}/{lo} |")
-    say("|---|---|---|---|---|---|---|---|---|")
+        f"seeds better than none [95% CI] | exp(H), layer 0 | mass on the answer |" +
+        (f" head std ratio {top}/{lo} |" if heads else ""))
+    say("|---|---|---|---|---|---|---|---|" + ("---|" if heads else ""))
     for task in ordered(r["task"] for r in acc):
         for v in ordered(r["variant"] for r in R.select(acc, task=task)):
             a_lo = R.seed_stats(list(R.per_seed(acc, "accuracy", task=task, variant=v, length=lo).values()))
@@ -158,12 +160,12 @@ def say_ladder(acc, probe, ratios, verdicts, cfg, say):
                                              where="pre").values()))
             m = R.seed_stats(list(R.per_seed(acc, "target_mass", task=task, variant=v, length=top).values()))
             r = R.seed_stats(ratios.get((task, v, 0), []))
-            ratio = f"{r['mean']:.2f}" if r["n"] else "-"  # per-head stds: measured with --heads only
+            ratio = (f" {r['mean']:.2f} |" if r["n"] else " - |") if heads else ""
             c = by.get((task, v, None))
             diff = R.diff_text(c, 3) if c else ""
             wins = R.count_text(c["wins"], c["n"], c["wins_ci"]) if c else ""
             say(f"| {task} | {v} | {a_lo['mean']:.3f} | {a['mean']:.3f} ± {a['std']:.3f} ({a['median']:.3f}) | {diff} | "
-                f"{wins} | {h['mean']:.1f} | {m['mean']:.2f} | {ratio} |")
+                f"{wins} | {h['mean']:.1f} | {m['mean']:.2f} |{ratio}")
 
 
 def edit_stats(rows, metric):

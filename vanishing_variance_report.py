@@ -103,8 +103,10 @@ MATTERS = 0.02  # a paired difference counts when its 95% interval excludes 0 an
 
 def verdict(d_rows, train_len):
     """Plain words from the paired differences by length [{length, diff, lo, hi}] beyond training: better
-    (or worse) where the interval excludes 0 and the difference is at least MATTERS."""
-    ood = [r for r in d_rows if r["length"] > train_len]
+    (or worse) where the interval excludes 0 and the difference is at least MATTERS, both as printed (3
+    decimals: +0.020 [+0.003, +0.037] is better, though the float behind +0.020 may be 0.01999...)."""
+    ood = [{**r, **{k: round(r[k], 3) for k in ("diff", "lo", "hi")}}  # decided on the values as printed
+           for r in d_rows if r["length"] > train_len]
     better = [r["length"] for r in ood if r["lo"] > 0 and r["diff"] >= MATTERS]
     worse = [r["length"] for r in ood if r["hi"] < 0 and r["diff"] <= -MATTERS]
     if ood and len(better) == len(ood):

@@ -37,7 +37,7 @@ def rows(out):
 
 def test_smoke_run_writes_results_and_plots_and_plot_only_redraws(tmp_path):
     p = run("--preset", "smoke", "--out", str(tmp_path), "--jobs", "1")
-    assert "device: cpu" in p.stdout and "out-of-distribution" in p.stdout
+    assert "device: cpu" in p.stdout and "out of distribution (OOD" in p.stdout
     res = json.loads((tmp_path / "results.json").read_text())
     env = res["environment"]
     assert env["torch"] == torch.__version__ and res["config"]["steps"] == 30
