@@ -172,6 +172,9 @@ class Config(C.TrainConfig):
     train_len: int = C.arg(16, "number of items N during training", min=1)
     train_mix: bool = C.arg(False, "train on every N up to --train-len (each batch draws N uniformly from "
                             "1 .. train_len) instead of N = train_len only", late=True)
+    mix_scale: str = C.arg("uniform", "how --train-mix draws N: uniform on 1 .. train_len, or log (N = 2^u, u uniform "
+                           "on [0, log2 train_len]: half the batches at N <= sqrt(train_len))",
+                           choices=("uniform", "log"), late=True)
     test_lengths: tuple = C.arg((16, 32, 64, 128, 256, 512, 1024, 2048), "test N", min=1)
     keep_lengths: tuple = C.arg((16, 256, 2048), "N whose raw attention outputs are kept for the distribution plot",
                                 min=1)
@@ -245,9 +248,12 @@ def at_length(rng, batch_size, sample, length):
     return sample(rng, batch_size, length)
 
 
-def up_to_length(rng, batch_size, sample, length):
-    """A training batch at N drawn uniformly from 1 .. length (--train-mix). Short batches give the query a
-    clear signal early on: trained at N = 256 only, lookup stays at chance (2000 steps, 10 of 10 seeds)."""
+def up_to_length(rng, batch_size, sample, length, scale="uniform"):
+    """A training batch at N drawn from 1 .. length (--train-mix), uniformly or log-uniformly (--mix-scale
+    log). Short batches give the query a clear signal early on: trained at N = 256 only, lookup stays at
+    chance (2000 steps, 10 of 10 seeds)."""
+    if scale == "log":
+        return sample(rng, batch_size, int(min(length, round(2 ** rng.uniform(0, math.log2(length))))))
     return sample(rng, batch_size, int(rng.integers(1, length + 1)))
 
 
@@ -268,7 +274,8 @@ def train(model, cell, cfg):
     def in_distribution(m):
         return {f"accuracy@{cfg.train_len}": C.evaluate_by_length(m, sample, [cfg.train_len], 256, device,
                                                                   key=key)[0]["accuracy"]}
-    data = functools.partial(up_to_length if cfg.train_mix else at_length, sample=sample, length=cfg.train_len)
+    data = functools.partial(up_to_length, scale=cfg.mix_scale) if cfg.train_mix else at_length
+    data = functools.partial(data, sample=sample, length=cfg.train_len)
     return {"train": C.train(model, data, cfg, device, data_seed=10_000 + seed, eval_fn=in_distribution,
                              **H.train_options(f"{task}/{variant}/seed{seed}"))}
 

@@ -14,6 +14,7 @@ vanishing_variance.py, each a named run of its sweep (the same cells, flags and 
   --experiment ntrain      lookup trained at N_train = 16, 64, 256: does the loss at a fixed ratio
                            N / N_train shrink as N_train grows, and does select still recover it?
   --experiment ntrain-mix  the same, trained on every N up to N_train (--train-mix)
+  --experiment ntrain-log  the same, N drawn log-uniformly (--mix-scale log): more short batches
 
 Usage: python vanishing_variance_beyond.py --experiment fixes (run times and results:
 docs/vanishing_variance.md). Read vanishing_variance.py and its report first: this file adds the runs,
@@ -269,8 +270,9 @@ def report_ntrain(records, out, say):
 def say_ntrain(rows, say):
     """The --experiment ntrain tables. Per N_train: accuracy in distribution and the seeds that learned the
     task (>= HOLDS at N = N_train). Per ratio N / N_train: the loss acc(N_train) − acc(N) of the unedited
-    models, its difference to the smallest N_train's (different models: a Welch interval), and select −
-    unedited, paired by seed on identical test sets."""
+    models, its difference to the smallest N_train's (different models: a Welch interval), select −
+    unedited, paired by seed on identical test sets, and that difference over the mean loss (where the
+    loss is at least 0.01)."""
     plain, ns = R.select(rows, edit="no edit"), sorted({r["n_train"] for r in rows})
     say("\n| N_train | accuracy at N = N_train (median) | seeds that learned it (>= "
         f"{HOLDS}) [95% CI] |\n|---|---|---|")
@@ -278,8 +280,8 @@ def say_ntrain(rows, say):
         a = list(R.per_seed(plain, "accuracy", n_train=n, length=n).values())
         say(f"| {n} | {R.stat_text(R.seed_stats(a))} | {holds_text(a)} |")
     say(f"\n| N / N_train | N_train | N | none (median) | loss from N_train | loss − N_train = {ns[0]}'s [95% CI] | "
-        "select (median) | select − none, paired [95% CI] | seeds select helps |")
-    say("|---|---|---|---|---|---|---|---|---|")
+        "select (median) | select − none, paired [95% CI] | seeds select helps | share of the loss select wins back |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
     for ratio in ntrain_ratios(plain):
         losses = {n: ntrain_losses(plain, n, ratio) for n in ns}
         for n in [n for n in ns if losses[n]]:
@@ -288,7 +290,8 @@ def say_ntrain(rows, say):
             w = R.welch_ci(losses[n], losses[ns[0]]) if n != ns[0] and losses[ns[0]] else None
             d = R.paired_diff_ci(t, "accuracy", "select", "no edit", by="edit")  # empty when run with --edits false
             c = compare(t, "accuracy", "select", "no edit", ratio * n, "edit", d) if d else None
-            said = f"{R.stat_text(c['a'])} | {R.diff_text(d[0], 3)} | {c['wins']}/{c['n']}" if c else " |  | "
+            back = f"{d[0]['diff'] / np.mean(losses[n]):.0%}" if c and np.mean(losses[n]) >= 0.01 else ""
+            said = f"{R.stat_text(c['a'])} | {R.diff_text(d[0], 3)} | {c['wins']}/{c['n']} | {back}" if c else " |  |  | "
             say(f"| {ratio}x | {n} | {ratio * n} | {R.stat_text(none)} | {R.mean_std_text(losses[n])} | "
                 f"{R.diff_text(w, 3) if w else ''} | {said} |")
 
@@ -372,7 +375,8 @@ SCRIPT = replace(VV.SCRIPT, description=__doc__.splitlines()[0], report=report, 
     "fixes": [dict(variants=LADDER, seeds=10, heads=True, edits=True)],  # the fix ladder and the edits
     "gap": [dict(tasks=("argmax", "argmax-gap"), variants=("none", "ssmax"), seeds=10, edits=True)],
     "ntrain": [ntrain_run(n) for n in NTRAIN],
-    "ntrain-mix": [ntrain_mix_run(n) for n in reversed(NTRAIN)]})  # the longest cells first
+    "ntrain-mix": [ntrain_mix_run(n) for n in reversed(NTRAIN)],  # the longest cells first
+    "ntrain-log": [{**ntrain_mix_run(n), "mix_scale": "log"} for n in reversed(NTRAIN)]})
 
 if __name__ == "__main__":
     H.main(SCRIPT)
