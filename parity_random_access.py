@@ -10,7 +10,8 @@ Limitations in Transformers", COLM 2024, arXiv 2408.05506. Their claims:
       the model find bit i by content and generalize from 10-20 bits to 60; a unique key is what does
       the work;
   (4) attention maps show the "step i reads bit i" line hold inside the training length and break
-      beyond it; mnemonics also help multi-digit addition.
+      beyond it;
+  (5) mnemonics also help multi-digit addition beyond the trained number of digits.
 
 Token ids: 0-9 digits (bits are 0 and 1), 10 '+', 11 '=', 12 '$' (end of answer), 13 '^' (start of
 sequence), 14.. anchors. Every format is a function below whose docstring shows its 4-bit example;

@@ -338,7 +338,7 @@ def seeds_learned(acc, g, hi):
 
 
 def reproduced(ok, why=""):
-    return "reproduced" if ok else f"NOT reproduced{why}"
+    return "reproduced" if ok else f"not reproduced{why}"
 
 
 # The verdict rules, each (accuracy at the longest training n, at 3x, mnemonic's at its longest n) -> words.
@@ -351,7 +351,7 @@ def no_length_general_rule(inside, at_3x, mnemonic):
 
 
 def generalizes(inside, at_3x, mnemonic):
-    return reproduced(at_3x >= 0.95, " (partly)" if at_3x > 0.6 else "")
+    return "partly" if 0.6 < at_3x < 0.95 else reproduced(at_3x >= 0.95)
 
 
 def fails_without_a_unique_key(inside, at_3x, mnemonic):

@@ -157,7 +157,7 @@ def fig_ppc(ppc, cfg, out):
         R.plot_vs_length(ppc, m, None, cfg.ppc_max, ax=ax, style=pos_style,
                          title=PPC_TITLES[m] + " (mean ± std, dots: seeds)")
         R.dots(ax, [r for r in ppc if m in r], "length", m, "variant", POS_COLORS)
-        ax.set(xlabel="cells n", ylim=(0, 1.05))
+        ax.set(xlabel="n, cells of the pointer chain", ylim=(0, 1.05))
         R.ticks_at(ax, sorted({r["length"] for r in ppc}))
     R.save_figure(fig, out / "ppc.png")
 
@@ -201,7 +201,7 @@ def sparsity_claims(sp, L):
         mono = all(a >= b - 0.02 for a, b in zip(at_top, at_top[1:]))
         verdict = ("untested: fewer than two k learned in distribution" if len(at_top) < 2 else
                    "reproduced" if mono and hi < 0 else "direction reproduced, not significant" if mono and rho < 0
-                   else "NOT reproduced")
+                   else "not reproduced")
         out.append({"claim": "(1) accuracy beyond the training length falls as k grows", "setting": fam,
                     "train_max": L, "test_max": top, "by_k": by_k, "ks": ks,
                     "unlearned": [{"seed": seed, "k": k} for seed, k in unlearned], "rho": rho, "rho_ci": [lo, hi],
@@ -239,7 +239,7 @@ def locality_claims(loc, L):
         if not uncoupled:
             verdict = "untested: no uncoupled model here depends on W"
         else:
-            verdict = "reproduced" if by["coupled"]["verdict"] != "depends on W" and worst >= HOLDS else "NOT reproduced"
+            verdict = "reproduced" if by["coupled"]["verdict"] != "depends on W" and worst >= HOLDS else "not reproduced"
         out.append({"claim": "(2) position coupling removes the dependence on W", "setting": "coupled",
                     "uncoupled_dependent": uncoupled, "coupled_worst": worst, "verdict": verdict})
     pairs = [{"W": w, "a": "coupled", "b": "rope", **d} for w in Ws
@@ -290,7 +290,7 @@ def ppc_claims(ppc, cfg):
                     "n": by["ppc"]["n"], "ppc_token_acc": ppc_t, "ppc_exact": ppc_e, "best_baseline": base,
                     "best_baseline_token_acc": best, "paired_minus_baseline": paired[0] if paired else None,
                     "verdict": "reproduced" if ppc_e >= HOLDS else
-                    "partly (beats NoPE / RoPE, but not exact)" if ppc_t > best + 0.1 else "NOT reproduced"})
+                    "partly (beats NoPE / RoPE, but not exact)" if ppc_t > best + 0.1 else "not reproduced"})
     return out
 
 

@@ -265,7 +265,7 @@ def test_claims_oracle():
     assert mn["generalize_at"] == 60 and mn["test_max"] == 100  # 3 x the longest training length (20)
     assert (mn["seeds_ok"], mn["seeds"]) == (7, 10) and mn["seeds_ok_ci"] == R.wilson_ci(7, 10)
     assert abs(mn["beyond"]["mean"] - 0.88) < 1e-12 and mn["beyond"]["median"] == 1.0
-    assert mn["verdict"] == "NOT reproduced (partly)"
+    assert mn["verdict"] == "partly"
     assert sp["seeds_ok"] == 0 and sp["inside"]["mean"] == 1.0 and sp["verdict"] == "reproduced"
     assert (mn["seeds_learned"], sp["seeds_learned"]) == (10, 10)  # 1.0 at n = 20 for every seed
     att, = [c for c in out if "mass_inside" in c]
