@@ -22,11 +22,12 @@ import faults
 import reporting as R
 
 
-def setting(rec, steps=False):
-    """'position encoding, training position ids' of a cell, e.g. 'rope, random', and with steps=True
-    the steps too ('rope, random, 1000+1000 steps': copy pre-training + task)."""
+def setting(rec, steps=False, layers=False):
+    """'position encoding, training position ids' of a cell, e.g. 'rope, random', with steps=True the
+    steps too ('rope, random, 1000+1000 steps': copy pre-training + task), with layers=True the depth."""
     conf = rec["cell"]["config"]
     more = f", {conf.get('pretrain_steps', 0)}+{conf['steps']} steps" if steps else ""
+    more += f", {conf['n_layer']} layer{'s' * (conf['n_layer'] > 1)}" if layers else ""
     return f"{rec['cell']['pos']}, {conf.get('positions', 'plain')}{more}"
 
 
@@ -46,8 +47,9 @@ def labelled(records):
     """Copies of the records, each with its `label` and its rows' `variant` set to it (the caller's
     records are left as they were)."""
     out, steps = [], mixed_budgets(records)
-    for rec in records:  # one label per (format, position encoding, training position ids[, steps])
-        where = setting(rec, steps=steps)
+    layers = len({rec["cell"]["config"].get("n_layer") for rec in records}) > 1  # --experiment depth
+    for rec in records:  # one label per (format, position encoding, training position ids[, steps][, depth])
+        where = setting(rec, steps=steps, layers=layers)
         lab = f"{rec['cell']['fmt']}, {where}"
         out.append({**rec, "label": lab, "setting": where,
                     "rows": [{**r, "variant": lab, "setting": where} for r in rec["rows"]]})
