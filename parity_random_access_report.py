@@ -160,15 +160,18 @@ def draw_maps(axes, rec, of, key, n, cfg):
     """One row of heatmaps: every head of the retrieving layer of rec, maps `key` at n."""
     layer, _ = retrieving_head(rec, cfg)
     for h, ax in enumerate(axes):
-        ax.imshow(np.asarray(rec[key][layer][h]), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest")
+        im = ax.imshow(np.asarray(rec[key][layer][h]), cmap="viridis", vmin=0, vmax=1, aspect="auto",
+                       interpolation="nearest")  # one scale for every map: the colour bar at the row's end
         if n > cfg.train_max:
             ax.axvline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
             ax.axhline(cfg.train_max - 0.5, color="w", ls="--", lw=1)
-        ax.set(title=f"n = {n}: layer {layer} head {h}", xlabel="input bit j", ylabel="step i")
+        ax.set(title=f"n = {n}: layer {layer} head {h}", xlabel="input bit j")
         if h == 0:
             best = f" (best of {of})" if of > 1 else ""
-            ax.set_ylabel(f"{rec['label']}\nseed {rec['cell']['seed']}{best}\nstep i", fontsize=7)
-        ax.title.set_fontsize(8)
+            fmt, where = rec["label"].split(", ", 1)
+            ax.set_ylabel(f"{fmt}, seed {rec['cell']['seed']}{best}\n{where}\n\nstep i", fontsize=9)
+        ax.title.set_fontsize(10)
+    axes[-1].figure.colorbar(im, ax=axes[-1], fraction=0.05, pad=0.03, label="attention weight")
 
 
 def draw_mass(ax, ax_n, records, cfg, palette):

@@ -276,6 +276,8 @@ def save_figure(fig, path):
     shared_legend(fig)
     for ax in fig.axes:
         plain_log_labels(ax)
+        if not ax.has_data() and not ax.get_legend():  # an unused panel of a grid: not drawn
+            ax.set_axis_off()
     lines = fig.get_suptitle().count("\n") + 1 if fig.get_suptitle() else 0  # keep the panels below it
     fig.tight_layout(rect=(0, 0, 1, 1 - lines * 18 / (72 * fig.get_figheight())))
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -489,17 +491,21 @@ def training_report(records, out, say):
         say(f"  the usual cause is a learning rate too high for the model (here --lr {', '.join(map(str, lrs))}): "
             "try a smaller --lr, a longer --warmup, or --grad-clip 1")
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    kinds = {}  # one colour per setting (the cell's ids but the seed): its seeds share it
     for r in records:
         curve = np.array(r.get("train", {}).get("loss_curve") or [], dtype=float).reshape(-1, 2)
+        kind = ", ".join(str(v) for k, v in r["cell"].items() if k not in ("seed", "device", "config", "weights"))
+        color = kinds.setdefault(kind, f"C{len(kinds) % 10}")
         if len(curve):
             ok = r["status"] != "diverged"
-            ax.plot(curve[:, 0], curve[:, 1], color="C0" if ok else "red", alpha=0.35 if ok else 0.9, lw=1)
+            ax.plot(curve[:, 0], curve[:, 1], color=color if ok else "red", alpha=0.5 if ok else 0.9, lw=1)
             if not ok:
                 ax.plot(curve[-1, 0], curve[-1, 1], "x", color="red", ms=8)
-    ax.plot([], [], color="C0", label=f"finished ({len(records) - len(bad)} cells)")
-    ax.plot([], [], color="red", marker="x", label=f"diverged ({len(bad)} cells)")
-    ax.set(xlabel="training step", ylabel="training loss", title="training loss of every cell")
+    for kind, color in list(kinds.items())[:10]:
+        ax.plot([], [], color=color, label=kind or "finished")
+    ax.plot([], [], color="red", marker="x", label=f"diverged ({len(bad)} of {len(records)} cells)")
+    ax.set(xlabel="training step", ylabel="training loss", title="training loss of every cell (a line per seed)")
     if any(len(line.get_xdata()) for line in ax.get_lines()):
         ax.set_yscale("log")
     ax.legend(fontsize=7)

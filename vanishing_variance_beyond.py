@@ -113,8 +113,10 @@ def fig_ladder(acc, ratios, tasks, cfg, out):
         titles = (f"accuracy at N = {top} (trained at N = {cfg.train_len})", "paired difference to none",
                   "attention mass on the answering item", f"head output std(N = {top}) / std(N = {cfg.train_len}), "
                                                           "layer 0, mean over heads")
+        ylabels = ("accuracy", "− none (accuracy)", "attention mass", "std ratio")
         for i, ax in enumerate(axes[:, j]):
             ax.set_xticks(range(len(variants)), variants)
+            ax.set_ylabel(ylabels[i])
             ax.set_title(f"{task}: {titles[i]}\n(dots: seeds; squares: mean ± 95% CI)", fontsize=9)
             ax.grid(alpha=0.3)
         axes[0, j].axhline(1 / cfg.n_classes, color="red", ls=":", lw=1, label="chance")

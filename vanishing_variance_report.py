@@ -81,7 +81,13 @@ def style(group):
     label = variant
     if isinstance(group, tuple) and variant in NORMS_AFTER_WO:
         label = f"{variant}, {'before' if where == 'pre' else 'after'} the norm"
-    return {"color": COLORS.get(variant), "ls": "--" if where == "post" else "-", "label": label}
+    return {"color": COLORS.get(variant), "ls": "--" if where == "post" else "-", "label": label,
+            **EDIT_LINES.get(variant, {})}
+
+
+# Edits that change little lie on the unedited curve: "no edit" is drawn wide beneath, "scale" dashed on top.
+EDIT_LINES = {"no edit": {"lw": 4, "alpha": 0.5, "zorder": 1}, "scale": {"ls": "--", "zorder": 3},
+              "both": {"ls": ":", "zorder": 3}}
 
 
 def compare(rows, metric, a, b, length, by, diffs):
