@@ -4,8 +4,7 @@ on it; harness.py calls it.
   files      atomic_write (a file exists only whole), stale temp files of killed runs, prepare_out (a
              writable folder, checked before any work)
   records    read_json, check_record and check_row_types (a cell file of another shape is one line naming
-             it); read_weights and check_saved_models (a saved model that cannot be read, is no regular
-             file, or does not fit the model its cell builds)
+             it); the checks of saved models are in saved_models.py
   memory     memory_needed / check_memory: sizes this machine cannot hold are refused before training
   devices    DeviceFault: a cell that runs out of (GPU) memory or meets a device error; WorkerDied
   streams    Tolerant stdout/stderr (a closed pipe never ends a run); interrupted (SIGTERM, SIGHUP)
@@ -17,7 +16,6 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import fields
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -109,55 +107,6 @@ def check_row_types(recs, paths):
             (rare, where), (usual, _) = sorted(by_kind.items(), key=lambda kv: len(kv[1]))[:2]
             C.check(False, f"corrupt results file {where[0]}: row field {k!r} holds a {rare} where the other "
                            f"cells hold a {usual}; delete it and re-run")
-
-
-def read_weights(path):
-    """A saved state dict; a file that cannot be read (truncated, not a model) is one line, naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError, ... for a damaged file
-        raise C.UsageError(f"cannot read saved model {path} ({type(e).__name__}); delete it and its cell file "
-                           "(the same name, .json) and re-run the sweep to train it again") from None
-
-
-def check_weights(path, model, label):
-    """A saved model that fits the model its cell builds: a regular file (a named pipe would block) holding a
-    state dict with the same tensor names and shapes; anything else is one line naming the file."""
-    again = "delete it and its cell file (the same name, .json) and re-run the sweep to train it again"
-    C.check(path.is_file(), f"saved model {path} is not a regular file; {again}")
-    state = read_weights(path)
-    C.check(isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values()),
-            f"saved model {path} holds a {type(state).__name__}, not a model's state dict; {again}")
-    want, have = ({k: tuple(v.shape) for k, v in s.items()} for s in (model.state_dict(), state))
-    diff = [f"{k} {have.get(k, 'missing')} where the model has {want.get(k, 'none')}"
-            for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
-    C.check(not diff, f"saved model {path} does not fit the {label} model ({'; '.join(diff[:2])}"
-                      f"{f'; {len(diff) - 2} more' if len(diff) > 2 else ''}): {again}")
-
-
-def check_saved_models(script, cells, originals, cell_dir):
-    """--eval-only, before any evaluation: each setting builds the model that was trained (check_same_model),
-    and each saved model is readable and fits it (check_weights). originals: {weights key: trained cell}."""
-    for cell in one_per_shape(cells):
-        check_same_model(script, cell, originals[cell["weights"]])
-    for cell in cells:
-        with torch.device("meta"):  # shapes only: no memory, no time
-            model = script.build(cell, script.config(**cell["config"]))
-        check_weights(Path(cell_dir) / f"{cell['weights']}.pt", model, R.cell_label(originals[cell["weights"]]))
-
-
-def check_same_model(script, cell, original):
-    """Refuse an evaluation setting that would build the model differently from the one trained (a
-    larger lookup key table, a longer position table): the weights would not fit, or mean something else."""
-    with torch.device("meta"):
-        new, old = (script.build(c, script.config(**c["config"])) for c in (cell, original))
-    diff = [f"{f.name} {getattr(old.cfg, f.name)} -> {getattr(new.cfg, f.name)}" for f in fields(old.cfg)
-            if getattr(old.cfg, f.name) != getattr(new.cfg, f.name)]
-    shapes_new, shapes_old = ({k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (new, old))
-    diff += [f"{k} {shapes_old.get(k)} -> {shapes_new.get(k)}" for k in sorted(set(shapes_new) | set(shapes_old))
-             if shapes_new.get(k) != shapes_old.get(k)]
-    C.check(not diff, f"--eval-only: with these settings the {R.cell_label(original)} model would be built "
-                      f"differently from the one trained ({'; '.join(diff[:3])}): testing that needs new models")
 
 
 RESULT_FILES = ("results.json", "results.csv", "claims.json", "summary.txt", "sweep.json")  # written in the out folder

@@ -1,7 +1,7 @@
 """harness.py: the sweep around an experiment. No result depends on it; read it to run things.
 
   cells      make_cells(): one cell per combination of a script's declared axes, keyed by its whole
-             config (cell_key); TrainAndEvaluate (a cell start to end), EvaluateSaved (--eval-only)
+             config (cell_key); TrainAndEvaluate (a cell start to end); --eval-only's cells (saved_models.py)
   the sweep  run_sweep(): cells in parallel processes (the pool), shards, one atomic file per finished
              cell and its saved weights, resume; progress bars that move within a cell
   files      write_results() (results.json, results.csv), load_results() and saved_run() for --plot-only
@@ -41,9 +41,10 @@ import common as C
 import reporting as R
 from cli import (check_fields, check_mode_flags, flag_name, given_flags, jobs_for, make_parser, out_dir, parse_shard,
                  pick_device, run_configs, shown)
-from faults import (EXIT_INTERRUPTED, HANGUPS, EXIT_IO, EXIT_USAGE, WorkerDied, atomic_write, check_memory, check_record,
-                    check_row_types, check_saved_models, device_fault, interrupted, one_per_shape, prepare_out, read_json,
-                    check_weights, read_weights, remove_stale_temp_files, start_resource_tracker, tolerant_streams)
+from faults import (EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, HANGUPS, WorkerDied, atomic_write, check_memory, check_record,
+                    check_row_types, device_fault, interrupted, one_per_shape, prepare_out, read_json,
+                    remove_stale_temp_files, start_resource_tracker, tolerant_streams)
+from saved_models import EvaluateSaved, check_saved_models, save_weights
 
 
 # =============================================================================================
@@ -74,13 +75,6 @@ def cell_key(cell):
     return hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_weights(model, path):
-    """The trained weights (a state dict on the CPU), written atomically: a .pt file exists only whole."""
-    buf = io.BytesIO()  # serialized in memory first: a full disk is then an OSError like any other write
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    atomic_write(path, functools.partial(Path.write_bytes, data=buf.getvalue()))
-
-
 class TrainAndEvaluate:
     """One cell, start to end, in any process (picklable): seed torch with the cell's seed (the init
     seed; each script's train() draws its data from a seed of its own), build, train, save the weights
@@ -98,51 +92,6 @@ class TrainAndEvaluate:
             save_weights(model, self.cell_dir / f"{cell_key(cell)}.pt")
         with C.matmul_precision(cfg.tf32):  # every test under the training's precision
             return {**out, **script.evaluate(model, cell, cfg)}
-
-
-class EvaluateSaved:
-    """A saved model tested again (--eval-only): built from the cell's config (the original's, with
-    only evaluation fields changed), loaded with the weights the cell names, evaluated. The original
-    record's other fields (the training curve, ...) are carried over."""
-
-    def __init__(self, script, cell_dir):
-        self.script, self.cell_dir = script, Path(cell_dir)
-
-    def __call__(self, cell):
-        script, cfg = self.script, self.script.config(**cell["config"])
-        torch.manual_seed(cell["seed"])
-        model = script.build(cell, cfg)
-        model.load_state_dict(read_weights(self.cell_dir / f"{cell['weights']}.pt"))
-        model.to(torch.device(cell["device"]))
-        original = read_json(self.cell_dir / f"{cell['weights']}.json")
-        kept = {k: v for k, v in original.items() if k not in ("cell", "status", "rows", "seconds")}
-        with C.matmul_precision(cfg.tf32):  # as the sweep evaluated it
-            return {**kept, **script.evaluate(model, cell, cfg)}
-
-
-PAPER_SCRIPTS = ("vanishing_variance", "parity_random_access", "sparse_planted")
-
-
-def load_model(path, device="cpu"):
-    """A saved model on its own, for your own analysis: path is a cells/<key>.pt (or the cell's .json beside
-    it, which holds the ids and config that build the model). Returns (model in eval mode, cell record).
-    The script is the one of PAPER_SCRIPTS whose config has the cell's fields.
-        import harness; model, rec = harness.load_model("out/vanishing_variance/quick/cells/<key>.pt")
-        logits, _ = model(idx, at=at)    # as the script's evaluate() calls it"""
-    import importlib
-    path = Path(path)
-    rec = read_json(path.with_suffix(".json"))
-    check_record(rec, path.with_suffix(".json"))
-    cell = rec["cell"]
-    scripts = [importlib.import_module(name).SCRIPT for name in PAPER_SCRIPTS]
-    mine = [s for s in scripts if set(cell["config"]) <= {f.name for f in fields(s.config)} and set(s.axes) <= set(cell)]
-    C.check(mine, f"{path}: a cell of none of {', '.join(PAPER_SCRIPTS)} (its config fields are not theirs)")
-    script, cfg = mine[0], mine[0].config(**cell["config"])
-    model = script.build(cell, cfg)
-    weights = path.with_name(f"{cell.get('weights', cell_key(cell))}.pt")  # an --eval-only cell names its weights
-    check_weights(weights, model, R.cell_label(cell))
-    model.load_state_dict(read_weights(weights))
-    return model.to(device).eval(), rec
 
 
 def _run_and_save(run_cell, cell_dir, cell):

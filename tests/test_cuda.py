@@ -18,6 +18,7 @@ import torch
 import common as C
 import cli
 import harness as H
+import saved_models as S
 import toy_experiment as T
 import vanishing_variance as VV
 from reference import reference_forward
@@ -218,7 +219,7 @@ def test_a_saved_model_is_tested_again_under_the_tf32_setting_of_its_sweep(tmp_p
     cells = tmp_path / "cells"
     cells.mkdir()
     first = H._run_and_save(H.TrainAndEvaluate(script, cells), cells, cell)  # the cell file, as a sweep writes it
-    again = H.EvaluateSaved(script, cells)({**cell, "weights": H.cell_key(cell)})
+    again = S.EvaluateSaved(script, cells)({**cell, "weights": H.cell_key(cell)})
     assert seen == [True, True] and not torch.backends.cuda.matmul.allow_tf32
     assert [{k: v for k, v in r.items() if k not in cell} for r in first["rows"]] == again["rows"]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import harness as H
+import saved_models as S
 import vanishing_variance as VV
 from inprocess import run_main
 
@@ -46,11 +47,11 @@ def test_eval_only_at_a_new_length_equals_a_fresh_run_with_that_length(tmp_path)
 
 
 def test_a_saved_model_loads_on_its_own_with_load_model(tmp_path):
-    """harness.load_model(path) rebuilds the cell's model from the cell file beside the weights and loads
+    """saved_models.load_model(path) rebuilds the cell's model from the cell file beside the weights and loads
     them: evaluated again, it gives the recorded rows; a file that is no cell of a paper script is one line."""
     vv(*SMOKE, "--tasks", "argmax", "--out", str(tmp_path))
     pt = next((tmp_path / "cells").glob("*.pt"))
-    model, rec = H.load_model(pt)
+    model, rec = S.load_model(pt)
     assert not model.training and H.cell_key(rec["cell"]) == pt.stem
     trained = {r["length"]: r["accuracy"] for r in rec["rows"] if r["table"] == "accuracy"}
     rows = VV.evaluate(model, rec["cell"], VV.Config(**rec["cell"]["config"]))["rows"]
@@ -58,7 +59,7 @@ def test_a_saved_model_loads_on_its_own_with_load_model(tmp_path):
     rec["cell"]["config"]["train_min"] = 3  # a field no paper script has with these axes
     pt.with_suffix(".json").write_text(json.dumps(rec))
     try:
-        H.load_model(pt)
+        S.load_model(pt)
         raise AssertionError("a foreign cell was loaded")
     except H.C.UsageError as e:
         assert "a cell of none of" in str(e)
