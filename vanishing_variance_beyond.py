@@ -50,6 +50,7 @@ NTRAIN = (16, 64, 256)  # --experiment ntrain: lookup trained at these N
 
 
 RATIOS = (2, 8)  # N / N_train at which every N_train is compared
+HOLD_RATIO, HOLD_LOSS = 8, 0.01  # "8x holds": accuracy at 8 N_train within 0.01 of that at N_train
 
 
 def ntrain_run(n):
@@ -296,6 +297,12 @@ def say_ntrain(rows, say):
             said = f"{R.stat_text(c['a'])} | {R.diff_text(d[0], 3)} | {c['wins']}/{c['n']} | {back}" if c else " |  |  | "
             say(f"| {ratio}x | {n} | {ratio * n} | {R.stat_text(none)} | {R.mean_std_text(losses[n])} | "
                 f"{R.diff_text(w, 3) if w else ''} | {said} |")
+    eight = {n: ntrain_losses(plain, n, HOLD_RATIO) for n in ns}
+    held = [n for n in ns if eight[n] and round(np.mean(eight[n]), 3) <= HOLD_LOSS]  # decided as printed
+    say(f"\nloss at {HOLD_RATIO}x N_train (accuracy at N_train minus at {HOLD_RATIO} N_train, mean over seeds): " +
+        ", ".join(f"N_train = {n}: {np.mean(v):.3f} ({len(v)} seeds)" for n, v in eight.items() if v) +
+        f"; {HOLD_RATIO}x holds (loss <= {HOLD_LOSS}) at N_train = {', '.join(map(str, held)) or 'none'}" +
+        (f", not at {', '.join(str(n) for n in ns if n not in held and eight[n])}" if len(held) < len(ns) else ""))
 
 
 def ntrain_ratios(plain):
