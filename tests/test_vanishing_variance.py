@@ -281,6 +281,10 @@ def test_ntrain_tables_oracle():
     loss16 = [0.2 - 0.01 * s for s in range(10)]
     row = [line for line in lines if line.startswith("| 8x | 16 | 128 |")][0]
     assert f"| {np.mean(loss16):.3f} ± {np.std(loss16):.3f} |" in row and "| +0.050 [+0.050, +0.050] | 10/10 |" in row
+    assert row.endswith(f"| {0.05 / np.mean(loss16):.0%} |")  # the share of the loss select wins back
+    loss64 = [0.5 - 0.9] + [0.1 - 0.01 * s for s in range(1, 10)]  # seed 0: 0.5 in distribution, 0.9 at 8x
+    assert f"N_train = 16: {np.mean(loss16):.3f} (10 seeds), N_train = 64: {np.mean(loss64):.3f} (10 seeds); " \
+           "8x holds (loss <= 0.01) at N_train = 64, not at 16" in text
     lines = []  # without the edits (--edits false): the select columns stay empty
     VVB.say_ntrain([r for r in VVB.ntrain_rows(records) if r["edit"] == "no edit"], lines.append)
     assert [line for line in lines if line.startswith("| 8x | 16 | 128 |")][0].endswith("|  |  |  |")
