@@ -320,6 +320,7 @@ def report(records, cfg, out, families):
         "or at the longest tested length below that; the verdict is judged there too)")
     for c in verdicts:
         say(claim_line(c))
+    R.few_seeds_note(records, "docs/parity_random_access.md", say)
     say_claim_table(verdicts, say)
     say_tables(records, acc, probe, groups, cfg, say)
     say.write(out)

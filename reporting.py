@@ -92,6 +92,15 @@ def seeds_holding(values, threshold):
     return {"k": k, "n": len(v), "ci": list(wilson_ci(k, len(v)))}
 
 
+def few_seeds_note(records, doc, say, enough=10):
+    """Under a verdict of fewer than `enough` seeds: what it rests on and the document to read it against
+    (training is chaotic: a few seeds, on another machine above all, can say otherwise)."""
+    seeds = len({rec["cell"].get("seed") for rec in records})
+    if seeds < enough:
+        say(f"note: these verdicts rest on {seeds} seed(s); read them against {doc}, whose verdicts rest on "
+            f"{enough} or more seeds a setting. With few seeds, on another machine above all, a verdict can differ.")
+
+
 def count_text(k, n, ci):
     """'k/n [lo, hi]': a count of seeds with its 95% interval."""
     return f"{k}/{n} [{ci[0]:.2f}, {ci[1]:.2f}]"

@@ -423,6 +423,7 @@ def report(records, cfg, out, offsets):
     say(f"\nthe paper's claims next to what was measured (mean ± std (median) over seeds; a seed holds at a "
         f"length when it scores >= {HOLDS} there)")
     say_claims(verdicts, say)
+    R.few_seeds_note(records, "docs/sparse_planted.md", say)
     if sp:
         fig_sparsity(sp, L, palette, k_palette, out)
         fig_sparsity_mass(sp_mass, L, k_palette, out)

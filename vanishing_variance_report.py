@@ -356,11 +356,8 @@ def say_verdicts(records, verdicts, say):
     say(f"{'task':<8} {'variant or edit':<28} reproduced?")
     for r in verdicts:
         say(f"{r['task']:<{max(8, len(r['task']) + 1)}} {r['what']:<28} {r['verdict']}")
-    seeds = len({rec["cell"]["seed"] for rec in records})
-    if seeds < 10:  # chaotic training: a few seeds can say otherwise than many (README, reproducibility)
-        say(f"note: these verdicts rest on {seeds} seed(s). Read them against docs/vanishing_variance.md, whose "
-            "verdicts rest on 10 seeds (lookup) and 20 (argmax): layernorm helps on lookup, modestly; on "
-            "argmax no significant gain. A run of few seeds, on another machine above all, can say otherwise.")
+    R.few_seeds_note(records, "docs/vanishing_variance.md (layernorm helps on lookup, modestly; on argmax "
+                              "no significant gain)", say)
 
 
 def say_predictors(acc, probe, cfg, say):
