@@ -205,23 +205,23 @@ def print_estimates(results, thr):
         print(f"  {name:<22} {total:>10,} steps  ~{hours:5.2f} h")
 
 
-def main():
+def main(argv=None):
     p = cli.OneLineParser(description=__doc__.splitlines()[0], allow_abbrev=False)  # a bad flag: one 'error:' line
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device to measure")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (CUDA only)")
     p.add_argument("--quick", action="store_true", help="fewer steps, evaluation at T = 1024 only: a short look")
     p.add_argument("--steps", type=int, default=0, help="training steps timed per figure (0: 200, quick 60)")
     p.add_argument("--_eval", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args._eval:
         print(json.dumps(eval_once(*json.loads(args._eval))))
         return
+    if args.steps < 0:  # before the device line: a bad value is the only thing printed
+        p.exit(H.EXIT_USAGE, f"error: --steps must be >= 0 (0: the default), got {args.steps}\n")
     try:
         device = cli.pick_device(args.device, C.TrainConfig(dtype=args.dtype))
     except C.UsageError as e:  # e.g. --device cuda on a machine without CUDA: one line, exit 2
         p.exit(H.EXIT_USAGE, f"error: {e}\n")
-    if args.steps < 0:
-        p.exit(H.EXIT_USAGE, f"error: --steps must be >= 0 (0: the default), got {args.steps}\n")
     steps = args.steps or (60 if args.quick else 200)
     lengths = (1024,) if args.quick else (1024, 4096, 16384)
     # on CPU ours runs one thread, the reference PyTorch's default; on CUDA neither sets it (host threads)

@@ -337,6 +337,16 @@ def test_plot_only_never_counts_a_seed_twice_when_cells_differ_outside_their_con
     assert "2 settings (device cpu: 4 cells; device cuda: 4 cells); shown: device cuda" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args,msg", [(["--steps=-5"], "--steps must be >= 0"), (["--steps", "x"], "invalid int value"),
+                                      (["--bogus"], "unrecognized arguments"), (["--dtype", "fp16"], "invalid choice")])
+def test_bench_bad_flags_are_one_line(args, msg, capsys):
+    import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == H.EXIT_USAGE and err.count("\n") == 1 and err.startswith("error: ") and msg in err, err
+
+
 def test_bench_jobs_ends_with_one_line_when_a_process_dies():
     import bench
     with pytest.raises(SystemExit, match="a --jobs scaling process died"):
