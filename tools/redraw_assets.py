@@ -32,6 +32,8 @@ ASSETS = {
         "vanishing_variance/gap_accuracy.png": "accuracy.png"},
     ("results/vanishing_variance/ntrain_mix", "vanishing_variance_beyond", ("--experiment", "ntrain-mix")): {
         "vanishing_variance/ntrain_mix.png": "ntrain.png"},
+    ("results/vanishing_variance/ntrain_log", "vanishing_variance_beyond", ("--experiment", "ntrain-log")): {
+        "vanishing_variance/ntrain_log.png": "ntrain.png"},
     ("results/parity_random_access/claims", "parity_random_access", ("--experiment", "claims")): {
         "parity_random_access/claims/accuracy.png": "accuracy.png",
         "parity_random_access/claims/attention.png": "attention.png"},
