@@ -184,20 +184,17 @@ def run_sweep(cells, run_cell, out_dir, jobs=1, shard=(0, 1), fresh=False):
 
 
 class CellBar(tqdm):
-    """The sweep's bar in whole cells: 'cells: 40%|####  | 4/10 done, ~3:10 left'. It moves with the
-    trained fraction of the cells in flight too; the time left is the elapsed time scaled by what is
-    left, given only once a cell has finished (before that it would be a guess from process start-up)."""
+    """The sweep's bar in whole cells ('4/10 done, ~3:10 left'), moved by the cells in flight too; time
+    left is elapsed time scaled by what is left, once a cell has finished (before, a start-up guess)."""
 
     def __init__(self, total):
         super().__init__(total=total, desc="cells", disable=total < 2, bar_format=f"{{desc}}: |{{bar}}| 0/{total} done")
-        self.finished = 0
         self.show(0, 0.0)
 
     def show(self, finished, in_flight):
-        self.finished = finished
+        self.finished, self.n = finished, finished + in_flight
         if self.disable:
             return
-        self.n = finished + in_flight
         left = self.format_dict["elapsed"] * (self.total - self.n) / self.n if finished else None
         text = f"{finished}/{self.total} done" + (f", ~{self.format_interval(left)} left" if left is not None else "")
         self.bar_format = "{desc}: {percentage:3.0f}%|{bar}| " + text + " [{elapsed}]"
@@ -284,7 +281,7 @@ def recorded_environment(out_dir):
     """The environment results.json recorded for the sweep (--plot-only keeps it), or None."""
     try:
         return read_json(Path(out_dir) / "results.json").get("environment")
-    except (C.UsageError, AttributeError):
+    except (C.UsageError, AttributeError):  # none, or unreadable: the cells are the results
         return None
 
 
